@@ -1,0 +1,45 @@
+# iotfleet — two commands for a newcomer on a fresh Debian machine:
+#   make demo   install what is missing, start the stack and a simulated fleet (foreground, Ctrl-C stops)
+#   make test   install what is missing, then ruff, mypy and the whole test suite
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.iotfleet-installed
+DEMO_DEVICES ?= 40
+
+.PHONY: demo test deps system-deps venv lint bench clean
+
+demo: deps
+	@echo "==> starting the stack and a simulated fleet of $(DEMO_DEVICES) devices (Ctrl-C stops everything)"
+	$(VENV)/bin/iotfleet demo --devices $(DEMO_DEVICES)
+
+test: deps lint
+	@echo "==> running the test suite (real mosquitto and influxd on free ports)"
+	$(VENV)/bin/pytest -p no:cacheprovider
+
+lint: deps
+	@echo "==> ruff"
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@echo "==> mypy"
+	$(VENV)/bin/mypy
+
+bench: deps
+	$(VENV)/bin/iotfleet bench
+
+deps: system-deps venv
+
+system-deps:
+	@bash scripts/install-system-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing iotfleet with its dev tools (pip)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	@$(PY) -m pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .iotfleet .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The device registry: system of record and the operators' REST API."""

@@ -1,0 +1,135 @@
+"""Settings of every service: pydantic-settings, env prefix ``IOTFLEET_``, nested with ``__``.
+
+``load_settings()`` is called in each ``main()`` and the result passed down; no
+module reads the environment at import time. Example:
+``IOTFLEET_MQTT__PORT=1884 IOTFLEET_INFLUX__URL=http://127.0.0.1:8087 iotfleet up``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from iotfleet.errors import ConfigError
+
+ENV_PREFIX = "IOTFLEET_"
+ENV_NESTED = "__"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class MqttSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: Port = 1883
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(
+        86_400, ge=0, description="How long the broker keeps a service's session (and its backlog) offline"
+    )
+
+
+class InfluxSettings(BaseModel):
+    url: str = "http://127.0.0.1:8086"
+    database: str = Field("iotfleet", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    retention_policy: str = Field("raw", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    retention: str = Field(
+        "30d", pattern=r"^(INF|\d+[mhdw])$", description="Duration of the retention policy"
+    )
+    username: str | None = Field(None, description="InfluxDB 1.x basic auth")
+    password: SecretStr | None = None
+    token: SecretStr | None = Field(None, description="InfluxDB 2.x/3.x token (v1 compatibility API)")
+    timeout_s: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class RegistrySettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: Port = 8000
+    database_url: str | None = Field(
+        None, description="SQLAlchemy async URL; default: SQLite file registry.db in the state dir"
+    )
+    bootstrap_admin_key: SecretStr | None = Field(
+        None, description="An admin API key ensured at start (the stack passes the one it created)"
+    )
+
+
+class IngestSettings(BaseModel):
+    device_type: str | None = None
+    batch_max_readings: int = Field(5_000, ge=1, le=100_000)
+    batch_max_age_ms: int = Field(200, ge=1, le=60_000)
+    max_payload_bytes: int = Field(256 * 1024, ge=64)
+    max_future_s: int = Field(300, ge=0, description="Readings further in the future are rejected")
+    max_past_s: int = Field(30 * 86_400, ge=0, description="Readings older than this are rejected")
+    buffer_max_readings: int = Field(200_000, ge=1_000, description="Bound on readings held unacked")
+    receive_maximum: int = Field(
+        10_000, ge=1, le=65_535, description="MQTT 5 receive maximum: unacked messages in flight"
+    )
+    extra_tags: dict[str, str] = Field(default_factory=dict, description="Tags added to every point")
+
+
+class RulesSettings(BaseModel):
+    reload_poll_s: float = Field(30.0, gt=0)
+
+
+class HealthSettings(BaseModel):
+    """Where a background service serves /healthz and /metrics (0: no HTTP endpoint)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+
+
+class StackSettings(BaseModel):
+    """Used by ``iotfleet up``: how the local stack's processes are started."""
+
+    mosquitto_bin: str = "mosquitto"
+    influxd_bin: str = "influxd"
+    influx_rpc_port: Port = 8088
+    service_port_base: int = Field(
+        9100, ge=1024, le=65000, description="Health/metrics ports of ingest and rules: base+1, base+2, …"
+    )
+    ready_timeout_s: float = Field(60.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED, extra="ignore", validate_default=True
+    )
+
+    state_dir: Path = Field(Path(".iotfleet"), description="Where the stack keeps configs, data and logs")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MqttSettings = MqttSettings()
+    influx: InfluxSettings = InfluxSettings()
+    registry: RegistrySettings = RegistrySettings()
+    ingest: IngestSettings = IngestSettings()
+    rules: RulesSettings = RulesSettings()
+    health: HealthSettings = HealthSettings()
+    stack: StackSettings = StackSettings()
+
+    def registry_database_url(self) -> str:
+        if self.registry.database_url:
+            return self.registry.database_url
+        return f"sqlite+aiosqlite:///{(self.state_dir / 'registry.db').resolve()}"
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """The env var that sets the setting at ``loc``: ('mqtt', 'port') → IOTFLEET_MQTT__PORT."""
+    return ENV_PREFIX + ENV_NESTED.join(str(part).upper() for part in loc)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (plus overrides); raise ConfigError naming each bad setting."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{env_name(err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,1 @@
+"""The local stack: generated configs for mosquitto and influxd, supervision, health."""

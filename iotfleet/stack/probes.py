@@ -1,0 +1,71 @@
+"""Readiness and health probes shared by the stack supervisor and the test harness."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True if something accepts connections on host:port, or the port cannot be bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS considers free right now (tests only: a race is possible but rare)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        response = httpx.get(url, timeout=timeout)
+    except httpx.HTTPError:
+        return False
+    return response.status_code < 300
+
+
+def mqtt_ok(host: str, port: int, username: str, password: str, timeout: float = 2.0) -> bool:
+    """True if the broker answers CONNECT with success for these credentials."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.username_pw_set(username, password)
+    outcome: dict[str, bool] = {}
+
+    def on_connect(_c: mqtt.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        outcome["ok"] = not getattr(reason, "is_failure", True)
+
+    client.on_connect = on_connect
+    try:
+        client.connect(host, port, keepalive=10)
+    except OSError:
+        return False
+    deadline = time.monotonic() + timeout
+    try:
+        while "ok" not in outcome and time.monotonic() < deadline:
+            client.loop(timeout=0.05)
+        return outcome.get("ok", False)
+    finally:
+        client.disconnect()
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.05, what: str = "") -> None:
+    """Poll ``check`` until it is true; raise TimeoutError naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what or 'condition'} not ready after {timeout:.0f} s")
+        time.sleep(interval)

@@ -1,0 +1,1 @@
+"""The rules engine: readings in, commands and alerts out, over MQTT."""

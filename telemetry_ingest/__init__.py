@@ -1,0 +1,1 @@
+"""Telemetry ingest: one runner, one tiny entry module per device type."""

@@ -1,0 +1,183 @@
+"""Real mosquitto and influxd processes for the tests: free ports, temp dirs, polled readiness.
+
+Never a system service, never a fixed port, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iotfleet import dynsec
+from iotfleet.settings import InfluxSettings, MqttSettings
+from iotfleet.stack import configs, probes
+
+READY_TIMEOUT_S = 30.0
+
+
+def _require(binary: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    if not path:
+        raise RuntimeError(f"{binary} is not installed; run `make test` (it installs it)")
+    return path
+
+
+@dataclass
+class ServerProcess:
+    """A server we started; only we stop it, by its pid."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def spawn(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class Broker:
+    """A mosquitto with dynamic security on a free loopback port."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=probes.free_port)
+    passwords: dict[str, str] = field(default_factory=dynsec.new_passwords)
+    process: ServerProcess | None = None
+
+    def start(self) -> Broker:
+        files = configs.write_mosquitto_config(
+            self.state_dir, host=self.host, port=self.port, passwords=self.passwords
+        )
+        if self.process is None:
+            self.process = ServerProcess(
+                "mosquitto",
+                [_require("mosquitto"), "-c", str(files.config)],
+                self.state_dir / "mosquitto.log",
+            )
+        self.process.spawn()
+        admin = dynsec.ADMIN_USER
+        probes.wait_until(
+            lambda: (
+                self._check_alive() and probes.mqtt_ok(self.host, self.port, admin, self.passwords[admin])
+            ),
+            timeout=READY_TIMEOUT_S,
+            what=f"mosquitto on port {self.port}",
+        )
+        return self
+
+    def _check_alive(self) -> bool:
+        if self.process is not None and not self.process.alive():
+            raise RuntimeError(f"mosquitto exited:\n{self.process.log_tail()}")
+        return True
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def settings_for(self, username: str = dynsec.ADMIN_USER) -> MqttSettings:
+        """MQTT settings for one of the bootstrap accounts (admin or a service)."""
+        return MqttSettings(
+            host=self.host, port=self.port, username=username, password=self.passwords[username]
+        )
+
+
+@dataclass
+class Influxd:
+    """An influxd on free loopback ports (HTTP and RPC)."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=probes.free_port)
+    rpc_port: int = field(default_factory=probes.free_port)
+    process: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> Influxd:
+        config = configs.write_influxdb_config(
+            self.state_dir, host=self.host, port=self.port, rpc_port=self.rpc_port
+        )
+        if self.process is None:
+            self.process = ServerProcess(
+                "influxd", [_require("influxd"), "-config", str(config)], self.state_dir / "influxd.log"
+            )
+        self.process.spawn()
+        probes.wait_until(
+            lambda: self._check_alive() and probes.http_ok(f"{self.url}/ping"),
+            timeout=READY_TIMEOUT_S,
+            what=f"influxd on port {self.port}",
+        )
+        return self
+
+    def _check_alive(self) -> bool:
+        if self.process is not None and not self.process.alive():
+            raise RuntimeError(f"influxd exited:\n{self.process.log_tail()}")
+        return True
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def settings_for(self, database: str) -> InfluxSettings:
+        return InfluxSettings(url=self.url, database=database)
+
+
+def env_for(broker: Broker, influxd: Influxd, database: str, state_dir: Path) -> dict[str, str]:
+    """Environment for a service subprocess pointed at these servers."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "IOTFLEET_STATE_DIR": str(state_dir),
+            "IOTFLEET_MQTT__HOST": broker.host,
+            "IOTFLEET_MQTT__PORT": str(broker.port),
+            "IOTFLEET_INFLUX__URL": influxd.url,
+            "IOTFLEET_INFLUX__DATABASE": database,
+        }
+    )
+    return env
