@@ -1,0 +1,182 @@
+"""The ``iotfleet`` command: run the local stack, inspect it, stop it, simulate devices.
+
+iotfleet up [--detach]     start broker, InfluxDB, registry, ingest services, rules engine
+iotfleet status [--json]   each part with its pid, port and health
+iotfleet down              stop every process the stack started (and nothing else)
+iotfleet simulate …        run a simulated device fleet against the stack
+iotfleet demo              up + a simulated fleet, in the foreground; Ctrl-C stops both
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from iotfleet.errors import ConfigError, StackError
+from iotfleet.settings import Settings, load_settings
+from iotfleet.stack.supervisor import PartStatus, Stack, status_as_json
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _add_stack_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, help="state dir (IOTFLEET_STATE_DIR, default ./.iotfleet)")
+    parser.add_argument("--mqtt-port", type=int, help="MQTT port (IOTFLEET_MQTT__PORT, default 1883)")
+    parser.add_argument("--influx-port", type=int, help="InfluxDB HTTP port (default 8086)")
+    parser.add_argument(
+        "--api-port", type=int, help="registry API port (IOTFLEET_REGISTRY__PORT, default 8000)"
+    )
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the command-line flags on top."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = args.state_dir
+    if getattr(args, "mqtt_port", None):
+        overrides["mqtt"] = {"port": args.mqtt_port}
+    if getattr(args, "influx_port", None):
+        overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
+    if getattr(args, "api_port", None):
+        overrides["registry"] = {"port": args.api_port}
+    return load_settings(**overrides)
+
+
+def _progress(message: str) -> None:
+    console.print(f"[bold cyan]iotfleet[/]: {message}")
+
+
+def _status_table(stack: Stack, parts: list[PartStatus]) -> Table:
+    table = Table(title=f"iotfleet stack — {stack.layout.root}")
+    for column in ("part", "pid", "port", "state", "health"):
+        table.add_column(column)
+    for part in parts:
+        health = "[green]healthy[/]" if part.healthy else f"[red]unhealthy[/] ({part.detail})"
+        table.add_row(part.name, str(part.pid or "-"), str(part.port), part.state, health)
+    return table
+
+
+def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
+    out = Console()
+    out.print(_status_table(stack, parts))
+    info = status_as_json(stack, parts)
+    out.print(f"API: {info['api']}   OpenAPI docs: {info['docs']}")
+    out.print(f"Admin API key: {info['admin_api_key_file']} (mode 0600)")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    stack = Stack(build_settings(args))
+    if args.detach:
+        stack.up(foreground=False, on_progress=_progress)
+        _print_status(stack, stack.status())
+        _progress("stack is up; `iotfleet down` stops it")
+        return 0
+    code = stack.up(foreground=True, on_progress=lambda m: _on_foreground_progress(stack, m))
+    _progress("stopped")
+    return code or 0
+
+
+def _on_foreground_progress(stack: Stack, message: str) -> None:
+    _progress(message)
+    if message.startswith("running in the foreground"):
+        _print_status(stack, stack.status())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    stack = Stack(build_settings(args))
+    parts = stack.status()
+    if args.json:
+        print(json.dumps(status_as_json(stack, parts), indent=2))
+    elif not parts:
+        Console().print(f"iotfleet is not running from {stack.layout.root}")
+    else:
+        _print_status(stack, parts)
+    if not parts:
+        return 3
+    return 0 if all(p.healthy for p in parts) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    Stack(build_settings(args)).down(on_progress=_progress)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulators import cli as simulator_cli
+
+    return simulator_cli.run(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The stack plus a simulated fleet in the foreground; Ctrl-C stops both."""
+    from simulators import cli as simulator_cli
+
+    stack = Stack(build_settings(args))
+    started_here = stack.supervisord_pid() is None
+    if started_here:
+        stack.up(foreground=False, on_progress=_progress)
+    else:
+        _progress("using the stack already running from this state dir")
+    _print_status(stack, stack.status())
+    try:
+        return simulator_cli.run(args)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if started_here:
+            stack.down(on_progress=_progress)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="iotfleet", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole stack")
+    _add_stack_options(up)
+    up.add_argument("--detach", action="store_true", help="return once every part is healthy")
+    up.set_defaults(handler=cmd_up)
+
+    status = sub.add_parser("status", help="each part, its pid, port and health")
+    _add_stack_options(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=cmd_status)
+
+    down = sub.add_parser("down", help="stop every process of the stack")
+    _add_stack_options(down)
+    down.set_defaults(handler=cmd_down)
+
+    try:
+        from simulators import cli as simulator_cli
+    except ImportError:  # the simulator package is optional for the stack commands
+        simulator_cli = None  # type: ignore[assignment]
+    if simulator_cli is not None and hasattr(simulator_cli, "add_arguments"):
+        simulate = sub.add_parser("simulate", help="run a simulated device fleet against the stack")
+        _add_stack_options(simulate)
+        simulator_cli.add_arguments(simulate)
+        simulate.set_defaults(handler=cmd_simulate)
+
+        demo = sub.add_parser("demo", help="the stack and a simulated fleet, in the foreground")
+        _add_stack_options(demo)
+        simulator_cli.add_arguments(demo)
+        demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = make_parser().parse_args(argv)
+    try:
+        code = args.handler(args)
+    except (ConfigError, StackError) as error:
+        console.print(f"[bold red]error[/]: {error}")
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

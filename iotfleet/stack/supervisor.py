@@ -1,0 +1,524 @@
+"""`iotfleet up|status|down`: the whole stack under supervisord, from generated configs.
+
+supervisord (a mature process supervisor) runs every part and restarts a
+crashed one; this module only writes its configuration, starts it, brings the
+parts up in order (broker and InfluxDB first, then the database is created,
+then the services) and asks it, over its XML-RPC socket, what runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.xmlrpc import SupervisorTransport
+
+from iotfleet import dynsec
+from iotfleet.catalogue import DEVICE_TYPES
+from iotfleet.errors import StackError
+from iotfleet.influx import InfluxClient
+from iotfleet.settings import Settings
+from iotfleet.stack import configs, probes
+
+INFRA = ("mosquitto", "influxd")
+ADMIN_KEY_FILE = "admin-api-key"
+SECRETS_FILE = "secrets.json"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One supervised process of the stack and how to tell it is healthy."""
+
+    name: str
+    kind: str  # broker | influxdb | registry | ingest | rules
+    port: int
+    setting: str  # the env var that moves its port
+    command: list[str]
+    env: dict[str, str]
+
+
+@dataclass
+class PartStatus:
+    name: str
+    kind: str
+    pid: int | None
+    port: int
+    state: str
+    healthy: bool
+    detail: str = ""
+
+
+class StackLayout:
+    """Paths inside a state dir."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir.resolve()
+        self.mosquitto = self.root / "mosquitto"
+        self.influxdb = self.root / "influxdb"
+        self.logs = self.root / "logs"
+        self.supervisord_conf = self.root / "supervisord.conf"
+        self.supervisord_pid = self.root / "supervisord.pid"
+        self.socket = self.root / "supervisor.sock"
+        self.secrets = self.root / SECRETS_FILE
+        self.admin_key = self.root / ADMIN_KEY_FILE
+        self.stack_file = self.root / "stack.json"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (secrets, keys)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+
+
+def _find_binary(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in ("/usr/sbin", "/usr/bin", "/usr/local/sbin"):
+        candidate = Path(folder) / Path(name).name
+        if candidate.exists():
+            return str(candidate)
+    raise StackError(f"{name} is not installed; `make demo` installs it (apt-get install mosquitto influxdb)")
+
+
+def _script(name: str) -> str:
+    """A console script of this installation (next to the running interpreter)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"console script {name} not found; reinstall iotfleet (pip install -e .)")
+    return found
+
+
+class Stack:
+    """The local stack of one state dir."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = StackLayout(settings.state_dir)
+
+    # --- configuration ----------------------------------------------------
+
+    def _passwords(self) -> dict[str, str]:
+        if self.layout.secrets.exists():
+            stored: dict[str, str] = json.loads(self.layout.secrets.read_text())
+            return stored
+        passwords = dynsec.new_passwords()
+        _write_private(self.layout.secrets, json.dumps(passwords, indent=2))
+        return passwords
+
+    def admin_api_key(self) -> str:
+        """The admin API key, created 0600 on the first `up`."""
+        if not self.layout.admin_key.exists():
+            _write_private(self.layout.admin_key, f"ifk_{secrets.token_urlsafe(32)}\n")
+        return self.layout.admin_key.read_text().strip()
+
+    def parts(self) -> list[Part]:
+        s = self.settings
+        passwords = self._passwords()
+        base_env = {
+            "IOTFLEET_STATE_DIR": str(self.layout.root),
+            "IOTFLEET_LOG_LEVEL": s.log_level,
+            "IOTFLEET_MQTT__HOST": s.mqtt.host,
+            "IOTFLEET_MQTT__PORT": str(s.mqtt.port),
+            "IOTFLEET_INFLUX__URL": s.influx.url,
+            "IOTFLEET_INFLUX__DATABASE": s.influx.database,
+            "IOTFLEET_INFLUX__RETENTION_POLICY": s.influx.retention_policy,
+            "IOTFLEET_REGISTRY__HOST": s.registry.host,
+            "IOTFLEET_REGISTRY__PORT": str(s.registry.port),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+        def service_env(account: str, **extra: str) -> dict[str, str]:
+            return {
+                **base_env,
+                "IOTFLEET_MQTT__USERNAME": account,
+                "IOTFLEET_MQTT__PASSWORD": passwords[account],
+                **extra,
+            }
+
+        parts = [
+            Part(
+                "mosquitto",
+                "broker",
+                s.mqtt.port,
+                "IOTFLEET_MQTT__PORT (or --mqtt-port)",
+                [_find_binary(s.stack.mosquitto_bin), "-c", str(self.layout.mosquitto / "mosquitto.conf")],
+                {},
+            ),
+            Part(
+                "influxd",
+                "influxdb",
+                _url_port(s.influx.url),
+                "IOTFLEET_INFLUX__URL (or --influx-port)",
+                [_find_binary(s.stack.influxd_bin), "-config", str(self.layout.influxdb / "influxdb.conf")],
+                {},
+            ),
+            Part(
+                "registry",
+                "registry",
+                s.registry.port,
+                "IOTFLEET_REGISTRY__PORT (or --api-port)",
+                [_script("iotfleet-registry")],
+                service_env("iotfleet-registry", IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key()),
+            ),
+        ]
+        port = s.stack.service_port_base
+        parts.append(
+            Part(
+                "rules-engine",
+                "rules",
+                port,
+                "IOTFLEET_STACK__SERVICE_PORT_BASE",
+                [_script("iotfleet-rules")],
+                service_env("iotfleet-rules", IOTFLEET_HEALTH__PORT=str(port)),
+            )
+        )
+        for offset, type_name in enumerate(DEVICE_TYPES, start=1):
+            parts.append(
+                Part(
+                    f"ingest-{type_name.replace('_', '-')}",
+                    "ingest",
+                    port + offset,
+                    "IOTFLEET_STACK__SERVICE_PORT_BASE",
+                    [_script("iotfleet-ingest"), "--type", type_name],
+                    service_env(
+                        "iotfleet-ingest",
+                        IOTFLEET_INGEST__DEVICE_TYPE=type_name,
+                        IOTFLEET_HEALTH__PORT=str(port + offset),
+                    ),
+                )
+            )
+        return parts
+
+    def _write_configs(self, parts: list[Part]) -> None:
+        s = self.settings
+        self.layout.logs.mkdir(parents=True, exist_ok=True)
+        configs.write_mosquitto_config(
+            self.layout.mosquitto, host=s.mqtt.host, port=s.mqtt.port, passwords=self._passwords()
+        )
+        configs.write_influxdb_config(
+            self.layout.influxdb,
+            host=_url_host(s.influx.url),
+            port=_url_port(s.influx.url),
+            rpc_port=s.stack.influx_rpc_port,
+        )
+        _write_private(self.layout.supervisord_conf, self._supervisord_conf(parts))
+        self.layout.stack_file.write_text(
+            json.dumps(
+                {
+                    "parts": [{"name": p.name, "kind": p.kind, "port": p.port} for p in parts],
+                    "api": f"http://{s.registry.host}:{s.registry.port}",
+                    "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
+                    "influx": s.influx.url,
+                },
+                indent=2,
+            )
+        )
+
+    def _supervisord_conf(self, parts: list[Part]) -> str:
+        lay = self.layout
+        lines = [
+            "; Generated by `iotfleet up`; regenerated on every up.",
+            "[unix_http_server]",
+            f"file={lay.socket}",
+            "chmod=0700",
+            "",
+            "[supervisord]",
+            f"logfile={lay.logs / 'supervisord.log'}",
+            f"pidfile={lay.supervisord_pid}",
+            f"directory={lay.root}",
+            "logfile_maxbytes=10MB",
+            "loglevel=info",
+            # The broker holds one fd per device connection (10,000-device fleets).
+            f"minfds={_fd_target()}",
+            "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl=unix://{lay.socket}",
+            "",
+        ]
+        for part in parts:
+            infra = part.name in INFRA
+            env = ",".join(f'{k}="{_supervisor_quote(v)}"' for k, v in part.env.items())
+            lines += [
+                f"[program:{part.name}]",
+                "command=" + " ".join(_supervisor_quote(arg) for arg in part.command),
+                # Services start once the broker and the database are ready (see up()).
+                f"autostart={'true' if infra else 'false'}",
+                "autorestart=true",
+                "startsecs=1",
+                "startretries=10",
+                f"priority={10 if infra else 50}",
+                "stopsignal=TERM",
+                "stopwaitsecs=20",
+                "stopasgroup=true",
+                "killasgroup=true",
+                "redirect_stderr=true",
+                f"stdout_logfile={lay.logs / (part.name + '.log')}",
+                "stdout_logfile_maxbytes=20MB",
+                "stdout_logfile_backups=2",
+            ]
+            if env:
+                lines.append(f"environment={env}")
+            lines.append("")
+        return "\n".join(lines)
+
+    # --- inspection ---------------------------------------------------------
+
+    def supervisord_pid(self) -> int | None:
+        """The pid of this state dir's supervisord if it is alive."""
+        try:
+            pid = int(self.layout.supervisord_pid.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return pid
+        return pid
+
+    def _rpc(self) -> Any:
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.layout.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport, allow_none=True)
+
+    def _stored_parts(self) -> list[dict[str, Any]]:
+        try:
+            parts: list[dict[str, Any]] = json.loads(self.layout.stack_file.read_text())["parts"]
+        except FileNotFoundError:
+            return []
+        return parts
+
+    def health(self, kind: str, port: int) -> tuple[bool, str]:
+        host = self.settings.mqtt.host
+        if kind == "broker":
+            passwords = self._passwords()
+            ok = probes.mqtt_ok(host, port, dynsec.ADMIN_USER, passwords[dynsec.ADMIN_USER], timeout=1.0)
+            return ok, "MQTT CONNECT accepted" if ok else "MQTT CONNECT failed"
+        if kind == "influxdb":
+            ok = probes.http_ok(f"http://{_url_host(self.settings.influx.url)}:{port}/ping")
+            return ok, "/ping 204" if ok else "/ping failed"
+        health_host = self.settings.registry.host if kind == "registry" else self.settings.health.host
+        ok = probes.http_ok(f"http://{health_host}:{port}/healthz")
+        return ok, "/healthz ok" if ok else "/healthz not ok"
+
+    def status(self) -> list[PartStatus]:
+        """Each part: supervisor state, pid, port, and a live health probe."""
+        if self.supervisord_pid() is None:
+            return []
+        infos = {info["name"]: info for info in self._rpc().supervisor.getAllProcessInfo()}
+        result = []
+        for part in self._stored_parts():
+            info = infos.get(part["name"], {})
+            state = info.get("statename", "UNKNOWN")
+            pid = info.get("pid") or None
+            healthy, detail = (
+                self.health(part["kind"], part["port"]) if state == "RUNNING" else (False, state)
+            )
+            result.append(PartStatus(part["name"], part["kind"], pid, part["port"], state, healthy, detail))
+        return result
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def check_can_start(self, parts: list[Part]) -> None:
+        """Fail before starting anything: already running, or a port taken."""
+        pid = self.supervisord_pid()
+        if pid is not None:
+            raise StackError(
+                f"iotfleet is already running from {self.layout.root} (supervisord pid {pid}); "
+                "run `iotfleet down` first"
+            )
+        wanted: dict[int, tuple[str, str]] = {}
+        for part in parts:
+            wanted[part.port] = (part.name, part.setting)
+        wanted[self.settings.stack.influx_rpc_port] = ("influxd RPC", "IOTFLEET_STACK__INFLUX_RPC_PORT")
+        for port, (name, setting) in wanted.items():
+            host = self.settings.mqtt.host if name == "mosquitto" else "127.0.0.1"
+            if probes.port_in_use(host, port):
+                raise StackError(
+                    f"port {port} ({name}) is already in use on {host}: set {setting} to a free port"
+                )
+
+    def up(self, *, foreground: bool, on_progress: Callable[[str], None] = print) -> int | None:
+        """Start everything; return the foreground supervisord's exit code, or None when detached."""
+        parts = self.parts()
+        self.check_can_start(parts)
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self._write_configs(parts)
+        on_progress(f"state dir {self.layout.root}; logs in {self.layout.logs}")
+        argv = [_script("supervisord"), "-c", str(self.layout.supervisord_conf)]
+        process: subprocess.Popen[bytes] | None = None
+        if foreground:
+            process = subprocess.Popen([*argv, "-n"])
+        else:
+            # supervisord daemonizes itself; its pid file says when it is there.
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise StackError(f"supervisord did not start: {done.stderr.strip() or done.stdout.strip()}")
+        try:
+            self._bring_up(parts, on_progress, process)
+        except BaseException:
+            on_progress("start failed: stopping what was started")
+            self.down(on_progress=lambda _m: None)
+            raise
+        if process is None:
+            return None
+        return self._wait_foreground(process, on_progress)
+
+    def _bring_up(
+        self, parts: list[Part], on_progress: Callable[[str], None], process: subprocess.Popen[bytes] | None
+    ) -> None:
+        deadline = time.monotonic() + self.settings.stack.ready_timeout_s
+
+        def wait(part: Part) -> None:
+            while True:
+                if process is not None and process.poll() is not None:
+                    raise StackError(f"supervisord exited ({process.returncode}); see {self.layout.logs}")
+                if self.supervisord_pid() is not None and self.layout.socket.exists():
+                    info = self._rpc().supervisor.getProcessInfo(part.name)
+                    if info["statename"] in ("FATAL", "BACKOFF") and time.monotonic() > deadline - 1:
+                        break
+                    if info["statename"] == "RUNNING" and self.health(part.kind, part.port)[0]:
+                        on_progress(f"{part.name} healthy (port {part.port}, pid {info['pid']})")
+                        return
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+            log = self.layout.logs / f"{part.name}.log"
+            raise StackError(
+                f"{part.name} did not become healthy within {self.settings.stack.ready_timeout_s:.0f} s; "
+                f"see {log}"
+            )
+
+        infra = [p for p in parts if p.name in INFRA]
+        services = [p for p in parts if p.name not in INFRA]
+        for part in infra:
+            wait(part)
+        asyncio.run(_ensure_database(self.settings))
+        on_progress(
+            f"InfluxDB database {self.settings.influx.database!r} with retention policy "
+            f"{self.settings.influx.retention_policy!r} ({self.settings.influx.retention}) ready"
+        )
+        rpc = self._rpc()
+        for part in services:
+            rpc.supervisor.startProcess(part.name, False)
+        for part in services:
+            wait(part)
+
+    def _wait_foreground(self, process: subprocess.Popen[bytes], on_progress: Callable[[str], None]) -> int:
+        on_progress("running in the foreground; Ctrl-C stops everything")
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            # The terminal's Ctrl-C reached supervisord too (same process group);
+            # it stops every program. Wait for it, and make sure.
+            on_progress("stopping…")
+            try:
+                return process.wait(timeout=60)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                process.send_signal(signal.SIGTERM)
+                return process.wait()
+
+    def down(self, *, on_progress: Callable[[str], None] = print, timeout: float = 60.0) -> list[int]:
+        """Stop every process this state dir's supervisord started, then supervisord; return their pids."""
+        pid = self.supervisord_pid()
+        if pid is None:
+            on_progress(f"iotfleet is not running from {self.layout.root}")
+            return []
+        pids: list[int] = []
+        try:
+            rpc = self._rpc()
+            pids = [info["pid"] for info in rpc.supervisor.getAllProcessInfo() if info.get("pid")]
+            rpc.supervisor.stopAllProcesses(True)
+            rpc.supervisor.shutdown()
+        except (OSError, xmlrpc.client.Fault) as exc:
+            on_progress(f"supervisord did not answer ({exc}); sending it SIGTERM")
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_alive(p) for p in [pid, *pids]):
+            time.sleep(0.1)
+        leftovers = [p for p in [*pids, pid] if _alive(p)]
+        for leftover in leftovers:  # only pids we started, recorded above
+            on_progress(f"pid {leftover} did not stop in {timeout:.0f} s: SIGKILL")
+            os.kill(leftover, signal.SIGKILL)
+        on_progress(f"stopped {len(pids)} processes and supervisord (pid {pid})")
+        return [*pids, pid]
+
+
+async def _ensure_database(settings: Settings) -> None:
+    async with InfluxClient(settings.influx) as client:
+        await client.ensure_database()
+
+
+def _fd_target() -> int:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 32768 if hard == resource.RLIM_INFINITY else min(hard, 32768)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _url_port(url: str) -> int:
+    tail = url.split("://", 1)[-1].split("/", 1)[0]
+    if ":" in tail:
+        return int(tail.rsplit(":", 1)[1])
+    return 443 if url.startswith("https") else 80
+
+
+def _url_host(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+
+
+def _supervisor_quote(value: str) -> str:
+    # supervisord expands %(name)s in its config: a literal % must be doubled.
+    return value.replace("%", "%%").replace('"', '\\"')
+
+
+def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
+    try:
+        base = json.loads(stack.layout.stack_file.read_text())["api"]
+    except (FileNotFoundError, KeyError):
+        base = f"http://{stack.settings.registry.host}:{stack.settings.registry.port}"
+    return {
+        "running": bool(parts),
+        "state_dir": str(stack.layout.root),
+        "admin_api_key_file": str(stack.layout.admin_key),
+        "api": f"{base}/api/v1",
+        "docs": f"{base}/docs",
+        "healthy": bool(parts) and all(p.healthy for p in parts),
+        "parts": [asdict(p) for p in parts],
+    }
