@@ -10,9 +10,11 @@ iotfleet demo              up + a simulated fleet, in the foreground; Ctrl-C sto
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from rich.console import Console
@@ -107,16 +109,24 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulators import cli as simulator_cli
+def _simulator_cli() -> ModuleType | None:
+    """The simulator's CLI module, if installed (the stack commands work without it)."""
+    try:
+        return importlib.import_module("simulators.cli")
+    except ImportError:
+        return None
 
-    return simulator_cli.run(args)
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    simulator_cli = _simulator_cli()
+    assert simulator_cli is not None
+    return int(simulator_cli.run(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The stack plus a simulated fleet in the foreground; Ctrl-C stops both."""
-    from simulators import cli as simulator_cli
-
+    simulator_cli = _simulator_cli()
+    assert simulator_cli is not None
     stack = Stack(build_settings(args))
     started_here = stack.supervisord_pid() is None
     if started_here:
@@ -125,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _progress("using the stack already running from this state dir")
     _print_status(stack, stack.status())
     try:
-        return simulator_cli.run(args)
+        return int(simulator_cli.run(args))
     except KeyboardInterrupt:
         return 0
     finally:
@@ -151,10 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_stack_options(down)
     down.set_defaults(handler=cmd_down)
 
-    try:
-        from simulators import cli as simulator_cli
-    except ImportError:  # the simulator package is optional for the stack commands
-        simulator_cli = None  # type: ignore[assignment]
+    simulator_cli = _simulator_cli()
     if simulator_cli is not None and hasattr(simulator_cli, "add_arguments"):
         simulate = sub.add_parser("simulate", help="run a simulated device fleet against the stack")
         _add_stack_options(simulate)
