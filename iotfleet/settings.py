@@ -75,6 +75,22 @@ class IngestSettings(BaseModel):
         10_000, ge=1, le=65_535, description="MQTT 5 receive maximum: unacked messages in flight"
     )
     extra_tags: dict[str, str] = Field(default_factory=dict, description="Tags added to every point")
+    replica: str = Field(
+        "0",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="Replica name: the MQTT client id is ingest-{type}-{replica}; keep it stable across"
+        " restarts (the persistent session and its unacked messages belong to it), unique per replica",
+    )
+    transport: Literal["fast", "paho"] = Field(
+        "fast", description="MQTT receive path: the asyncio one of telemetry_ingest or paho-mqtt's"
+    )
+    write_concurrency: int = Field(2, ge=1, le=16, description="InfluxDB writes in flight at once")
+    deadletter_payload_chars: int = Field(
+        1024, ge=0, description="Characters of the original payload kept in a dead letter"
+    )
+    drain_timeout_s: float = Field(
+        10.0, gt=0, description="On stop, how long to wait for InfluxDB to take what was received"
+    )
 
 
 class RulesSettings(BaseModel):

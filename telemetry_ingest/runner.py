@@ -1,50 +1,228 @@
-"""The one ingest runner (placeholder until the ingest issue lands): health only."""
+"""The one ingest runner: ``iotfleet-ingest --type thermostat`` (or ``ingest-thermostat``).
+
+Every device type runs the same code: the catalogue entry gives the model and
+the fields, the topic scheme gives the shared subscription. A new device type
+adds a catalogue module and, for its own process, a 3-line entry module.
+
+``iotfleet-ingest --unknown-types`` runs the catch-all instead: it subscribes
+to every type's telemetry at QoS 0 (no session, no acks, nothing stored) and
+dead-letters the messages whose type is not in the catalogue, with reason
+``unknown_device_type``. Broker ACLs already refuse telemetry on a topic a
+device was not provisioned for, so it only catches devices provisioned with a
+type the ingest does not know (a catalogue/registry mismatch); it costs one
+extra delivery per telemetry message, so the stack runs it only on request.
+
+The service starts even if the broker or InfluxDB are down: it retries both and
+reports ``degraded`` on /healthz (HTTP 503) until both answer.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
-from iotfleet.catalogue import get_device_type
+from iotfleet.catalogue import DeviceType, get_device_type
 from iotfleet.errors import ConfigError, UnknownDeviceTypeError
+from iotfleet.influx import InfluxClient, InfluxError
 from iotfleet.lifecycle import HealthServer, ServiceLifecycle, configure_logging, fail_fast
 from iotfleet.settings import Settings, load_settings
+from iotfleet.topics import Channel, device_filter, ingest_group, shared_filter
+from telemetry_ingest.lines import LineEncoder
+from telemetry_ingest.metrics import IngestMetrics
+from telemetry_ingest.mqtt import MqttClient, SessionConfig
+from telemetry_ingest.paho_transport import PahoClient
+from telemetry_ingest.pipeline import Pipeline
+
+CATCH_ALL = "unknown-types"
+CATCH_ALL_GROUP = "ingest-unknown-types"
 
 
-def run(settings: Settings, device_type: str) -> None:
-    lifecycle = ServiceLifecycle(f"ingest-{device_type}")
-    lifecycle.install_signal_handlers()
-    lifecycle.starting(device_type=device_type)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ingest-{device_type}", protocol=mqtt.MQTTv5)
-    if settings.mqtt.username:
-        password = settings.mqtt.password.get_secret_value() if settings.mqtt.password else None
-        client.username_pw_set(settings.mqtt.username, password)
-    client.connect_async(settings.mqtt.host, settings.mqtt.port)
-    client.loop_start()
-    health = HealthServer(settings.health, lambda: {"status": "ok" if client.is_connected() else "degraded"})
-    health.start()
-    lifecycle.ready(health_port=health.port)
-    lifecycle.stop_requested.wait()
-    client.disconnect()
-    client.loop_stop()
-    health.stop()
-    lifecycle.stopped()
+class IngestService:
+    """Wires settings, the MQTT session, the pipeline, InfluxDB and /healthz together."""
+
+    def __init__(self, settings: Settings, device_type: DeviceType | None) -> None:
+        self.settings = settings
+        self.device_type = device_type
+        name = device_type.name if device_type else CATCH_ALL
+        self.name = f"ingest-{name.replace('_', '-')}"
+        self.lifecycle = ServiceLifecycle(self.name)
+        self.metrics = IngestMetrics(name)
+        self.influx = InfluxClient(settings.influx, max_connections=settings.ingest.write_concurrency + 2)
+        if device_type is not None:
+            LineEncoder(device_type, settings.ingest.extra_tags)  # fail fast on a bad extra tag
+            group = ingest_group(device_type.name)
+            topic_filter = shared_filter(group, device_filter(Channel.TELEMETRY, device_type.name))
+            qos = 1
+        else:
+            group = CATCH_ALL_GROUP
+            topic_filter = shared_filter(group, device_filter(Channel.TELEMETRY))
+            qos = 0
+        session = SessionConfig(
+            client_id=f"{group}-{settings.ingest.replica}",
+            topic_filter=topic_filter,
+            qos=qos,
+            receive_maximum=settings.ingest.receive_maximum,
+        )
+        transport_cls = MqttClient if settings.ingest.transport == "fast" else PahoClient
+        self.mqtt: MqttClient | PahoClient = transport_cls(
+            settings.mqtt, session, self._on_message, self._on_mqtt_state
+        )
+        self.pipeline = Pipeline(
+            device_type,
+            settings.ingest,
+            self.influx,
+            self.mqtt,
+            self.metrics,
+            on_influx_state=self._on_influx_state,
+        )
+        self._handle = self.pipeline.handle
+        self.mqtt_error = "not connected yet"
+        self._ready_logged = False
+        self.stop = asyncio.Event()
+
+    def _on_message(self, topic: str, payload: bytes, token: int) -> None:
+        self._handle(topic, payload, token)
+
+    def _on_mqtt_state(self, up: bool, why: str) -> None:
+        self.metrics.mqtt_connected.set(1 if up else 0)
+        if self.stop.is_set():
+            return  # our own disconnect on the way out: not a degradation
+        if up:
+            if self.mqtt_error and self._ready_logged:
+                self.lifecycle.recovered("broker connection")
+            self.mqtt_error = ""
+            self._maybe_ready()
+        else:
+            if not self.mqtt_error:
+                self.lifecycle.degraded(f"broker connection lost: {why}")
+            self.mqtt_error = why or "disconnected"
+            self.pipeline.connection_lost()
+
+    def _on_influx_state(self, ok: bool, why: str) -> None:
+        if ok:
+            if self._ready_logged:
+                self.lifecycle.recovered("InfluxDB writes")
+            self._maybe_ready()
+        elif self._ready_logged:
+            self.lifecycle.degraded(f"InfluxDB writes failing, retrying with backoff: {why}")
+
+    def _maybe_ready(self) -> None:
+        if (
+            not self._ready_logged
+            and self.mqtt.connected
+            and (self.pipeline.influx_ok or not self.device_type)
+        ):
+            self._ready_logged = True
+            self.lifecycle.ready(
+                subscription=self.mqtt.session.topic_filter,
+                client_id=self.mqtt.session.client_id,
+                transport=self.settings.ingest.transport,
+            )
+
+    def health(self) -> dict[str, Any]:
+        influx_needed = self.device_type is not None
+        ok = self.mqtt.connected and (self.pipeline.influx_ok or not influx_needed)
+        return {
+            "status": "ok" if ok else "degraded",
+            "service": self.name,
+            "mqtt_connected": self.mqtt.connected,
+            "mqtt_error": self.mqtt_error,
+            **self.pipeline.health(),
+        }
+
+    async def _prepare_influx(self) -> None:
+        """Create the database (idempotent) once InfluxDB answers; retry quietly until then."""
+        delay = 0.2
+        while not self.stop.is_set():
+            try:
+                await self.influx.ensure_database()
+            except InfluxError as exc:
+                self.pipeline.last_write_error = str(exc)
+            else:
+                self.pipeline.set_influx_state(True, "")
+                return
+            try:
+                await asyncio.wait_for(self.stop.wait(), delay)
+            except TimeoutError:
+                delay = min(5.0, delay * 2)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        self.lifecycle.starting(
+            device_type=self.device_type.name if self.device_type else CATCH_ALL,
+            broker=f"{self.settings.mqtt.host}:{self.settings.mqtt.port}",
+            influx=self.settings.influx.url,
+            database=self.settings.influx.database,
+        )
+        health = HealthServer(self.settings.health, self.health, registry=self.metrics.registry)
+        health.start()
+        if self.device_type is not None:
+            prepare = asyncio.create_task(self._prepare_influx())
+        session = asyncio.create_task(self.mqtt.run(self.stop))
+        await self.stop.wait()
+        # Graceful stop: no new messages, write what was received, ack it, then disconnect.
+        self.mqtt.pause_reading()
+        drained = await self.pipeline.drain(self.settings.ingest.drain_timeout_s)
+        await self.mqtt.disconnect()
+        await session
+        if self.device_type is not None:
+            prepare.cancel()
+        await self.influx.aclose()
+        health.stop()
+        self.lifecycle.stopped(
+            unacked_readings=self.pipeline.buffered,
+            drained=drained,
+        )
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        if not self.stop.is_set():
+            self.lifecycle.log.info("stopping (signal %s)", sig.name)
+            self.stop.set()
+
+
+def run(settings: Settings, device_type: DeviceType | None) -> None:
+    asyncio.run(IngestService(settings, device_type).run())
 
 
 def main(device_type: str | None = None) -> None:
     parser = argparse.ArgumentParser(description="Ingest one device type's telemetry into InfluxDB.")
-    parser.add_argument("--type", dest="device_type", default=None)
+    parser.add_argument("--type", dest="device_type", default=None, help="device type (catalogue name)")
+    parser.add_argument(
+        "--unknown-types",
+        action="store_true",
+        help="run the catch-all that dead-letters telemetry of types not in the catalogue",
+    )
     args = parser.parse_args()
     try:
         settings = load_settings()
-        name = device_type or args.device_type or settings.ingest.device_type
-        if not name:
-            raise ConfigError("no device type: pass --type or set IOTFLEET_INGEST__DEVICE_TYPE")
-        get_device_type(name)
-    except (ConfigError, UnknownDeviceTypeError) as error:
-        fail_fast(ConfigError(str(error)), "ingest")
+        entry: DeviceType | None = None
+        if not args.unknown_types:
+            name = device_type or args.device_type or settings.ingest.device_type
+            if not name:
+                raise ConfigError(
+                    "no device type: pass --type or set IOTFLEET_INGEST__DEVICE_TYPE (or --unknown-types)"
+                )
+            try:
+                entry = get_device_type(name)
+            except UnknownDeviceTypeError as error:
+                raise ConfigError(f"IOTFLEET_INGEST__DEVICE_TYPE / --type: {error}") from None
+        if settings.ingest.extra_tags and entry is not None:
+            try:
+                LineEncoder(entry, settings.ingest.extra_tags)
+            except ValueError as error:
+                raise ConfigError(f"IOTFLEET_INGEST__EXTRA_TAGS: {error}") from None
+    except ConfigError as error:
+        fail_fast(error, "ingest")
         return
     configure_logging(settings.log_level)
-    run(settings, name)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+    run(settings, entry)
+
+
+if __name__ == "__main__":
+    main()

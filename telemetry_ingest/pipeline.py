@@ -1,0 +1,417 @@
+"""The ingest pipeline: validate, batch, write to InfluxDB, then acknowledge to the broker in order.
+
+Everything here runs on one asyncio loop. A transport (``mqtt.py``) feeds
+messages in arrival order through ``handle(topic, payload, token)`` and gets
+back ``ack(tokens)`` calls, also in arrival order, only once every reading of
+those messages is in InfluxDB (or the message was dead-lettered). Messages that
+are never acked (crash, InfluxDB down at shutdown) are redelivered by the broker
+from the persistent session, and re-stored idempotently: InfluxDB overwrites a
+point with the same measurement, tag set and timestamp.
+
+Batches close at ``batch_max_readings`` or ``batch_max_age_ms``; up to
+``write_concurrency`` writes are in flight, so the next batch fills while the
+previous one is written. While InfluxDB is down the batch is retried with capped
+exponential backoff, forever: nothing is dropped. Unacked readings are bounded by
+``buffer_max_readings``: above it the transport stops reading its socket, the
+broker's receive-maximum window fills and the backlog stays in the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from iotfleet.catalogue import DEVICE_TYPES, DeviceType
+from iotfleet.errors import TopicError
+from iotfleet.influx import InfluxError
+from iotfleet.settings import IngestSettings
+from iotfleet.topics import Channel, deadletter_topic, parse_device_topic
+from telemetry_ingest.lines import LineEncoder
+from telemetry_ingest.metrics import IngestMetrics
+from telemetry_ingest.validation import (
+    BAD_TOPIC,
+    STORAGE_REFUSED,
+    UNKNOWN_DEVICE_TYPE,
+    Rejected,
+    check_times,
+    dead_letter,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 5.0
+
+
+class Transport(Protocol):
+    """What the pipeline needs from the MQTT side."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def ack(self, tokens: list[int]) -> None:
+        """Acknowledge these messages (in this order); tokens of an older connection are ignored."""
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 (dead letters)."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+class Writer(Protocol):
+    async def write(self, lines: bytes | str, *, database: str | None = None) -> None: ...
+
+    async def ensure_database(self) -> None: ...
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    """Lines of consecutive messages, plus the tokens to ack once they are stored."""
+
+    lines: list[str] = field(default_factory=list)
+    # One entry per message, in arrival order: (token, its number of lines, device id). A
+    # dead-lettered message has 0 lines: it is acked with the batch, keeping the ack order.
+    messages: list[tuple[int, int, str]] = field(default_factory=list)
+    done: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class _TopicInfo:
+    device_type: str
+    device_id: str
+    prefix: str  # line-protocol measurement + tags; "" when the type is not ours
+
+
+class Pipeline:
+    """One device type's ingest (or, with ``device_type=None``, the catch-all for unknown types)."""
+
+    def __init__(
+        self,
+        device_type: DeviceType | None,
+        settings: IngestSettings,
+        writer: Writer,
+        transport: Transport,
+        metrics: IngestMetrics,
+        *,
+        on_influx_state: Callable[[bool, str], None] | None = None,
+        clock_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.device_type = device_type
+        self.settings = settings
+        self.writer = writer
+        self.transport = transport
+        self.metrics = metrics
+        self._encoder = LineEncoder(device_type, settings.extra_tags) if device_type else None
+        self._on_influx_state = on_influx_state or (lambda _ok, _why: None)
+        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._max_future_ms = settings.max_future_s * 1000
+        self._max_past_ms = settings.max_past_s * 1000
+        self._topics: dict[str, _TopicInfo] = {}
+        self._batch = Batch()
+        self._batch_readings = 0
+        self._pending: deque[Batch] = deque()  # closed batches, oldest first, not yet acked
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._write_slots = asyncio.Semaphore(settings.write_concurrency)
+        self.buffered = 0  # readings received and not yet acked
+        self._paused = False
+        self._stop_deadline: float | None = None
+        self.influx_ok = False
+        self.last_write_error = ""
+        # Counted locally and added to the Prometheus counters per batch (see metrics.py).
+        self._received_messages = 0
+        self._received_readings = 0
+
+    # --- the hot path --------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, token: int) -> None:
+        """One message from the broker, in arrival order. Never raises: bad input is dead-lettered."""
+        now_ms = self._clock_ms()
+        self._received_messages += 1
+        info = self._topics.get(topic)
+        if info is None:
+            try:
+                info = self._topic_info(topic)
+            except Rejected as rejected:
+                self._reject(topic.split("/")[1:3], payload, token, rejected, now_ms)
+                return
+        encoder = self._encoder
+        if encoder is None or self.device_type is None:  # catch-all: only types nobody ingests
+            if info.prefix:
+                self._ack_in_order(token)
+            else:
+                self._reject(
+                    [info.device_type, info.device_id],
+                    payload,
+                    token,
+                    Rejected.one(
+                        UNKNOWN_DEVICE_TYPE,
+                        f"device type {info.device_type!r} is not in the catalogue "
+                        f"(known: {', '.join(DEVICE_TYPES)})",
+                        "topic",
+                    ),
+                    now_ms,
+                )
+            return
+        try:
+            readings = parse(self.device_type, payload, max_payload_bytes=self.settings.max_payload_bytes)
+            lo = now_ms - self._max_past_ms
+            hi = now_ms + self._max_future_ms
+            for reading in readings:
+                ts = reading.ts
+                if ts is not None and not lo <= ts <= hi:
+                    check_times(readings, now_ms, self._max_future_ms, self._max_past_ms)
+        except Rejected as rejected:
+            self._reject([info.device_type, info.device_id], payload, token, rejected, now_ms)
+            return
+        except Exception as exc:  # a bug must not stop the pipeline either; the message is kept
+            log.exception("unexpected error handling a message on %s", topic)
+            self._reject(
+                [info.device_type, info.device_id],
+                payload,
+                token,
+                Rejected.one("invalid_value", f"internal error: {exc!r}"),
+                now_ms,
+            )
+            return
+        batch = self._batch
+        lines = batch.lines
+        prefix = info.prefix
+        encode = encoder.encode
+        for reading in readings:
+            lines.append(encode(prefix, reading, reading.ts or now_ms))
+        n = len(readings)
+        batch.messages.append((token, n, info.device_id))
+        self._received_readings += n
+        self._batch_readings += n
+        self.buffered += n
+        if self._batch_readings >= self.settings.batch_max_readings:
+            self._close_batch()
+        elif batch.timer is None:
+            batch.timer = asyncio.get_running_loop().call_later(
+                self.settings.batch_max_age_ms / 1000, self._close_batch
+            )
+        if self.buffered >= self.settings.buffer_max_readings and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _topic_info(self, topic: str) -> _TopicInfo:
+        try:
+            parsed = parse_device_topic(topic)
+        except TopicError as exc:
+            raise Rejected.one(BAD_TOPIC, str(exc), "topic") from None
+        if parsed.channel is not Channel.TELEMETRY:
+            raise Rejected.one(BAD_TOPIC, f"not a telemetry topic: {topic!r}", "topic")
+        if self.device_type is None:
+            # Catch-all: remember whether the type has its own ingest (then: not ours).
+            prefix = "known" if parsed.device_type in DEVICE_TYPES else ""
+        else:
+            if parsed.device_type != self.device_type.name:
+                raise Rejected.one(
+                    UNKNOWN_DEVICE_TYPE,
+                    f"this service ingests {self.device_type.name!r}, not {parsed.device_type!r}",
+                    "topic",
+                )
+            assert self._encoder is not None
+            prefix = self._encoder.prefix(parsed.device_id)
+        info = _TopicInfo(parsed.device_type, parsed.device_id, prefix)
+        if len(self._topics) < 1_000_000:
+            self._topics[topic] = info
+        return info
+
+    def _reject(self, where: list[str], payload: bytes, token: int, rejected: Rejected, now_ms: int) -> None:
+        dtype = where[0] if where and where[0] else "_"
+        dev = where[1] if len(where) > 1 and where[1] else "_"
+        self.metrics.rejected[rejected.reason].inc()
+        body = dead_letter(
+            device_type=dtype,
+            device_id=dev,
+            received_at_ms=now_ms,
+            rejected=rejected,
+            payload=payload,
+            max_payload_chars=self.settings.deadletter_payload_chars,
+        )
+        self.transport.publish(deadletter_topic(dtype, dev), body)
+        self._ack_in_order(token)
+
+    def _ack_in_order(self, token: int) -> None:
+        """Ack a message that needs no write, but never before the messages that arrived earlier."""
+        if not self._pending and not self._batch.messages:
+            self.metrics.acked_messages.inc()
+            self.transport.ack([token])
+            return
+        batch = self._batch
+        batch.messages.append((token, 0, ""))
+        if batch.timer is None:
+            batch.timer = asyncio.get_running_loop().call_later(
+                self.settings.batch_max_age_ms / 1000, self._close_batch
+            )
+
+    # --- batches and writes --------------------------------------------------------------
+
+    def _close_batch(self) -> None:
+        batch = self._batch
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if not batch.messages:
+            return
+        self._batch = Batch()
+        self._batch_readings = 0
+        self._pending.append(batch)
+        self.metrics.received_messages.inc(self._received_messages)
+        self.metrics.received_readings.inc(self._received_readings)
+        self._received_messages = self._received_readings = 0
+        if not batch.lines:
+            batch.done = True
+            self._release()
+            return
+        task = asyncio.get_running_loop().create_task(self._write(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, batch: Batch) -> None:
+        async with self._write_slots:
+            body = ("\n".join(batch.lines) + "\n").encode()
+            stored = await self._write_with_retry(body, len(batch.lines))
+            if stored is None:
+                return  # stopping with InfluxDB down: not acked, the broker redelivers
+            if not stored:
+                await self._write_messages_one_by_one(batch)
+            batch.done = True
+            self._release()
+
+    async def _write_with_retry(self, body: bytes, readings: int) -> bool | None:
+        """True once stored; False if InfluxDB refuses the data itself; None if stopping gave up."""
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                await self.writer.write(body)
+            except InfluxError as exc:
+                message = str(exc)
+                if not exc.retryable and "database not found" not in message:
+                    self.metrics.write_errors["refused"].inc()
+                    self.last_write_error = message
+                    self.set_influx_state(True, "")
+                    return False
+                self.metrics.write_errors["retryable"].inc()
+                self.last_write_error = message
+                self.set_influx_state(False, message)
+                if "database not found" in message:
+                    try:
+                        await self.writer.ensure_database()
+                        continue
+                    except InfluxError as ensure_error:
+                        self.last_write_error = str(ensure_error)
+                if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                    return None
+                delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt) * random.uniform(0.5, 1.0)
+                attempt += 1
+                if self._stop_deadline is not None:
+                    delay = max(0.0, min(delay, self._stop_deadline - time.monotonic()))
+                await asyncio.sleep(delay)
+            else:
+                self.metrics.write_seconds.observe(time.perf_counter() - started)
+                self.metrics.batch_size.observe(readings)
+                self.metrics.stored_readings.inc(readings)
+                self.set_influx_state(True, "")
+                return True
+
+    async def _write_messages_one_by_one(self, batch: Batch) -> None:
+        """InfluxDB refused the batch (a 4xx, e.g. a field type conflict): store what it takes,
+        dead-letter the messages it refuses, so one bad message cannot block the stream."""
+        log.warning("InfluxDB refused a batch (%s); writing its messages one by one", self.last_write_error)
+        offset = 0
+        for _token, count, device_id in batch.messages:
+            if not count:
+                continue
+            lines = batch.lines[offset : offset + count]
+            offset += count
+            body = ("\n".join(lines) + "\n").encode()
+            stored = await self._write_with_retry(body, count)
+            if stored is None:
+                return
+            if not stored:
+                assert self.device_type is not None
+                rejected = Rejected.one(
+                    STORAGE_REFUSED, f"InfluxDB refused the reading: {self.last_write_error}"
+                )
+                self.metrics.rejected[STORAGE_REFUSED].inc()
+                self.transport.publish(
+                    deadletter_topic(self.device_type.name, device_id),
+                    dead_letter(
+                        device_type=self.device_type.name,
+                        device_id=device_id,
+                        received_at_ms=self._clock_ms(),
+                        rejected=rejected,
+                        payload=body,
+                        max_payload_chars=self.settings.deadletter_payload_chars,
+                    ),
+                )
+
+    def _release(self) -> None:
+        """Ack every message of the oldest batches that are done, in arrival order."""
+        tokens: list[int] = []
+        readings = 0
+        pending = self._pending
+        while pending and pending[0].done:
+            batch = pending.popleft()
+            for token, count, _ in batch.messages:
+                tokens.append(token)
+                readings += count
+        if not tokens:
+            return
+        self.transport.ack(tokens)
+        self.metrics.acked_messages.inc(len(tokens))
+        self.buffered -= readings
+        self.metrics.buffer_readings.set(self.buffered)
+        if self._paused and self.buffered <= self.settings.buffer_max_readings // 2:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def set_influx_state(self, ok: bool, why: str) -> None:
+        if ok != self.influx_ok:
+            self.influx_ok = ok
+            self.metrics.influx_reachable.set(1 if ok else 0)
+            self._on_influx_state(ok, why)
+
+    # --- connection changes and shutdown --------------------------------------------------
+
+    def connection_lost(self) -> None:
+        """The broker will redeliver every unacked message: pending acks are now meaningless.
+
+        The batches are still written (the redelivered copies overwrite them: idempotent);
+        their tokens belong to the old connection and the transport ignores them.
+        """
+        self.metrics.buffer_readings.set(self.buffered)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Graceful stop: close the open batch, wait for the writes, ack what was stored.
+
+        Returns False if InfluxDB did not take everything within ``timeout_s``; those
+        messages stay unacked in the broker's session and are redelivered on restart.
+        """
+        self._stop_deadline = time.monotonic() + timeout_s
+        self._close_batch()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s + 1)
+        return not self._pending
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "influx_reachable": self.influx_ok,
+            "buffer_readings": self.buffered,
+            "buffer_max_readings": self.settings.buffer_max_readings,
+            "pending_batches": len(self._pending),
+            "reading_paused": self._paused,
+            "last_write_error": self.last_write_error,
+        }
