@@ -1,32 +1,195 @@
-"""Entry point of the registry (placeholder until the registry issue lands): /healthz only."""
+"""The registry service: ``create_app(settings)`` (FastAPI factory) and ``main()`` (console script).
+
+Start-up (the ``lifespan``): check the DB URL, apply Alembic migrations, ensure
+the bootstrap admin key, then connect the broker links in the background (the
+registry serves — degraded — while the broker is not up yet) and reconcile the
+broker with the DB each time the admin link connects.
+"""
 
 from __future__ import annotations
 
-import uvicorn
-from fastapi import FastAPI
+import asyncio
+import concurrent.futures
+import importlib
+import logging
+import pkgutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
+from starlette.routing import Match
+
+from device_registry import auth, db, routers
+from device_registry.broker_admin import BrokerAdmin
+from device_registry.metrics import RegistryMetrics
+from device_registry.presence import Presence
+from device_registry.problems import install_problem_handlers
+from device_registry.reconcile import Reconciler, ReconcileReport
+from device_registry.state import RegistryState
 from iotfleet.errors import ConfigError
-from iotfleet.lifecycle import configure_logging, fail_fast
+from iotfleet.lifecycle import ServiceLifecycle, configure_logging, fail_fast
 from iotfleet.settings import Settings, load_settings
+
+SERVICE = "registry"
+API_DESCRIPTION = """
+The iotfleet device registry: devices, their broker credentials and presence,
+device types, operator API keys.
+
+Authenticate with `Authorization: Bearer <API key>`. Roles: **viewer** (read),
+**operator** (read + commands + alerts), **admin** (everything, incl. devices and keys).
+Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+def discover_routers() -> list[APIRouter]:
+    """Every ``router`` defined by a module of ``device_registry.routers`` (sorted by module name)."""
+    found = []
+    for info in sorted(pkgutil.iter_modules(routers.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{routers.__name__}.{info.name}")
+        router = getattr(module, "router", None)
+        if isinstance(router, APIRouter):
+            found.append(router)
+    return found
 
 
 def create_app(settings: Settings) -> FastAPI:
-    app = FastAPI(title="iotfleet registry")
+    """The registry app; raises ConfigError (naming the setting) for a bad database URL."""
+    database_url = db.check_database_url(settings.registry_database_url())
+    lifecycle = ServiceLifecycle(SERVICE)
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.monotonic()
+        lifecycle.starting(
+            database=_redact(database_url), broker=f"{settings.mqtt.host}:{settings.mqtt.port}"
+        )
+        engine = db.create_engine(database_url)
+        try:
+            await db.run_migrations(engine)
+        except Exception as exc:
+            await engine.dispose()
+            raise ConfigError(
+                f"IOTFLEET_REGISTRY__DATABASE_URL: cannot open or migrate the registry database: {exc}"
+            ) from exc
+        sessions = db.session_factory(engine)
+        if settings.registry.bootstrap_admin_key is not None:
+            async with sessions() as session:
+                if await auth.ensure_bootstrap_key(
+                    session, settings.registry.bootstrap_admin_key.get_secret_value()
+                ):
+                    lifecycle.log.info("bootstrap admin key stored (hashed)")
+        registry = CollectorRegistry()
+        metrics = RegistryMetrics(registry)
+        broker = BrokerAdmin(settings.mqtt)
+        presence = Presence(settings.mqtt, sessions, registry)
+        loop = asyncio.get_running_loop()
 
+        def reported(report: ReconcileReport) -> None:
+            metrics.reconcile_runs.labels("ok" if report.ok else "failed").inc()
+            if report.ok:
+                metrics.reconcile_drift.set(report.drift_count)
+
+        reconciler = Reconciler(broker, sessions, on_report=reported)
+        state = RegistryState(
+            settings=settings,
+            engine=engine,
+            sessions=sessions,
+            broker=broker,
+            presence=presence,
+            reconciler=reconciler,
+            metrics=metrics,
+            registry=registry,
+        )
+        app.state.registry = state
+        metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
+        metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
+        background: set[concurrent.futures.Future[ReconcileReport]] = set()
+
+        def on_admin_connected() -> None:  # paho thread: hand over to the event loop
+            future = asyncio.run_coroutine_threadsafe(reconciler.run(), loop)
+            background.add(future)
+            future.add_done_callback(background.discard)
+
+        broker.on_connected = on_admin_connected
+        broker.start()
+        presence.start()
+        if await broker.wait_connected(within_s=5.0):
+            lifecycle.ready(
+                port=settings.registry.port,
+                startup_s=round(time.monotonic() - started, 2),
+                broker="connected",
+            )
+        else:
+            lifecycle.degraded(
+                f"broker not reachable yet ({broker.link.last_error}); retrying in the background"
+            )
+            lifecycle.ready(port=settings.registry.port, broker="connecting")
+        try:
+            yield
+        finally:
+            lifecycle.log.info("stopping")
+            broker.stop()
+            await presence.stop()
+            for future in list(background):
+                future.cancel()
+            await engine.dispose()
+            lifecycle.stopped()
+
+    app = FastAPI(
+        title="iotfleet registry",
+        version="1.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    for router in discover_routers():
+        app.include_router(router)
+    _install_request_metrics(app)
     return app
+
+
+def _install_request_metrics(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        state: RegistryState | None = getattr(request.app.state, "registry", None)
+        if state is not None:
+            route = _route_template(request)
+            state.metrics.http_requests.labels(request.method, route, str(response.status_code)).inc()
+            state.metrics.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
+        return response
+
+
+def _route_template(request: Request) -> str:
+    # Label by template (/api/v1/devices/{device_id}), not by path: bounded label cardinality.
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", "other"))
+    return "unmatched"
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def main() -> None:
     try:
         settings = load_settings()
+        app = create_app(settings)
     except ConfigError as error:
-        fail_fast(error, "registry")
+        fail_fast(error, SERVICE)
         return
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings), host=settings.registry.host, port=settings.registry.port, log_level="warning"
-    )
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    uvicorn.run(app, host=settings.registry.host, port=settings.registry.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

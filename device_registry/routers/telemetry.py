@@ -1,0 +1,509 @@
+"""Telemetry queries: latest values, raw ranges (JSON pages or streamed CSV), aggregates, fleet summary.
+
+Every route needs the viewer role. A device's type (hence its InfluxDB
+measurement and its fields) comes from its registry record: an unknown device
+is a 404 before InfluxDB is asked anything. Parameters are validated by
+``device_registry.telemetry.query``; whatever it refuses becomes a 4xx
+problem naming the parameter, and InfluxDB being down a 503.
+
+Times in answers are RFC 3339 UTC with milliseconds; bounds accept RFC 3339
+with any offset, epoch milliseconds, ``now`` or ``-1h``-style relative times.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, ParamSpec, TypeVar
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import case, func, select
+
+from device_registry.deps import CurrentViewer, SessionDep
+from device_registry.models import Device
+from device_registry.problems import PROBLEM_RESPONSES, NotFound, Problem
+from device_registry.telemetry import query, service
+from device_registry.telemetry.deps import InfluxDep, influx_lifespan
+from iotfleet.catalogue import DEVICE_TYPES, DeviceType
+from iotfleet.influx import InfluxError
+
+router = APIRouter(tags=["telemetry"], responses=PROBLEM_RESPONSES, lifespan=influx_lifespan)
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+DeviceIdPath = Annotated[str, Path(max_length=64, description="The device id")]
+TypePath = Annotated[str, Path(max_length=64, description="A device type of the catalogue")]
+FieldsQuery = Annotated[
+    list[str] | None,
+    Query(
+        max_length=50,
+        description="Fields to return, comma-separated or repeated (default: every field of the type)",
+    ),
+]
+StartQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="Inclusive start: RFC 3339 with offset, epoch ms, 'now' or relative '-24h'"
+        " (default: end - 1h)",
+    ),
+]
+EndQuery = Annotated[str | None, Query(max_length=64, description="Exclusive end, same forms (default: now)")]
+EveryQuery = Annotated[str, Query(max_length=16, description="Bucket width: 10s, 1m, 1h, 1d, ...")]
+FnQuery = Annotated[str, Query(max_length=16, description="mean | min | max | sum | count | last")]
+FillQuery = Annotated[
+    str,
+    Query(
+        max_length=16,
+        description="Empty buckets: none (omitted), null, previous (last value in range). count fills 0.",
+    ),
+]
+
+_INFLUX_ERRORS: dict[int | str, dict[str, Any]] = {
+    502: {"description": "InfluxDB refused the query"},
+    503: {"description": "InfluxDB is unreachable"},
+}
+_QUERY_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"description": "Unknown device or device type"},
+    422: {"description": "Invalid parameter (unknown field, bad time, too many points, ...)"},
+    **_INFLUX_ERRORS,
+}
+
+
+# --- response models -------------------------------------------------------------------
+
+Value = float | int | bool | str | None
+
+
+class LatestField(BaseModel):
+    value: Value
+    time: str = Field(description="When this field was last reported (RFC 3339 UTC)")
+
+
+class LatestTelemetry(BaseModel):
+    device_id: str
+    device_type: str
+    time: str | None = Field(description="Time of the newest field value; null when nothing is stored")
+    fields: dict[str, LatestField] = Field(description="Fields with a stored value (others are absent)")
+
+
+class TelemetryPage(BaseModel):
+    device_id: str
+    device_type: str
+    fields: list[str]
+    start: str
+    end: str
+    points: list[dict[str, Value]] = Field(description="Rows in time order: time and one key per field")
+    next_cursor: str | None = Field(description="Pass as cursor= for the next page; null on the last one")
+
+
+class AggregateSeries(BaseModel):
+    device_id: str
+    device_type: str
+    fields: list[str]
+    fn: str
+    every: str
+    fill: str
+    start: str
+    end: str
+    points: list[dict[str, Value]] = Field(description="One row per bucket, stamped at the bucket start")
+
+
+class AggregateGroup(BaseModel):
+    tags: dict[str, str] = Field(description="The group's tag values ({} when not grouped)")
+    points: list[dict[str, Value]]
+
+
+class TypeAggregate(BaseModel):
+    device_type: str
+    fields: list[str]
+    fn: str
+    every: str
+    fill: str
+    group_by: str | None
+    start: str
+    end: str
+    groups: list[AggregateGroup]
+
+
+class TypeSummary(BaseModel):
+    device_type: str
+    devices: int
+    online: int
+    readings_last_minute: int
+    readings_last_hour: int
+    deadlettered_last_hour: int
+    active_alerts: int
+
+
+class FleetSummary(BaseModel):
+    generated_at: str
+    types: list[TypeSummary]
+    totals: TypeSummary
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _problem(error: query.QueryError) -> Problem:
+    slug = "not-found" if error.status == 404 else "invalid-query"
+    return Problem(
+        error.status,
+        error.detail,
+        slug=slug,
+        errors=[{"field": f"query.{error.param}", "message": error.detail, "type": "value_error"}],
+        **error.extra,
+    )
+
+
+def _influx_problem(error: InfluxError) -> Problem:
+    if error.retryable:
+        return Problem(
+            503,
+            "the telemetry store (InfluxDB) is unreachable or overloaded; retry shortly",
+            slug="telemetry-store-unavailable",
+            title="Telemetry store unavailable",
+            headers={"Retry-After": "5"},
+        )
+    return Problem(
+        502,
+        f"the telemetry store refused the query: {error}",
+        slug="telemetry-store-error",
+        title="Bad gateway",
+    )
+
+
+async def _guard(awaitable: Awaitable[T]) -> T:
+    """Run a query, turning builder and InfluxDB errors into problems."""
+    try:
+        return await awaitable
+    except query.QueryError as error:
+        raise _problem(error) from None
+    except InfluxError as error:
+        raise _influx_problem(error) from None
+
+
+def _checked(func_: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    try:
+        return func_(*args, **kwargs)
+    except query.QueryError as error:
+        raise _problem(error) from None
+
+
+async def _device_type(session: SessionDep, device_id: str) -> DeviceType:
+    device = await session.get(Device, device_id)
+    if device is None:
+        raise NotFound("device", device_id)
+    device_type = DEVICE_TYPES.get(device.type)
+    if device_type is None:  # a type removed from the catalogue after devices were made
+        raise Problem(
+            409, f"device {device_id!r} has type {device.type!r}, which the catalogue no longer has"
+        )
+    return device_type
+
+
+def _points(rows: list[service.Row]) -> list[dict[str, Value]]:
+    return [{**row, "time": query.format_time(int(row["time"]))} for row in rows]
+
+
+def _wants_csv(request: Request, format_: str | None) -> bool:
+    if format_ is not None:
+        if format_ not in ("json", "csv"):
+            raise _problem(query.QueryError("format must be json or csv", param="format"))
+        return format_ == "csv"
+    accept = request.headers.get("accept", "")
+    media = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    if "text/csv" not in media:
+        return False
+    # text/csv wins unless JSON is listed before it.
+    return "application/json" not in media or media.index("text/csv") < media.index("application/json")
+
+
+def _csv_value(value: Value) -> Value:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+@router.get(
+    "/api/v1/devices/{device_id}/telemetry/latest",
+    summary="Last value and time of every field of a device",
+    responses=_QUERY_ERRORS,
+)
+async def latest_telemetry(
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    influx: InfluxDep,
+    _caller: CurrentViewer,
+    fields: FieldsQuery = None,
+) -> LatestTelemetry:
+    device_type = await _device_type(session, device_id)
+    names = _checked(
+        query.parse_fields, fields, device_type, default=[*device_type.fields, *query.META_FIELDS]
+    )
+    found = await _guard(service.latest(influx, device_type, device_id, names))
+    newest = max((value.time_ms for value in found.values()), default=None)
+    return LatestTelemetry(
+        device_id=device_id,
+        device_type=device_type.name,
+        time=query.format_time(newest) if newest is not None else None,
+        fields={
+            name: LatestField(value=value.value, time=query.format_time(value.time_ms))
+            for name, value in found.items()
+        },
+    )
+
+
+@router.get(
+    "/api/v1/devices/{device_id}/telemetry",
+    summary="Raw points of a device in time order: JSON pages, or the whole range as streamed CSV",
+    description="Send `Accept: text/csv` (or `format=csv`) to export the range as CSV; the export is"
+    f" streamed page by page and refused (422) beyond {query.MAX_EXPORT_ROWS:,} rows.",
+    responses={**_QUERY_ERRORS, 200: {"content": {"text/csv": {}}}},
+)
+async def raw_telemetry(
+    request: Request,
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    influx: InfluxDep,
+    _caller: CurrentViewer,
+    fields: FieldsQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    limit: Annotated[
+        int, Query(ge=1, le=query.MAX_RAW_LIMIT, description="Points per page (JSON)")
+    ] = query.DEFAULT_RAW_LIMIT,
+    cursor: Annotated[
+        str | None, Query(max_length=200, description="next_cursor of the previous page")
+    ] = None,
+    format_: Annotated[str | None, Query(alias="format", max_length=8, description="json | csv")] = None,
+) -> Any:
+    device_type = await _device_type(session, device_id)
+    names = _checked(query.parse_fields, fields, device_type)
+    time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
+    if _wants_csv(request, format_):
+        return await _csv_export(influx, device_type, device_id, names, time_range)
+    page_cursor = _checked(query.Cursor.decode, cursor) if cursor is not None else None
+    page = await _guard(
+        service.raw_page(influx, device_type, device_id, names, time_range, limit=limit, cursor=page_cursor)
+    )
+    token = page.next_cursor.encode() if page.next_cursor is not None else None
+    body = TelemetryPage(
+        device_id=device_id,
+        device_type=device_type.name,
+        fields=names,
+        start=query.format_time(time_range.start_ms),
+        end=query.format_time(time_range.end_ms),
+        points=_points(page.rows),
+        next_cursor=token,
+    )
+    if token is None:
+        return body
+    # RFC 8288 Link to the next page, with the bounds pinned so "now" does not move between pages.
+    params = [("fields", ",".join(names)), ("start", str(time_range.start_ms))]
+    params += [("end", str(time_range.end_ms)), ("limit", str(limit)), ("cursor", token)]
+    return JSONResponse(
+        body.model_dump(mode="json"),
+        headers={"Link": f'<{request.url.path}?{urlencode(params)}>; rel="next"'},
+    )
+
+
+async def _csv_export(
+    influx: InfluxDep, device_type: DeviceType, device_id: str, names: list[str], time_range: query.TimeRange
+) -> StreamingResponse:
+    # Checked before the first byte: once streaming has begun, an error can no longer be a 4xx.
+    rows = await _guard(service.count_rows(influx, device_type, device_id, names, time_range))
+    if rows > query.MAX_EXPORT_ROWS:
+        raise _problem(
+            query.QueryError(
+                f"the range holds {rows:,} points, more than the {query.MAX_EXPORT_ROWS:,} one export may"
+                " stream; narrow start/end or export the aggregate endpoint's buckets instead",
+                param="start",
+            )
+        )
+
+    async def lines() -> AsyncIterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["time", *names])
+        yield buffer.getvalue()
+        async for page in service.iter_raw(influx, device_type, device_id, names, time_range):
+            buffer.seek(0)
+            buffer.truncate()
+            for row in page:
+                writer.writerow(
+                    [query.format_time(int(row["time"])), *(_csv_value(row.get(n)) for n in names)]
+                )
+            yield buffer.getvalue()
+
+    filename = f"{device_id}_{time_range.start_ms}_{time_range.end_ms}.csv"
+    return StreamingResponse(
+        lines(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get(
+    "/api/v1/devices/{device_id}/telemetry/aggregate",
+    summary="A device's telemetry downsampled into buckets (for charts)",
+    responses=_QUERY_ERRORS,
+)
+async def aggregate_telemetry(
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    influx: InfluxDep,
+    _caller: CurrentViewer,
+    fields: FieldsQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    every: EveryQuery = "1m",
+    fn: FnQuery = "mean",
+    fill: FillQuery = "none",
+) -> AggregateSeries:
+    device_type = await _device_type(session, device_id)
+    aggregate_fn = _checked(query.parse_enum, query.AggregateFn, fn, param="fn")
+    names = _checked(
+        query.parse_fields, fields, device_type, default=_default_fields(device_type, aggregate_fn)
+    )
+    fill_mode = _checked(query.parse_enum, query.Fill, fill, param="fill")
+    time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
+    every_ms = _checked(query.parse_every, every, time_range)
+    rows = await _guard(
+        service.aggregate(
+            influx,
+            device_type,
+            device_id,
+            names,
+            time_range,
+            every_ms=every_ms,
+            fn=aggregate_fn,
+            fill=fill_mode,
+        )
+    )
+    return AggregateSeries(
+        device_id=device_id,
+        device_type=device_type.name,
+        fields=names,
+        fn=aggregate_fn.value,
+        every=query.format_duration(every_ms),
+        fill=fill_mode.value,
+        start=query.format_time(time_range.start_ms),
+        end=query.format_time(time_range.end_ms),
+        points=_points(rows),
+    )
+
+
+def _default_fields(device_type: DeviceType, fn: query.AggregateFn) -> list[str]:
+    """Without fields=, the fields ``fn`` applies to (mean of a string field makes no sense)."""
+    kinds = query.field_kinds(device_type)
+    return [name for name in device_type.fields if kinds[name] in query.FN_KINDS[fn]]
+
+
+@router.get(
+    "/api/v1/device-types/{type_name}/telemetry/aggregate",
+    summary="Telemetry of a whole device type downsampled, optionally per device or per tag value",
+    responses=_QUERY_ERRORS,
+)
+async def type_aggregate_telemetry(
+    type_name: TypePath,
+    influx: InfluxDep,
+    _caller: CurrentViewer,
+    fields: FieldsQuery = None,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    every: EveryQuery = "1m",
+    fn: FnQuery = "mean",
+    fill: FillQuery = "none",
+    group_by: Annotated[
+        str | None, Query(max_length=70, description="none (default), device, or a tag key (e.g. site)")
+    ] = None,
+) -> TypeAggregate:
+    device_type = _checked(query.resolve_type, type_name)
+    aggregate_fn = _checked(query.parse_enum, query.AggregateFn, fn, param="fn")
+    names = _checked(
+        query.parse_fields, fields, device_type, default=_default_fields(device_type, aggregate_fn)
+    )
+    fill_mode = _checked(query.parse_enum, query.Fill, fill, param="fill")
+    group = _checked(query.parse_group_by, group_by)
+    time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
+    every_ms = _checked(query.parse_every, every, time_range)
+    groups = await _guard(
+        service.type_aggregate(
+            influx,
+            device_type,
+            names,
+            time_range,
+            every_ms=every_ms,
+            fn=aggregate_fn,
+            fill=fill_mode,
+            group_by=group,
+        )
+    )
+    return TypeAggregate(
+        device_type=device_type.name,
+        fields=names,
+        fn=aggregate_fn.value,
+        every=query.format_duration(every_ms),
+        fill=fill_mode.value,
+        group_by=group,
+        start=query.format_time(time_range.start_ms),
+        end=query.format_time(time_range.end_ms),
+        groups=[AggregateGroup(tags=g.tags, points=_points(g.rows)) for g in groups],
+    )
+
+
+@router.get(
+    "/api/v1/fleet/summary",
+    summary="Per device type: devices, online, readings last minute/hour, dead letters, active alerts",
+    responses=_INFLUX_ERRORS,
+)
+async def fleet_summary(session: SessionDep, influx: InfluxDep, _caller: CurrentViewer) -> FleetSummary:
+    rows = await session.execute(
+        select(Device.type, func.count(), func.sum(case((Device.online.is_(True), 1), else_=0))).group_by(
+            Device.type
+        )
+    )
+    registry_counts = {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
+    device_types = list(DEVICE_TYPES.values())
+    counts = await _guard(service.fleet_counts(influx, device_types))
+    # TODO(alerts): active alerts come from the rules engine's alert table once it is on main.
+    types = [
+        TypeSummary(
+            device_type=t.name,
+            devices=registry_counts.get(t.name, (0, 0))[0],
+            online=registry_counts.get(t.name, (0, 0))[1],
+            readings_last_minute=counts[t.name].readings_last_minute,
+            readings_last_hour=counts[t.name].readings_last_hour,
+            deadlettered_last_hour=counts[t.name].deadlettered_last_hour,
+            active_alerts=0,
+        )
+        for t in device_types
+    ]
+    totals = TypeSummary(
+        device_type="*",
+        devices=sum(t.devices for t in types),
+        online=sum(t.online for t in types),
+        readings_last_minute=sum(t.readings_last_minute for t in types),
+        readings_last_hour=sum(t.readings_last_hour for t in types),
+        deadlettered_last_hour=sum(t.deadlettered_last_hour for t in types),
+        active_alerts=sum(t.active_alerts for t in types),
+    )
+    return FleetSummary(
+        generated_at=query.format_time(_now_ms()),
+        types=types,
+        totals=totals,
+    )

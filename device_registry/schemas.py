@@ -1,0 +1,165 @@
+"""API schemas: ``XCreate`` (input), ``XUpdate`` (partial input), ``XRead`` (output) per resource.
+
+Inputs are strict about shape (unknown fields are rejected with 422) so typos
+in a provisioning script fail loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from device_registry.models import Role
+from iotfleet import topics
+from iotfleet.catalogue import DEVICE_TYPES
+from iotfleet.errors import TopicError
+
+MAX_BULK = 10_000
+TAG_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+def _device_id(value: str) -> str:
+    try:
+        return topics.check_device_id(value)
+    except TopicError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _device_type(value: str) -> str:
+    if value not in DEVICE_TYPES:
+        raise ValueError(f"unknown device type {value!r} (known: {', '.join(DEVICE_TYPES)})")
+    return value
+
+
+DeviceId = Annotated[str, Field(max_length=64, examples=["thermostat-0001"]), AfterValidator(_device_id)]
+DeviceTypeName = Annotated[str, Field(max_length=32, examples=["thermostat"]), AfterValidator(_device_type)]
+TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
+TagValue = Annotated[str, StringConstraints(max_length=256)]
+Tags = Annotated[dict[TagKey, TagValue], Field(max_length=64)]
+Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Metadata(_Input):
+    @field_validator("metadata", check_fields=False)
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # Free-form, but bounded: the registry DB is not a document store.
+        if value is not None and len(repr(value)) > 16_384:
+            raise ValueError("metadata is limited to 16 KiB")
+        return value
+
+
+class DeviceCreate(_Metadata):
+    id: DeviceId | None = Field(None, description="Generated (type-random) when absent")
+    type: DeviceTypeName
+    name: Name | None = None
+    tags: Tags = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class DeviceUpdate(_Metadata):
+    """Fields to change; the type and id are immutable (they are in the device's topics)."""
+
+    name: Name | None = None
+    tags: Tags | None = Field(None, description="Replaces all tags")
+    metadata: dict[str, Any] | None = Field(None, description="Replaces the metadata")
+
+
+class DeviceTopics(BaseModel):
+    telemetry: str
+    status: str
+    commands: str
+    acks: str
+
+
+class DeviceCredentials(BaseModel):
+    username: str
+    client_id: str
+    password: str = Field(description="Shown exactly once; the registry does not keep it")
+
+
+class DeviceRead(BaseModel):
+    id: str
+    type: str
+    name: str | None
+    tags: dict[str, str]
+    metadata: dict[str, Any]
+    enabled: bool
+    online: bool
+    last_seen: datetime | None
+    connected_since: datetime | None
+    credentials_rotated_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    topics: DeviceTopics
+
+
+class DeviceProvisioned(DeviceRead):
+    credentials: DeviceCredentials
+
+
+class DeviceBulkCreate(_Input):
+    devices: list[DeviceCreate] = Field(min_length=1, max_length=MAX_BULK)
+
+
+class DeviceBulkProvisioned(BaseModel):
+    devices: list[DeviceProvisioned]
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceRead]
+    next_cursor: str | None
+
+
+class CredentialsRotated(BaseModel):
+    id: str
+    credentials: DeviceCredentials
+    credentials_rotated_at: datetime
+
+
+class ApiKeyCreate(_Input):
+    name: Annotated[str, StringConstraints(min_length=1, max_length=100)]
+    role: Role
+
+
+class ApiKeyRead(BaseModel):
+    id: str
+    name: str
+    role: Role
+    prefix: str = Field(description="The key's first characters, to recognise it")
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyRead):
+    key: str = Field(description="The secret: shown exactly once, send it as `Authorization: Bearer <key>`")
+
+
+class ApiKeyPage(BaseModel):
+    items: list[ApiKeyRead]
+
+
+class DeviceTypeSummary(BaseModel):
+    name: str
+    description: str
+    fields: list[str]
+    units: dict[str, str]
+    commands: list[str]
+
+
+class DeviceTypeRead(BaseModel):
+    name: str
+    description: str
+    fields: list[str]
+    units: dict[str, str]
+    reading_schema: dict[str, Any]
+    command_schemas: dict[str, dict[str, Any]]
+
+
+class DeviceTypeList(BaseModel):
+    items: list[DeviceTypeSummary]

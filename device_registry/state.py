@@ -1,0 +1,27 @@
+"""What one running registry holds: DB engine and sessions, broker links, metrics, reconcile."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from device_registry.broker_admin import BrokerAdmin
+from device_registry.metrics import RegistryMetrics
+from device_registry.presence import Presence
+from device_registry.reconcile import Reconciler
+from iotfleet.settings import Settings
+
+
+@dataclass
+class RegistryState:
+    settings: Settings
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    broker: BrokerAdmin
+    presence: Presence
+    reconciler: Reconciler
+    metrics: RegistryMetrics
+    registry: CollectorRegistry
+    db_ok: bool = field(default=True)

@@ -1,0 +1,296 @@
+"""Telemetry queries run on InfluxDB: the builder's statements in, plain rows out.
+
+Each function takes validated parameters (see ``query``), runs one HTTP request
+on the shared ``InfluxClient`` and shapes the answer: rows are dicts with
+``time`` (epoch ms) and one key per field. Values keep the catalogue's types
+(InfluxDB's JSON drops the ``.0`` of whole floats; it is restored here so a
+float field never comes back as an int).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from device_registry.telemetry import query
+from device_registry.telemetry.query import (
+    AggregateFn,
+    Cursor,
+    Fill,
+    QueryError,
+    Statement,
+    TimeRange,
+)
+from iotfleet.catalogue import DeviceType
+from iotfleet.influx import InfluxClient, series_rows
+
+Row = dict[str, Any]
+
+
+def _is_float(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return len(args) == 1 and _is_float(args[0])
+    return annotation is float
+
+
+def float_fields(device_type: DeviceType) -> frozenset[str]:
+    model = device_type.reading
+    return frozenset(name for name in device_type.fields if _is_float(model.model_fields[name].annotation))
+
+
+def _restore_floats(row: Row, floats: frozenset[str]) -> Row:
+    for name, value in row.items():
+        if name in floats and type(value) is int:
+            row[name] = float(value)
+    return row
+
+
+async def _run(client: InfluxClient, statement: Statement) -> list[dict[str, Any]]:
+    return await client.query(statement.text, params=statement.params or None)
+
+
+def _rp(client: InfluxClient) -> str:
+    return client.settings.retention_policy
+
+
+# --- latest ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldValue:
+    value: Any
+    time_ms: int
+
+
+async def latest(
+    client: InfluxClient, device_type: DeviceType, device_id: str, fields: Sequence[str]
+) -> dict[str, FieldValue]:
+    """The newest value of each field and its time; fields never stored are absent."""
+    statement = query.latest_statement(device_type, device_id, fields, _rp(client))
+    results = await _run(client, statement)
+    floats = float_fields(device_type)
+    found: dict[str, FieldValue] = {}
+    # One statement per field, answered in order (statement_id gives the index).
+    for result in results:
+        index = result.get("statement_id", 0)
+        if not 0 <= index < len(fields):
+            continue
+        name = fields[index]
+        for row in series_rows([result]):
+            value = row.get(name)
+            if value is not None:
+                if name in floats and type(value) is int:
+                    value = float(value)
+                found[name] = FieldValue(value, int(row["time"]))
+    return {name: found[name] for name in fields if name in found}
+
+
+# --- raw points ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[Row]
+    next_cursor: Cursor | None
+
+
+async def raw_page(
+    client: InfluxClient,
+    device_type: DeviceType,
+    device_id: str,
+    fields: Sequence[str],
+    time_range: TimeRange,
+    *,
+    limit: int,
+    cursor: Cursor | None,
+) -> Page:
+    """One page of raw points in time order, and the cursor of the next page if there is one."""
+    statement = query.raw_statement(
+        device_type, device_id, fields, time_range, limit=limit, cursor=cursor, rp=_rp(client)
+    )
+    floats = float_fields(device_type)
+    rows = [_restore_floats(row, floats) for row in series_rows(await _run(client, statement))]
+    if len(rows) <= limit:
+        return Page(rows, None)
+    rows = rows[:limit]
+    return Page(rows, query.next_cursor(cursor, [int(row["time"]) for row in rows]))
+
+
+async def count_rows(
+    client: InfluxClient,
+    device_type: DeviceType,
+    device_id: str,
+    fields: Sequence[str],
+    time_range: TimeRange,
+) -> int:
+    """A lower bound of the rows in range (the largest per-field count); exact when fields are dense."""
+    statement = query.count_statement(device_type, device_id, fields, time_range, _rp(client))
+    counts = [
+        int(value or 0)
+        for row in series_rows(await _run(client, statement))
+        for name, value in row.items()
+        if name != "time"
+    ]
+    return max(counts, default=0)
+
+
+async def iter_raw(
+    client: InfluxClient,
+    device_type: DeviceType,
+    device_id: str,
+    fields: Sequence[str],
+    time_range: TimeRange,
+    *,
+    max_rows: int = query.MAX_EXPORT_ROWS,
+    page_rows: int = query.EXPORT_PAGE_ROWS,
+) -> AsyncIterator[list[Row]]:
+    """Every raw point of the range, page by page (bounded memory), at most ``max_rows``."""
+    cursor: Cursor | None = None
+    sent = 0
+    while sent < max_rows:
+        page = await raw_page(
+            client,
+            device_type,
+            device_id,
+            fields,
+            time_range,
+            limit=min(page_rows, max_rows - sent),
+            cursor=cursor,
+        )
+        if page.rows:
+            yield page.rows
+        sent += len(page.rows)
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+# --- aggregates ------------------------------------------------------------------------
+
+
+def _aggregate_floats(device_type: DeviceType, fn: AggregateFn, fields: Sequence[str]) -> frozenset[str]:
+    if fn is AggregateFn.COUNT:
+        return frozenset()
+    if fn in (AggregateFn.MEAN,):
+        return frozenset(fields)
+    return float_fields(device_type)
+
+
+async def aggregate(
+    client: InfluxClient,
+    device_type: DeviceType,
+    device_id: str,
+    fields: Sequence[str],
+    time_range: TimeRange,
+    *,
+    every_ms: int,
+    fn: AggregateFn,
+    fill: Fill,
+) -> list[Row]:
+    statement = query.aggregate_statement(
+        device_type,
+        device_id,
+        fields,
+        time_range,
+        every_ms=every_ms,
+        fn=fn,
+        fill=fill,
+        rp=_rp(client),
+    )
+    floats = _aggregate_floats(device_type, fn, fields)
+    return [_restore_floats(row, floats) for row in series_rows(await _run(client, statement))]
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    tags: dict[str, str]
+    rows: list[Row]
+
+
+async def type_aggregate(
+    client: InfluxClient,
+    device_type: DeviceType,
+    fields: Sequence[str],
+    time_range: TimeRange,
+    *,
+    every_ms: int,
+    fn: AggregateFn,
+    fill: Fill,
+    group_by: str | None,
+) -> list[Group]:
+    buckets = query.bucket_count(time_range, every_ms)
+    max_groups = max(1, query.MAX_AGGREGATE_POINTS // buckets)
+    statement = query.type_aggregate_statement(
+        device_type,
+        fields,
+        time_range,
+        every_ms=every_ms,
+        fn=fn,
+        fill=fill,
+        group_by=group_by,
+        max_groups=max_groups,
+        rp=_rp(client),
+    )
+    results = await _run(client, statement)
+    series = [s for result in results for s in result.get("series", [])]
+    if len(series) > max_groups:
+        # At least len(series) groups: suggest an interval that would fit that many.
+        suggestion = query.suggest_every(
+            time_range.span_ms + every_ms, max(1, query.MAX_AGGREGATE_POINTS // len(series))
+        )
+        raise QueryError(
+            f"more than {max_groups} groups x {buckets} buckets exceeds {query.MAX_AGGREGATE_POINTS} points;"
+            f" use a coarser every (e.g. every={suggestion}), a shorter range or a coarser group_by",
+            param="group_by" if buckets == 1 else "every",
+            suggested_every=suggestion,
+            max_points=query.MAX_AGGREGATE_POINTS,
+        )
+    floats = _aggregate_floats(device_type, fn, fields)
+    groups = []
+    for one in series:
+        tags = dict(one.get("tags") or {})
+        rows = [_restore_floats(row, floats) for row in series_rows([{"series": [{**one, "tags": {}}]}])]
+        groups.append(Group(tags, rows))
+    groups.sort(key=lambda g: sorted(g.tags.items()))
+    return groups
+
+
+# --- fleet summary ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TypeCounts:
+    readings_last_minute: int = 0
+    readings_last_hour: int = 0
+    deadlettered_last_hour: int = 0
+
+
+def _single_count(result: dict[str, Any]) -> int:
+    for row in series_rows([result]):
+        for name, value in row.items():
+            if name != "time" and value is not None:
+                return int(value)
+    return 0
+
+
+async def fleet_counts(client: InfluxClient, device_types: Sequence[DeviceType]) -> dict[str, TypeCounts]:
+    """Readings (last minute, last hour) and dead letters (last hour) per type."""
+    readings = await _run(client, query.readings_count_statement(device_types, _rp(client)))
+    by_index = {int(result.get("statement_id", i)): result for i, result in enumerate(readings)}
+    deadletters: dict[str, int] = {}
+    for row in series_rows(await _run(client, query.deadletter_count_statement(_rp(client)))):
+        name = str(row.get("device_type", ""))
+        deadletters[name] = deadletters.get(name, 0) + int(row.get("sum") or 0)
+    counts = {}
+    for i, device_type in enumerate(device_types):
+        counts[device_type.name] = TypeCounts(
+            readings_last_minute=_single_count(by_index.get(2 * i, {})),
+            readings_last_hour=_single_count(by_index.get(2 * i + 1, {})),
+            deadlettered_last_hour=deadletters.get(device_type.name, 0),
+        )
+    return counts
