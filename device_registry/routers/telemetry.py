@@ -244,6 +244,7 @@ def _csv_value(value: Value) -> Value:
     responses=_QUERY_ERRORS,
 )
 async def latest_telemetry(
+    *,
     device_id: DeviceIdPath,
     session: SessionDep,
     influx: InfluxDep,
@@ -275,6 +276,7 @@ async def latest_telemetry(
     responses={**_QUERY_ERRORS, 200: {"content": {"text/csv": {}}}},
 )
 async def raw_telemetry(
+    *,
     request: Request,
     device_id: DeviceIdPath,
     session: SessionDep,
@@ -363,6 +365,7 @@ async def _csv_export(
     responses=_QUERY_ERRORS,
 )
 async def aggregate_telemetry(
+    *,
     device_id: DeviceIdPath,
     session: SessionDep,
     influx: InfluxDep,
@@ -419,6 +422,7 @@ def _default_fields(device_type: DeviceType, fn: query.AggregateFn) -> list[str]
     responses=_QUERY_ERRORS,
 )
 async def type_aggregate_telemetry(
+    *,
     type_name: TypePath,
     influx: InfluxDep,
     _caller: CurrentViewer,
