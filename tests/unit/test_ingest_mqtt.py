@@ -1,0 +1,96 @@
+"""The asyncio MQTT 5 client's packet codec: framing across arbitrary read boundaries."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import pytest
+
+from iotfleet.settings import MqttSettings
+from telemetry_ingest import mqtt as m
+
+
+def publish_from_broker(topic: str, payload: bytes, packet_id: int, props: bytes = b"") -> bytes:
+    body = m._utf8(topic) + struct.pack(">H", packet_id) + m.encode_varint(len(props)) + props + payload
+    return m.packet(0x32, body)
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455])
+def test_varint_roundtrip(value: int) -> None:
+    encoded = m.encode_varint(value)
+    assert m._read_varint(encoded, 0) == (value, len(encoded))
+
+
+def test_connect_packet_requests_a_persistent_session() -> None:
+    raw = m.connect_packet(
+        "ingest-thermostat-0",
+        username="u",
+        password="p",
+        keepalive_s=30,
+        session_expiry_s=86_400,
+        receive_maximum=10_000,
+    )
+    assert raw[0] == 0x10
+    length, at = m._read_varint(raw, 1) or (0, 0)
+    body = raw[at:]
+    assert len(body) == length
+    assert body[:7] == b"\x00\x04MQTT\x05"
+    flags = body[7]
+    assert flags & 0x02 == 0  # clean start off: the backlog survives restarts
+    assert flags & 0xC0 == 0xC0
+    assert b"\x11" + struct.pack(">I", 86_400) in body
+    assert b"\x21" + struct.pack(">H", 10_000) in body
+
+
+async def test_publishes_are_framed_across_any_read_boundary() -> None:
+    received: list[tuple[str, bytes, int]] = []
+    client = m.MqttClient(
+        MqttSettings(), m.SessionConfig("c", "f", 1, 10), lambda t, p, k: received.append((t, p, k))
+    )
+    stream = b"".join(
+        [
+            publish_from_broker("devices/thermostat/a/telemetry", b'{"x":1}', 1),
+            publish_from_broker("devices/thermostat/b/telemetry", b"y" * 300, 2, props=b"\x01\x01"),
+            publish_from_broker("devices/thermostat/c/telemetry", b"z" * 20_000, 65_535),
+            b"\xd0\x00",  # PINGRESP in between
+            publish_from_broker("devices/thermostat/d/telemetry", b"", 3),
+        ]
+    )
+    expected = [
+        ("devices/thermostat/a/telemetry", b'{"x":1}', (7 << 16) | 1),
+        ("devices/thermostat/b/telemetry", b"y" * 300, (7 << 16) | 2),
+        ("devices/thermostat/c/telemetry", b"z" * 20_000, (7 << 16) | 65_535),
+        ("devices/thermostat/d/telemetry", b"", (7 << 16) | 3),
+    ]
+    for step in (1, 2, 3, 7, 100, 4096, len(stream)):
+        received.clear()
+        conn = m._Connection(client, 7)
+        for start in range(0, len(stream), step):
+            conn.data_received(stream[start : start + step])
+        assert received == expected, step
+        assert conn.rest == b""
+
+
+async def test_acks_of_an_older_connection_are_not_sent() -> None:
+    client = m.MqttClient(MqttSettings(), m.SessionConfig("c", "f", 1, 10), lambda t, p, k: None)
+    written: list[bytes] = []
+
+    class FakeTransport:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+    conn = m._Connection(client, 3)
+    conn.transport = FakeTransport()  # type: ignore[assignment]
+    client._conn = conn
+    client._epoch = 3
+    client._connected = True
+    client.ack([(2 << 16) | 5, (3 << 16) | 6, (3 << 16) | 0, (3 << 16) | 7])
+    assert written == [b"\x40\x02\x00\x06\x40\x02\x00\x07"]
+
+
+async def test_connack_refusal_is_reported() -> None:
+    client = m.MqttClient(MqttSettings(), m.SessionConfig("c", "f", 1, 10), lambda t, p, k: None)
+    conn = m._Connection(client, 1)
+    conn.data_received(b"\x20\x03\x00\x86\x00")
+    assert await asyncio.wait_for(conn.connack, 1) == (0x86, False)
