@@ -63,6 +63,7 @@ class MqttLink:
     client: mqtt.Client = field(init=False)
     connected: threading.Event = field(init=False, default_factory=threading.Event)
     last_error: str | None = field(init=False, default="not connected yet")
+    _stopping: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         client_id = f"iotfleet-registry-{self.name}-{secrets.token_hex(4)}"
@@ -83,6 +84,7 @@ class MqttLink:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -103,7 +105,7 @@ class MqttLink:
         was_connected = self.connected.is_set()
         self.connected.clear()
         self.last_error = f"disconnected: {reason}"
-        if was_connected:
+        if was_connected and not self._stopping:
             log.warning("%s link lost (%s); reconnecting", self.name, reason)
             if self.on_state:
                 self.on_state(False)

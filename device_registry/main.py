@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
-from starlette.routing import Match
 
 from device_registry import auth, db, routers
 from device_registry.broker_admin import BrokerAdmin
@@ -144,6 +143,7 @@ def create_app(settings: Settings) -> FastAPI:
         description=API_DESCRIPTION,
         lifespan=lifespan,
     )
+    app.state.settings = settings  # for routers needing settings outside a request
     install_problem_handlers(app)
     for router in discover_routers():
         app.include_router(router)
@@ -166,11 +166,8 @@ def _install_request_metrics(app: FastAPI) -> None:
 
 def _route_template(request: Request) -> str:
     # Label by template (/api/v1/devices/{device_id}), not by path: bounded label cardinality.
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "other"))
-    return "unmatched"
+    route = request.scope.get("route")
+    return str(getattr(route, "path", "unmatched"))
 
 
 def _redact(url: str) -> str:
