@@ -1,0 +1,181 @@
+"""Where the fleet's credentials come from: the registry API (bulk) or a saved credentials file.
+
+A credentials file lets a tester rerun the same fleet (same ids, same series
+in InfluxDB) without provisioning again, and lets tests run without the
+registry (they create the devices through the broker's dynsec admin topic and
+write the file). Format (JSON)::
+
+    {"format": "iotfleet-simulator-credentials/1",
+     "devices": [{"id": "...", "type": "thermostat", "username": "...",
+                  "password": "...", "client_id": "..."}, ...]}
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from iotfleet.catalogue import DEVICE_TYPES
+from iotfleet.errors import IotfleetError
+from simulators.fleet import DeviceCredentials
+
+FILE_FORMAT = "iotfleet-simulator-credentials/1"
+BULK_LIMIT = 10_000  # the registry's per-request maximum
+
+
+class ProvisioningError(IotfleetError):
+    """The fleet could not be provisioned or its credentials file is unusable."""
+
+
+def spread(total: int, types: list[str] | None = None) -> dict[str, int]:
+    """``total`` devices spread as evenly as possible over ``types`` (default: every catalogue type)."""
+    names = list(types or DEVICE_TYPES)
+    base, extra = divmod(total, len(names))
+    return {name: base + (1 if i < extra else 0) for i, name in enumerate(names)}
+
+
+def load_credentials(path: Path) -> list[DeviceCredentials]:
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ProvisioningError(f"credentials file {path} does not exist") from None
+    except orjson.JSONDecodeError as exc:
+        raise ProvisioningError(f"credentials file {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FILE_FORMAT:
+        raise ProvisioningError(f"credentials file {path}: expected format {FILE_FORMAT!r}")
+    out = []
+    for index, item in enumerate(data.get("devices", [])):
+        try:
+            out.append(
+                DeviceCredentials(
+                    id=item["id"],
+                    type=item["type"],
+                    username=item.get("username", item["id"]),
+                    password=item["password"],
+                    client_id=item.get("client_id", item["id"]),
+                )
+            )
+        except (KeyError, TypeError):
+            raise ProvisioningError(
+                f"credentials file {path}: device #{index} needs id, type and password"
+            ) from None
+        if out[-1].type not in DEVICE_TYPES:
+            raise ProvisioningError(f"credentials file {path}: unknown device type {out[-1].type!r}")
+    return out
+
+
+def save_credentials(path: Path, devices: list[DeviceCredentials]) -> None:
+    """Write 0600: the file holds device passwords."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = orjson.dumps({"format": FILE_FORMAT, "devices": [d.as_dict() for d in devices]})
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(body)
+    tmp.replace(path)
+
+
+def select(devices: list[DeviceCredentials], counts: Mapping[str, int]) -> list[DeviceCredentials]:
+    """The first ``counts[type]`` devices of each type; the rest stay unused."""
+    taken: dict[str, int] = dict.fromkeys(counts, 0)
+    out = []
+    for device in devices:
+        if taken.get(device.type, 0) < counts.get(device.type, 0):
+            taken[device.type] += 1
+            out.append(device)
+    return out
+
+
+def missing_counts(devices: list[DeviceCredentials], counts: Mapping[str, int]) -> dict[str, int]:
+    have: dict[str, int] = {}
+    for device in devices:
+        have[device.type] = have.get(device.type, 0) + 1
+    return {t: n - have.get(t, 0) for t, n in counts.items() if n > have.get(t, 0)}
+
+
+class RegistryProvisioner:
+    """Creates devices with ``POST /api/v1/devices/bulk`` (≤10,000 per request)."""
+
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+
+    def provision(
+        self,
+        counts: Mapping[str, int],
+        *,
+        run_id: str | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> list[DeviceCredentials]:
+        run = run_id or secrets.token_hex(3)
+        wanted: list[dict[str, Any]] = []
+        for device_type, n in counts.items():
+            for i in range(n):
+                wanted.append(
+                    {
+                        "id": f"sim-{run}-{device_type.replace('_', '-')}-{i:05d}",
+                        "type": device_type,
+                        "name": f"simulated {device_type} {i}",
+                        "tags": {"simulator": "iotfleet", "run": run},
+                    }
+                )
+        out: list[DeviceCredentials] = []
+        headers = {"Authorization": f"Bearer {self.api_key}"}
+        with httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s) as client:
+            for start in range(0, len(wanted), BULK_LIMIT):
+                chunk = wanted[start : start + BULK_LIMIT]
+                try:
+                    response = client.post("/api/v1/devices/bulk", json={"devices": chunk})
+                except httpx.HTTPError as exc:
+                    raise ProvisioningError(
+                        f"registry API at {self.base_url} unreachable ({exc!r}); is the stack up"
+                        " (`iotfleet up`)? Or pass --credentials FILE with saved credentials"
+                    ) from None
+                if response.status_code in (401, 403):
+                    raise ProvisioningError(
+                        f"registry refused the API key ({response.status_code}); pass --api-key or check"
+                        " <state_dir>/admin-api-key"
+                    )
+                if response.status_code != 201:
+                    raise ProvisioningError(
+                        f"bulk provisioning failed ({response.status_code}): {response.text[:500]}"
+                    )
+                for item in response.json().get("devices", []):
+                    cred = item.get("credentials") or {}
+                    out.append(
+                        DeviceCredentials(
+                            id=item["id"],
+                            type=item["type"],
+                            username=cred.get("username", item["id"]),
+                            password=cred["password"],
+                            client_id=cred.get("client_id", item["id"]),
+                        )
+                    )
+                if on_progress is not None:
+                    on_progress(len(out), len(wanted))
+        return out
+
+
+def read_api_key(state_dir: Path) -> str | None:
+    """The admin API key of a stack started by ``iotfleet up`` from ``state_dir``."""
+    path = state_dir / "admin-api-key"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def read_stack_secrets(state_dir: Path) -> dict[str, str]:
+    """MQTT passwords of the platform's accounts, written by ``iotfleet up`` (secrets.json)."""
+    try:
+        data = orjson.loads((state_dir / "secrets.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}

@@ -1,0 +1,71 @@
+"""One fleet process: runs a slice of the devices and reports to the parent over a pipe.
+
+``--processes N`` starts N of these (multiprocessing, spawn) so a fleet uses
+more cores; the parent keeps the observer, the progress display, the
+verification and the report. Messages on the pipe are small tuples:
+``("stats", snapshot)`` every half second, then ``("done", snapshot, outcomes,
+command_latencies)`` or ``("error", text)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+
+from simulators.faults import FaultSpec
+from simulators.fleet import DeviceCredentials, Fleet, FleetConfig
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-files limit toward ``wanted`` (at most the hard limit); return the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+def config_to_dict(config: FleetConfig) -> dict[str, Any]:
+    out = dict(config.__dict__)
+    out["faults"] = [f.model_dump() for f in config.faults]
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> FleetConfig:
+    data = dict(data)
+    data["faults"] = [FaultSpec.model_validate(f) for f in data["faults"]]
+    return FleetConfig(**data)
+
+
+def worker_main(
+    conn: Connection, devices: list[dict[str, str]], config: dict[str, Any], duration: float
+) -> None:
+    raise_fd_limit(len(devices) + 256)
+    try:
+        asyncio.run(_run(conn, devices, config, duration))
+    except Exception as exc:  # reported to the parent, which shows it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+async def _run(
+    conn: Connection, devices: list[dict[str, str]], config: dict[str, Any], duration: float
+) -> None:
+    fleet = Fleet([DeviceCredentials(**d) for d in devices], config_from_dict(config))
+    process = psutil.Process()
+
+    def report() -> None:
+        snapshot = fleet.stats.snapshot()
+        snapshot["rss_bytes"] = process.memory_info().rss
+        conn.send(("stats", snapshot))
+
+    await fleet.run(duration, on_tick=report)
+    snapshot = fleet.stats.snapshot()
+    snapshot["rss_bytes"] = process.memory_info().rss
+    conn.send(("done", snapshot, fleet.outcomes(), fleet.stats.command_latency_ms))
