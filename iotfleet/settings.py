@@ -94,7 +94,29 @@ class IngestSettings(BaseModel):
 
 
 class RulesSettings(BaseModel):
-    reload_poll_s: float = Field(30.0, gt=0)
+    reload_poll_s: float = Field(
+        30.0, gt=0, description="Re-fetch rules and devices this often even without a change notice"
+    )
+    client_id: str = Field(
+        "iotfleet-rules",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="MQTT client id; stable across restarts (the persistent session queues readings)",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="Registry API key (admin); default: <state_dir>/admin-api-key"
+    )
+    rules_file: Path | None = Field(
+        None, description="Load rules from this JSON file instead of the registry (standalone, benchmarks)"
+    )
+    state_file: Path | None = Field(
+        None, description="Firing state store (SQLite); default <state_dir>/rules-engine.sqlite"
+    )
+    command_ttl_s: int = Field(300, ge=1, le=30 * 86_400, description="Default TTL of commands rules send")
+    tick_s: float = Field(1.0, gt=0, le=60, description="How often absence/presence deadlines are checked")
+    receive_maximum: int = Field(1_000, ge=1, le=65_535, description="MQTT 5 receive maximum")
+    tracker_sweep_s: float = Field(
+        1.0, gt=0, le=60, description="Registry: how often queued/sent commands past their TTL are expired"
+    )
 
 
 class HealthSettings(BaseModel):

@@ -21,8 +21,9 @@ Semantics (documented for operators in docs/rules.md):
 - ``absent_for``: no reading for that long; checked by ticks, fired at the
   logical time last reading + absent_for.
 - ``presence``: the last status (LWT) of the device, optionally held ``for``.
-- Readings older than or equal to the device's newest evaluated reading are
-  ignored (duplicates from at-least-once delivery, late arrivals).
+- Readings older than the device's newest evaluated reading are ignored (late
+  arrivals, redelivery after a reconnect). Equal timestamps are evaluated: a
+  burst may share a millisecond, and edge triggering makes a duplicate harmless.
 """
 
 from __future__ import annotations
@@ -464,7 +465,7 @@ class Evaluator:
         tags: Mapping[str, str] | None = None,
     ) -> list[Firing]:
         device = self.device(device_type, device_id, tags)
-        if device.last_ts is not None and ts <= device.last_ts:
+        if device.last_ts is not None and ts < device.last_ts:
             self.ignored_readings += 1
             return []
         out: list[Firing] = []

@@ -1,44 +1,55 @@
 """Entry point of the rules engine (``iotfleet-rules``).
 
-Foundation stage: a supervised process with its MQTT session, /healthz and
-/metrics; rule evaluation lands with the rules issue.
+Starts even when the broker or the registry is not up yet: the MQTT client
+reconnects and the rules are re-fetched every 2 s until they load; /healthz
+says ``degraded`` meanwhile.
 """
 
 from __future__ import annotations
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import CollectorRegistry
 
 from iotfleet.errors import ConfigError
 from iotfleet.lifecycle import HealthServer, ServiceLifecycle, configure_logging, fail_fast
 from iotfleet.settings import Settings, load_settings
+from rules_engine.engine import RulesEngine
+from rules_engine.sources import FileSource, RegistrySource, RuleSource
+from rules_engine.store import StateStore
 
 SERVICE = "rules-engine"
+
+
+def make_source(settings: Settings) -> RuleSource:
+    if settings.rules.rules_file is not None:
+        return FileSource(settings.rules.rules_file)
+    return RegistrySource.from_settings(settings)
+
+
+def state_path(settings: Settings) -> StateStore:
+    path = settings.rules.state_file or settings.state_dir / "rules-engine.sqlite"
+    try:
+        return StateStore(path)
+    except OSError as exc:
+        raise ConfigError(f"IOTFLEET_RULES__STATE_FILE: cannot open {path}: {exc}") from None
 
 
 def run(settings: Settings) -> None:
     lifecycle = ServiceLifecycle(SERVICE)
     lifecycle.install_signal_handlers()
-    lifecycle.starting(broker=f"{settings.mqtt.host}:{settings.mqtt.port}")
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="iotfleet-rules", protocol=mqtt.MQTTv5)
-    if settings.mqtt.username:
-        password = settings.mqtt.password.get_secret_value() if settings.mqtt.password else None
-        client.username_pw_set(settings.mqtt.username, password)
-    client.reconnect_delay_set(min_delay=1, max_delay=10)
-    client.connect_async(settings.mqtt.host, settings.mqtt.port, keepalive=settings.mqtt.keepalive_s)
-    client.loop_start()
-    health = HealthServer(
-        settings.health,
-        lambda: {
-            "status": "ok" if client.is_connected() else "degraded",
-            "mqtt_connected": client.is_connected(),
-        },
+    source = make_source(settings)
+    store = state_path(settings)
+    registry = CollectorRegistry()
+    engine = RulesEngine(settings, source, store, lifecycle=lifecycle, registry=registry)
+    lifecycle.starting(
+        broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+        rules=str(settings.rules.rules_file or f"registry {settings.registry.host}:{settings.registry.port}"),
     )
+    health = HealthServer(settings.health, engine.health, registry=registry)
     health.start()
-    lifecycle.ready(health_port=health.port)
+    engine.start()
+    lifecycle.ready(health_port=health.port, client_id=settings.rules.client_id)
     lifecycle.stop_requested.wait()
-    client.disconnect()
-    client.loop_stop()
+    engine.stop()
     health.stop()
     lifecycle.stopped()
 
@@ -46,11 +57,10 @@ def run(settings: Settings) -> None:
 def main() -> None:
     try:
         settings = load_settings()
+        configure_logging(settings.log_level)
+        run(settings)
     except ConfigError as error:
         fail_fast(error, SERVICE)
-        return
-    configure_logging(settings.log_level)
-    run(settings)
 
 
 if __name__ == "__main__":

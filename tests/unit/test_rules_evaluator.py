@@ -75,11 +75,11 @@ def test_burst_of_readings_fires_once() -> None:
     assert kinds(out) == [("fire", 0)]
 
 
-def test_duplicates_and_late_readings_are_ignored() -> None:
+def test_late_readings_are_ignored_same_millisecond_is_not() -> None:
     ev = Evaluator([rule({"field": "temperature_c", "op": ">", "value": 30})])
-    out = feed(ev, [(1000, 31), (1000, 20), (500, 20)])
-    assert kinds(out) == [("fire", 1000)]
-    assert ev.ignored_readings == 2
+    out = feed(ev, [(1000, 31), (1000, 32), (500, 20), (1000, 20)])
+    assert kinds(out) == [("fire", 1000), ("clear", 1000)]
+    assert ev.ignored_readings == 1
 
 
 def test_between_outside_and_equality() -> None:

@@ -1,0 +1,74 @@
+"""The engine's firing state on disk (SQLite, stdlib): what must survive a restart.
+
+Per (rule, device): active or not, and when it last fired (cooldown); per
+device: the newest reading time (absence). Windows and ``for`` timers are not
+kept: they rebuild from the readings the persistent MQTT session delivers.
+Firing transitions are rare, so each one is written when it happens (WAL,
+synchronous=NORMAL); last-seen times are flushed on each tick.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rules_engine.evaluator import SavedState
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rule_state (
+    rule_id TEXT NOT NULL, device_id TEXT NOT NULL, active INTEGER NOT NULL, last_fired INTEGER,
+    PRIMARY KEY (rule_id, device_id));
+CREATE TABLE IF NOT EXISTS last_seen (
+    device_type TEXT NOT NULL, device_id TEXT NOT NULL, ts INTEGER NOT NULL,
+    PRIMARY KEY (device_type, device_id));
+"""
+
+
+class StateStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection used under the engine's lock from several threads.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def save(self, states: Iterable[SavedState]) -> None:
+        rows = [(s.rule_id, s.device_id, int(s.active), s.last_fired) for s in states]
+        self._many(
+            "INSERT INTO rule_state VALUES (?, ?, ?, ?) ON CONFLICT (rule_id, device_id) "
+            "DO UPDATE SET active = excluded.active, last_fired = excluded.last_fired",
+            rows,
+        )
+
+    def save_last_seen(self, items: Iterable[tuple[str, str, int]]) -> None:
+        rows = list(items)
+        self._many(
+            "INSERT INTO last_seen VALUES (?, ?, ?) ON CONFLICT (device_type, device_id) "
+            "DO UPDATE SET ts = max(ts, excluded.ts)",
+            rows,
+        )
+
+    def _many(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
+        if not rows:
+            return
+        # Autocommit connection: one explicit transaction per batch, not one per row.
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def load(self) -> tuple[list[SavedState], dict[tuple[str, str], int]]:
+        states = [
+            SavedState(rule_id, device_id, bool(active), last_fired)
+            for rule_id, device_id, active, last_fired in self._db.execute("SELECT * FROM rule_state")
+        ]
+        seen = {(t, d): ts for t, d, ts in self._db.execute("SELECT * FROM last_seen")}
+        return states, seen
+
+    def close(self) -> None:
+        self._db.close()
