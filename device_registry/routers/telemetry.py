@@ -31,6 +31,7 @@ from device_registry.telemetry import query, service
 from device_registry.telemetry.deps import InfluxDep, influx_lifespan
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.influx import InfluxError
+from iotfleet.topics import check_device_id
 
 router = APIRouter(tags=["telemetry"], responses=PROBLEM_RESPONSES, lifespan=influx_lifespan)
 
@@ -201,6 +202,12 @@ def _checked(func_: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 
 async def _device_type(session: SessionDep, device_id: str) -> DeviceType:
+    try:
+        check_device_id(device_id)
+    except ValueError:
+        # Such an id cannot have been provisioned; checked before the DB sees it (a NUL
+        # byte, for one, is an error in PostgreSQL, not just a miss).
+        raise NotFound("device", device_id) from None
     device = await session.get(Device, device_id)
     if device is None:
         raise NotFound("device", device_id)

@@ -63,15 +63,16 @@ META_FIELDS = ("seq",)
 DEVICE_TAG = "device_id"
 DEADLETTER_MEASUREMENT = "deadletters"
 
-_TAG_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_TAG_KEY_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+"""Tag keys to group by: the registry's tag-key alphabet (quoted in the query all the same)."""
 _DURATION_RE = re.compile(r"^([0-9]{1,9})(ms|s|m|h|d|w)$")
 _UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 # RFC 3339 date-time with a mandatory offset. A space in the sign position is a '+'
 # that was not percent-encoded in the query string ("…T14:00:00+02:00" arrives as
 # "…T14:00:00 02:00"): that is unambiguous, so it is accepted rather than rejected.
 _RFC3339_RE = re.compile(
-    r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<frac>\d{1,9}))?"
-    r"(?P<tz>[Zz]|[+\- ]\d{2}:\d{2})$"
+    r"^(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ](?P<time>[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.(?P<frac>[0-9]{1,9}))?"
+    r"(?P<tz>[Zz]|[+\- ][0-9]{2}:[0-9]{2})$"
 )
 _DIGITS_RE = re.compile(r"^[0-9]+$")
 _RELATIVE_RE = re.compile(r"^(?:now)?(?:-(?P<ago>[0-9]{1,9}(?:ms|s|m|h|d|w)))?$")
@@ -157,7 +158,8 @@ def parse_fields(
     items: list[str] = []
     values = [raw] if isinstance(raw, str) else list(raw or [])
     for value in values:
-        items.extend(part.strip() for part in value.split(",") if part.strip())
+        # Only spaces are trimmed: a newline or other control character makes the name unknown (422).
+        items.extend(part.strip(" ") for part in value.split(",") if part.strip(" "))
     if not items:
         return list(default if default is not None else device_type.fields)
     unknown = [name for name in items if name not in kinds]
@@ -175,7 +177,7 @@ def parse_fields(
 
 def parse_duration_ms(text: str, *, param: str) -> int:
     """``90s``, ``1m``, ``6h``, ``1d``, ``2w``, ``500ms`` → milliseconds."""
-    match = _DURATION_RE.fullmatch(text.strip())
+    match = _DURATION_RE.fullmatch(text.strip(" "))
     if not match:
         raise QueryError(
             f"invalid duration {text[:40]!r}: a positive integer and a unit (ms, s, m, h, d, w), e.g. 1m",
@@ -204,7 +206,7 @@ def parse_time(text: str, *, param: str, now_ms: int) -> int:
     ``-1h`` / ``now-15m``. A time without an offset is refused: guessing the
     server's zone would silently shift the range.
     """
-    value = text.strip()
+    value = text.strip(" ")
     if not value:
         raise QueryError(f"{param} is empty", param=param)
     if _DIGITS_RE.fullmatch(value):
@@ -224,7 +226,7 @@ def parse_time(text: str, *, param: str, now_ms: int) -> int:
         return now_ms - (parse_duration_ms(ago, param=param) if ago else 0)
     match = _RFC3339_RE.fullmatch(value)
     if not match:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?", value):
+        if re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?", value):
             raise QueryError(
                 f"{param} {value!r} has no UTC offset; add 'Z' or e.g. '+02:00' (RFC 3339)", param=param
             )
@@ -320,7 +322,7 @@ E = TypeVar("E", bound=StrEnum)
 
 def parse_enum(cls: type[E], value: str, *, param: str) -> E:
     try:
-        return cls(value.strip().lower())
+        return cls(value.strip(" ").lower())
     except ValueError:
         allowed = "|".join(member.value for member in cls)
         raise QueryError(f"invalid {param} {value[:40]!r}; one of {allowed}", param=param) from None
@@ -344,7 +346,11 @@ def suggest_every(span_ms: int, max_buckets: int) -> str:
         ms = parse_duration_ms(nice, param="every")
         if ms >= needed and bucket_count(TimeRange(0, span_ms), ms) <= max_buckets:
             return nice
-    return format_duration(max(needed, MIN_EVERY_MS))
+    # Beyond the list: whole days, enough of them for the budget.
+    days = max(1, math.ceil(needed / _UNIT_MS["d"]))
+    while bucket_count(TimeRange(0, span_ms), days * _UNIT_MS["d"]) > max_buckets:
+        days += 1
+    return format_duration(days * _UNIT_MS["d"])
 
 
 def bucket_count(time_range: TimeRange, every_ms: int) -> int:
@@ -535,16 +541,17 @@ def aggregate_statement(
 
 def parse_group_by(value: str | None) -> str | None:
     """None (one series for the whole type), ``device`` (per device id) or a tag key."""
-    if value is None or value.strip() in ("", "none"):
+    if value is None or value.strip(" ") in ("", "none"):
         return None
-    text = value.strip()
+    text = value.strip(" ")
     if text in ("device", DEVICE_TAG):
         return DEVICE_TAG
     if text.startswith("tag:"):
         text = text[4:]
     if not _TAG_KEY_RE.fullmatch(text) or text == "time":
         raise QueryError(
-            f"invalid group_by {value[:40]!r}: 'device', 'none' or a tag key (letters, digits, '_')",
+            f"invalid group_by {value[:40]!r}: 'device', 'none' or a tag key"
+            " (letters, digits, '_', '.', ':', '-')",
             param="group_by",
         )
     return text
