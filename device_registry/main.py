@@ -115,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
         broker.on_connected = on_admin_connected
         broker.start()
         presence.start()
-        if await broker.wait_connected(within_s=5.0):
+        if await broker.wait_connected(within_s=2.0):
             lifecycle.ready(
                 port=settings.registry.port,
                 startup_s=round(time.monotonic() - started, 2),

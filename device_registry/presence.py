@@ -55,6 +55,7 @@ class Presence:
         # device id → (online, epoch seconds, retained) of its latest status message
         self._status: dict[str, tuple[bool, float, bool]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self.link = MqttLink(
             settings,
             "presence",
@@ -97,13 +98,12 @@ class Presence:
 
     async def stop(self) -> None:
         self.link.stop()
+        # Let a flush in progress finish (cancelling it mid-transaction would leave
+        # SQLite locked for the final flush), then write what is left.
+        self._stop.set()
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self.flush()  # what was seen before the stop is not lost
+            await self._task
+        await self.flush()
 
     # Runs on paho's network thread: keep it to a split and a dict assignment.
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
@@ -128,8 +128,12 @@ class Presence:
             self._seen[device_id] = now
 
     async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.flush_interval_s)
+        while not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._stop.wait(), self.flush_interval_s)
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.flush()
             except Exception as exc:  # the DB may be briefly away: keep the data, retry next tick
@@ -164,6 +168,7 @@ class Presence:
         went_offline: list[dict[str, Any]] = []
         for device_id, (online, at, _retained) in status.items():
             (came_online if online else went_offline).append({"b_id": device_id, "b_ts": _ts(at)})
+        # updated_at=updated_at: presence is not an operator change (the column's onupdate would bump it).
         async with self.sessions() as session:
             if came_online:
                 # connected_since is kept when the device was already online (e.g. the
@@ -171,17 +176,21 @@ class Presence:
                 await session.execute(
                     update(table)
                     .where(and_(c.id == bindparam("b_id"), c.online.is_(False)))
-                    .values(online=True, connected_since=bindparam("b_ts")),
+                    .values(online=True, connected_since=bindparam("b_ts"), updated_at=c.updated_at),
                     came_online,
                 )
             if went_offline:
                 await session.execute(
-                    update(table).where(c.id == bindparam("b_id")).values(online=False, connected_since=None),
+                    update(table)
+                    .where(c.id == bindparam("b_id"))
+                    .values(online=False, connected_since=None, updated_at=c.updated_at),
                     went_offline,
                 )
             if seen:
                 await session.execute(
-                    update(table).where(c.id == bindparam("b_id")).values(last_seen=bindparam("b_ts")),
+                    update(table)
+                    .where(c.id == bindparam("b_id"))
+                    .values(last_seen=bindparam("b_ts"), updated_at=c.updated_at),
                     [{"b_id": device_id, "b_ts": _ts(at)} for device_id, at in seen.items()],
                 )
             await session.commit()

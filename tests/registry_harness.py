@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -272,3 +273,82 @@ def admin_listener(broker: Broker, topic: str) -> DeviceClient:
     listener.connect()
     assert not listener.subscribe(topic).is_failure
     return listener
+
+
+# --- the registry as a real process (kill -9 tests) ----------------------------------------------
+
+
+@dataclass
+class RegistryProcess:
+    """``python -m device_registry.main`` with the env the stack supervisor gives it."""
+
+    broker: Broker
+    state_dir: Path
+    database_url: str | None = None
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "IOTFLEET_STATE_DIR": str(self.state_dir),
+                "IOTFLEET_MQTT__HOST": self.broker.host,
+                "IOTFLEET_MQTT__PORT": str(self.broker.port),
+                "IOTFLEET_MQTT__USERNAME": "iotfleet-registry",
+                "IOTFLEET_MQTT__PASSWORD": self.broker.passwords["iotfleet-registry"],
+                "IOTFLEET_REGISTRY__HOST": "127.0.0.1",
+                "IOTFLEET_REGISTRY__PORT": str(self.port),
+                "IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+            }
+        )
+        if self.database_url:
+            env["IOTFLEET_REGISTRY__DATABASE_URL"] = self.database_url
+        return env
+
+    def start(self) -> RegistryProcess:
+        self.port = self.port or probes.free_port()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / "registry.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "device_registry.main"],
+                env=self.env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        probes.wait_until(self._ready, timeout=30, what="registry /healthz")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"registry exited {self.proc.returncode}:\n{self.log_tail()}")
+        return probes.http_ok(f"{self.url}/healthz")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()  # SIGKILL: no shutdown code runs
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join((self.state_dir / "registry.log").read_text().splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
