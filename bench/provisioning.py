@@ -21,6 +21,8 @@ import os
 import platform
 import re
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -135,13 +137,17 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
+    # SIGTERM runs the finally below (stops the broker and registry we started).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = Path(tempfile.mkdtemp(prefix="iotfleet-bench-prov-"))
-    broker = Broker(work / "mosquitto").start()
+    broker = Broker(work / "mosquitto")
     admin_key = "ifk_bench-" + secrets.token_urlsafe(16)
-    proc, url = start_registry(broker, work / "registry", admin_key)
-    headers = {"Authorization": f"Bearer {admin_key}"}
+    proc: subprocess.Popen[bytes] | None = None
     results: dict[str, object] = {"devices": args.devices}
     try:
+        broker.start()
+        proc, url = start_registry(broker, work / "registry", admin_key)
+        headers = {"Authorization": f"Bearer {admin_key}"}
         with httpx.Client(base_url=url, headers=headers, timeout=3600) as http:
             body = {"devices": [{"type": "thermostat", "tags": {"bench": "1"}} for _ in range(args.devices)]}
             started = time.perf_counter()
@@ -193,9 +199,11 @@ def main() -> None:
             results["healthz"] = health["status"]
             print(json.dumps(results, indent=2))
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
     if args.write_docs:
         write_docs(results, args)
 

@@ -34,8 +34,14 @@ log = logging.getLogger("registry.broker")
 DEVICE_TEXTNAME = "iotfleet device"
 """textname of every client the registry creates: marks the broker clients it owns."""
 
-DEFAULT_CHUNK = 500
-"""Commands per control message: big enough to save round trips, small enough to see progress."""
+MAX_CHUNK = 500
+"""Most commands per control message."""
+TARGET_MESSAGE_S = 1.0
+"""How long one control message may keep the broker busy. Mosquitto 2.0's dynsec
+rewrites its whole JSON file after every changing command, on the broker's only
+thread: with 10,000 devices one rewrite takes ~0.1 s, so 500 commands in one
+message would stall every client for a minute (keepalives expire, sessions
+drop). The chunk size adapts to keep each message near this bound."""
 
 
 class BrokerError(Exception):
@@ -135,6 +141,9 @@ class BrokerAdmin:
         )
         self.commands_sent = 0
         self.last_batch_s = 0.0
+        # Start small: a registry restarted next to a broker holding 10,000 devices
+        # must not stall it with its first message; it doubles while messages are fast.
+        self._chunk = 16
 
     @property
     def connected(self) -> bool:
@@ -195,18 +204,28 @@ class BrokerAdmin:
             raise BrokerError(f"dynsec answered {len(responses)} of {len(commands)} commands")
         return responses
 
-    async def execute(
-        self, commands: Iterable[dict[str, Any]], *, chunk: int = DEFAULT_CHUNK
-    ) -> list[dict[str, Any]]:
-        """Run commands in control messages of ``chunk`` commands; one response per command."""
+    async def execute(self, commands: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run commands in as few control messages as the broker bears; one response per command."""
         pending = list(commands)
         out: list[dict[str, Any]] = []
         # One batch at a time: dynsec applies a message's commands in order, and
         # interleaving two requests' batches would make failures hard to undo.
         async with self._lock:
-            for start in range(0, len(pending), chunk):
-                out.extend(await self._send(pending[start : start + chunk]))
+            start = 0
+            while start < len(pending):
+                batch = pending[start : start + self._chunk]
+                started = time.monotonic()
+                out.extend(await self._send(batch))
+                start += len(batch)
+                self._adapt(len(batch), time.monotonic() - started)
         return out
+
+    def _adapt(self, size: int, elapsed: float) -> None:
+        """Size the next message so that it keeps the broker busy about TARGET_MESSAGE_S."""
+        if elapsed > TARGET_MESSAGE_S:
+            self._chunk = max(1, int(size * TARGET_MESSAGE_S / elapsed))
+        elif elapsed < TARGET_MESSAGE_S / 2 and size >= self._chunk:
+            self._chunk = min(MAX_CHUNK, self._chunk * 2)
 
     async def run(self, commands: Iterable[dict[str, Any]], *, tolerate: Iterable[str] = ()) -> None:
         """Execute and raise DynsecCommandError for the first error not in ``tolerate``."""
