@@ -124,10 +124,10 @@ class DeviceFaults:
         "malformed",
         "out_of_order",
         "out_of_range",
+        "reconnect_storm",
         "skew_ms",
         "slow_ack_s",
         "spike",
-        "storm",
         "stuck",
         "stuck_values",
     )
@@ -142,7 +142,7 @@ class DeviceFaults:
         self.duplicate: FaultSpec | None = None
         self.out_of_order: FaultSpec | None = None
         self.disconnect: FaultSpec | None = None
-        self.storm: FaultSpec | None = None
+        self.reconnect_storm: FaultSpec | None = None
         self.ignore_commands = False
         self.slow_ack_s = 0.0
 

@@ -466,8 +466,8 @@ class SimDevice(mqtt.MqttHandler):
         faults = self.faults
         if faults is not None:
             reading, ts = self._fault_reading(faults, reading, ts, seq, fleet.elapsed())
-        reading["ts"] = ts
-        reading["seq"] = seq
+        # ts and seq first: a truncated (malformed) payload still tells which reading it was.
+        reading = {"ts": ts, "seq": seq, **reading}
         size = fleet.config.batch
         if size > 1:
             batch = self.batch
@@ -735,7 +735,7 @@ class Fleet:
             faults = device.faults
             if faults is None:
                 continue
-            for spec in (faults.disconnect, faults.storm):
+            for spec in (faults.disconnect, faults.reconnect_storm):
                 if spec is not None:
                     by_spec.setdefault(id(spec), (spec, []))[1].append(device)
         for spec, members in by_spec.values():

@@ -317,13 +317,15 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
             if commander is not None:
                 await commander
         ended_wall = time.time()
-        # Dead letters trail the readings by the ingest's batch age: wait for the expected ones.
+        # Dead letters trail the readings by the ingest's batch age: wait for the expected ones,
+        # but not long when none come at all (no ingest running) or they stop coming.
         if observer is not None:
             expected_rejects = sum(len(o["rejected"]) for o in outcomes)
-            deadline = time.monotonic() + 10.0
-            while observer.stats.dead_letters < expected_rejects and time.monotonic() < deadline:
-                display.refresh("waiting for dead letters")
-                await asyncio.sleep(0.2)
+            await _settle(
+                lambda: observer.stats.dead_letters,
+                expected_rejects,
+                lambda: display.refresh("waiting for dead letters"),
+            )
         verify_result: verifying.VerifyResult | None = None
         verify_error: str | None = None
         if scenario.verify:
@@ -369,6 +371,21 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
         plan.report_path.parent.mkdir(parents=True, exist_ok=True)
         plan.report_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return report
+
+
+async def _settle(
+    count: Callable[[], int], target: int, tick: Callable[[], None], quiet_s: float = 3.0
+) -> None:
+    """Wait until ``count()`` reaches ``target`` or has not moved for ``quiet_s`` (at most 15 s)."""
+    started = last_change = time.monotonic()
+    last = count()
+    while count() < target and time.monotonic() - started < 15.0:
+        tick()
+        await asyncio.sleep(0.2)
+        if count() != last:
+            last, last_change = count(), time.monotonic()
+        elif time.monotonic() - last_change > quiet_s:
+            return
 
 
 def build_report(

@@ -156,7 +156,13 @@ class InfluxSource:
                     f'SELECT "seq" FROM {rp}.{quote_identifier(device_type)} '
                     f'WHERE time >= {start_ms}ms AND time <= {end_ms}ms GROUP BY "device_id"'
                 )
-                for row in series_rows(await client.query(statement)):
+                try:
+                    results = await client.query(statement)
+                except InfluxError as exc:
+                    if "database not found" in str(exc):
+                        return out  # nothing was ever written there: everything is missing
+                    raise
+                for row in series_rows(results):
                     device_id = row.get("device_id")
                     seq = row.get("seq")
                     if isinstance(device_id, str) and device_id in wanted and isinstance(seq, int | float):
