@@ -1,0 +1,152 @@
+"""Scenarios, fault specs, the CLI's flag parsing, provisioning files and verification maths."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from iotfleet.errors import ConfigError
+from simulators import cli
+from simulators.faults import FaultKind, FaultSpec, assign_faults
+from simulators.fleet import DeviceCredentials
+from simulators.provisioning import (
+    ProvisioningError,
+    load_credentials,
+    missing_counts,
+    save_credentials,
+    select,
+    spread,
+)
+from simulators.scenario import SCENARIO_DIR, Scenario, load_scenario, parse_duration
+from simulators.verify import check_device, summarize
+
+
+def test_durations() -> None:
+    assert parse_duration(90) == 90.0
+    assert parse_duration("90") == 90.0
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("5m") == 300.0
+    assert parse_duration("1.5h") == 5400.0
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration("soon")
+
+
+def test_bundled_scenarios_load() -> None:
+    for path in SCENARIO_DIR.glob("*.yaml"):
+        scenario = load_scenario(path)
+        assert scenario.counts()
+    demo = load_scenario(SCENARIO_DIR / "demo.yaml")
+    assert demo.counts() == {"thermostat": 10, "air_quality": 10, "smart_plug": 10, "gps_tracker": 10}
+    assert {f.kind for f in demo.faults} >= {FaultKind.OUT_OF_RANGE, FaultKind.DISCONNECT}
+
+
+def test_scenario_errors_name_the_problem(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("types: {toaster: 3}\nfaults: [{kind: malformed}]\n")
+    with pytest.raises(ConfigError) as info:
+        load_scenario(path)
+    assert "toaster" in str(info.value) and "faults.0" in str(info.value)
+    with pytest.raises(ConfigError, match="not found"):
+        load_scenario(tmp_path / "missing.yaml")
+
+
+def test_counts_spread_and_scale() -> None:
+    assert spread(10) == {"thermostat": 3, "air_quality": 3, "smart_plug": 2, "gps_tracker": 2}
+    assert Scenario(devices=7).counts() == spread(7)
+    scaled = Scenario(types={"thermostat": 10, "smart_plug": 30}, devices=8).counts()
+    assert scaled == {"thermostat": 2, "smart_plug": 6}
+    assert (
+        sum(
+            Scenario(types={"thermostat": 1, "smart_plug": 1, "gps_tracker": 1}, devices=100)
+            .counts()
+            .values()
+        )
+        == 100
+    )
+
+
+def test_cli_flags_override_the_scenario() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--scenario",
+            str(SCENARIO_DIR / "demo.yaml"),
+            "--devices",
+            "8",
+            "--duration",
+            "30s",
+            "--fault",
+            "malformed:0.5,probability=0.2",
+            "--fault",
+            "disconnect,devices=a+b,every_s=10",
+        ]
+    )
+    scenario = cli.build_scenario(args)
+    assert sum(scenario.counts().values()) == 8
+    assert scenario.duration == 30.0 and scenario.interval == 5.0
+    extra = scenario.faults[-2:]
+    assert extra[0].kind == FaultKind.MALFORMED and extra[0].fraction == 0.5 and extra[0].rate == 0.2
+    assert extra[1].devices == ["a", "b"] and extra[1].every_s == 10
+
+
+def test_bad_fault_flag_is_a_clear_error() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="kinds: malformed"):
+        cli.parse_fault("meltdown:0.1")
+    with pytest.raises(argparse.ArgumentTypeError, match="fraction"):
+        cli.parse_fault("malformed")
+
+
+def test_fault_selection_is_deterministic_and_proportional() -> None:
+    devices = [(f"d{i}", "thermostat" if i % 2 else "smart_plug") for i in range(2_000)]
+    specs = [
+        FaultSpec(kind="stuck", fraction=0.1),
+        FaultSpec(kind="malformed", fraction=0.5, types=["thermostat"]),
+    ]
+    first = assign_faults(devices, specs, seed=1)
+    again = assign_faults(devices, specs, seed=1)
+    assert {k: v.kinds() for k, v in first.items()} == {k: v.kinds() for k, v in again.items()}
+    stuck = sum(1 for f in first.values() if f.stuck is not None)
+    malformed = [k for k, f in first.items() if f.malformed is not None]
+    assert 150 < stuck < 250
+    assert 400 < len(malformed) < 600
+    assert all(int(k[1:]) % 2 == 1 for k in malformed)  # thermostats only
+    with pytest.raises(ValueError, match="not in the fleet"):
+        assign_faults(devices, [FaultSpec(kind="stuck", devices=["nope"])], seed=1)
+
+
+def test_credentials_file_round_trip_and_selection(tmp_path: Path) -> None:
+    creds = [
+        DeviceCredentials(f"d{i}", "thermostat" if i < 3 else "smart_plug", f"d{i}", "pw", f"d{i}")
+        for i in range(5)
+    ]
+    path = tmp_path / "c.json"
+    save_credentials(path, creds)
+    assert path.stat().st_mode & 0o777 == 0o600
+    loaded = load_credentials(path)
+    assert loaded == creds
+    assert [c.id for c in select(loaded, {"thermostat": 2, "smart_plug": 1})] == ["d0", "d1", "d3"]
+    assert missing_counts(loaded, {"thermostat": 5, "gps_tracker": 1}) == {"thermostat": 2, "gps_tracker": 1}
+    path.write_text("{}")
+    with pytest.raises(ProvisioningError, match="format"):
+        load_credentials(path)
+
+
+def test_verify_maths() -> None:
+    outcome = {
+        "id": "d",
+        "type": "thermostat",
+        "seqs": 10,
+        "rejected": [3],
+        "dropped": [9],
+        "unacked": [8],
+        "faults": [],
+    }
+    check = check_device(outcome, [0, 1, 2, 4, 5, 5, 6, 3])
+    assert check.expected == 8  # 0..9 minus rejected 3 minus dropped 9
+    assert check.missing == [7, 8] and check.missing_unacked == [8]
+    assert check.duplicates == [5] and check.stored_despite_fault == [3]
+    result = summarize("test", [check], 0.0)
+    assert not result.ok and result.samples[0]["missing"] == "7-8"
