@@ -84,6 +84,12 @@ class IngestSettings(BaseModel):
     transport: Literal["fast", "paho"] = Field(
         "fast", description="MQTT receive path: the asyncio one of telemetry_ingest or paho-mqtt's"
     )
+    shared_subscription: bool = Field(
+        True,
+        description="Subscribe via $share/ingest-{type}/ so replicas split the load. Mosquitto 2.0 does not"
+        " restore shared subscriptions after a broker restart (non-shared ones survive): a single-replica"
+        " deployment that must not depend on devices resending after PUBACK 0x10 can turn this off",
+    )
     write_concurrency: int = Field(2, ge=1, le=16, description="InfluxDB writes in flight at once")
     deadletter_payload_chars: int = Field(
         1024, ge=0, description="Characters of the original payload kept in a dead letter"

@@ -54,7 +54,9 @@ class IngestService:
         if device_type is not None:
             LineEncoder(device_type, settings.ingest.extra_tags)  # fail fast on a bad extra tag
             group = ingest_group(device_type.name)
-            topic_filter = shared_filter(group, device_filter(Channel.TELEMETRY, device_type.name))
+            topic_filter = device_filter(Channel.TELEMETRY, device_type.name)
+            if settings.ingest.shared_subscription:
+                topic_filter = shared_filter(group, topic_filter)
             qos = 1
         else:
             group = CATCH_ALL_GROUP

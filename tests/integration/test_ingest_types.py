@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-
-import time
 
 import orjson
 import pytest
@@ -81,6 +80,7 @@ def test_every_catalogue_type_has_a_case() -> None:
 @pytest.mark.parametrize("type_name", list(DEVICE_TYPES))
 def test_readings_land_with_measurement_tags_fields_types_and_device_time(
     type_name: str,
+    *,
     broker: Broker,
     influxd: Influxd,
     database: str,

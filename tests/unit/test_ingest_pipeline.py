@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import orjson
 import pytest
@@ -92,9 +93,10 @@ def make(**overrides: object) -> tuple[Pipeline, FakeTransport, ScriptedWriter]:
     return pipe, transport, writer
 
 
-async def until(check: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():  # type: ignore[operator]
+async def until(check: Callable[[], object]) -> None:
+    """Poll a condition on the fakes (they have no events to wait on), for at most 5 s."""
+    async with asyncio.timeout(5.0):
+        while not check():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 

@@ -1,0 +1,187 @@
+"""Nothing acknowledged is lost, and everything is stored exactly once, through crashes and outages.
+
+Each test streams 20,000 QoS 1 readings (10 devices x 2,000, ts = base + seq) and
+breaks something in the middle; afterwards the stored ``seq`` values of every
+device must be exactly 0..1999 (no gap, no duplicate). The ingest runs as a
+real subprocess; the broker and InfluxDB are real processes of the test's own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Broker, Influxd
+from tests.ingest_support import (
+    IngestProcess,
+    Publisher,
+    StreamPublisher,
+    provision_publisher,
+    stored_count,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEVICES = 10
+PER_DEVICE = 2_000
+RATE = 5_000  # readings/s: the stream lasts ~4 s, so there is a "middle" to break things in
+
+
+def stream(
+    broker: Broker, uid: Callable[[str], str], *, persistent: bool = False, resend_unrouted: bool = False
+) -> StreamPublisher:
+    devices = [uid(f"d{i}") for i in range(DEVICES)]
+    user, password = provision_publisher(broker, "thermostat", devices)
+    publisher = Publisher(
+        broker, user, password, persistent=persistent, resend_unrouted=resend_unrouted
+    ).connect()
+    return StreamPublisher(publisher, devices, PER_DEVICE, RATE)
+
+
+def wait_stored(influxd: Influxd, database: str, at_least: int, timeout: float) -> None:
+    wait_for(
+        lambda: stored_count(influxd, database, "thermostat") >= at_least,
+        timeout=timeout,
+        what=f"{at_least} readings stored",
+        interval=0.02,
+    )
+
+
+def test_kill_9_mid_stream_then_restart_loses_nothing(
+    fresh_broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    ingest = IngestProcess(fresh_broker, influxd, database, tmp_path).start()
+    ingest.wait_healthy()
+    publisher = stream(fresh_broker, uid)
+    publisher.start()
+    wait_stored(influxd, database, 5_000, timeout=30)
+    ingest.kill9()  # no flush, no ack of the last batches: the broker keeps them unacked
+    at_kill = stored_count(influxd, database, "thermostat")
+    assert at_kill < publisher.total, "the stream was over before the kill"
+    restarted = IngestProcess(fresh_broker, influxd, database, tmp_path).start()  # same replica, same session
+    restarted.wait_healthy()
+    publisher.join(timeout=30)
+    publisher.publisher.wait_acked(publisher.total)
+    wait_stored(influxd, database, publisher.total, timeout=60)
+    publisher.assert_stored_exactly_once(influxd, database)
+    assert restarted.terminate() == 0
+    publisher.publisher.close()
+
+
+def test_influxdb_down_20_s_mid_stream_loses_nothing(
+    broker: Broker, fresh_influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    ingest = IngestProcess(
+        broker,
+        fresh_influxd,
+        database,
+        tmp_path,
+        replica=uid("r"),
+        extra_env={"IOTFLEET_INGEST__BUFFER_MAX_READINGS": "5000"},
+    ).start()
+    try:
+        ingest.wait_healthy()
+        publisher = stream(broker, uid)
+        publisher.start()
+        wait_stored(fresh_influxd, database, 5_000, timeout=30)
+        fresh_influxd.stop()
+        down_since = time.monotonic()
+        # The outage itself is the test's subject (20 s, as the issue requires); meanwhile the
+        # service must say it is degraded and hold at most its bounded buffer.
+        max_buffer = 0
+        saw_degraded = False
+        while time.monotonic() - down_since < 20:
+            health = ingest.health()
+            assert health is not None, ingest.log_tail()
+            if health["http_status"] == 503 and not health["influx_reachable"]:
+                saw_degraded = True
+            max_buffer = max(max_buffer, health["buffer_readings"])
+            time.sleep(0.2)
+        assert saw_degraded
+        # bounded: the buffer bound plus what one socket read can bring in before reading pauses
+        assert 0 < max_buffer <= 5_000 + 3_000, max_buffer
+        fresh_influxd.start()
+        publisher.join(timeout=30)
+        publisher.publisher.wait_acked(publisher.total)
+        wait_stored(fresh_influxd, database, publisher.total, timeout=60)
+        publisher.assert_stored_exactly_once(fresh_influxd, database)
+        ingest.wait_healthy()
+        assert ingest.metric("iotfleet_ingest_write_errors_total", kind="retryable") > 0
+        publisher.publisher.close()
+    finally:
+        assert ingest.terminate() == 0, ingest.log_tail()
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        pytest.param(True, id="shared-subscription+device-resends-0x10"),
+        pytest.param(False, id="single-replica-non-shared-subscription"),
+    ],
+)
+def test_broker_restart_mid_stream_loses_nothing(
+    shared: bool,
+    *,
+    fresh_broker: Broker,
+    influxd: Influxd,
+    database: str,
+    tmp_path: Path,
+    uid: Callable[[str], str],
+) -> None:
+    """Mosquitto 2.0 saves sessions and queues on SIGTERM but does not restore *shared*
+    subscriptions: until the ingest has reconnected and subscribed again, a publish matches
+    no subscriber and gets PUBACK 0x10. With a shared subscription the device must resend
+    those (the contract in docs); a single replica can use a non-shared subscription, which
+    the broker restores, and then needs nothing from the device."""
+    ingest = IngestProcess(
+        fresh_broker,
+        influxd,
+        database,
+        tmp_path,
+        extra_env={"IOTFLEET_INGEST__SHARED_SUBSCRIPTION": str(shared).lower()},
+    ).start()
+    try:
+        ingest.wait_healthy()
+        # persistent: the publisher's in-flight messages are resent after the restart
+        publisher = stream(fresh_broker, uid, persistent=True, resend_unrouted=shared)
+        publisher.start()
+        wait_stored(influxd, database, 5_000, timeout=30)
+        fresh_broker.restart()  # SIGTERM: mosquitto saves sessions and queues, then starts again
+        assert stored_count(influxd, database, "thermostat") < publisher.total, "stream over before restart"
+        publisher.join(timeout=60)
+        publisher.publisher.wait_acked(publisher.total)
+        wait_stored(influxd, database, publisher.total, timeout=60)
+        publisher.assert_stored_exactly_once(influxd, database)
+        ingest.wait_healthy()
+        publisher.publisher.close()
+    finally:
+        assert ingest.terminate() == 0, ingest.log_tail()
+
+
+def test_two_replicas_split_the_stream_and_the_union_is_complete(
+    fresh_broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    replicas = [
+        IngestProcess(fresh_broker, influxd, database, tmp_path / name, replica=name).start()
+        for name in ("a", "b")
+    ]
+    try:
+        for replica in replicas:
+            replica.wait_healthy()
+        publisher = stream(fresh_broker, uid)
+        publisher.start()
+        publisher.join(timeout=30)
+        publisher.publisher.wait_acked(publisher.total)
+        wait_stored(influxd, database, publisher.total, timeout=60)
+        publisher.assert_stored_exactly_once(influxd, database)
+        shares = [r.metric("iotfleet_ingest_stored_readings_total") for r in replicas]
+        assert all(share > 0 for share in shares), shares
+        assert sum(shares) == publisher.total, shares  # split, not duplicated
+        publisher.publisher.close()
+    finally:
+        for replica in replicas:
+            assert replica.terminate() == 0, replica.log_tail()
