@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import orjson
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
@@ -41,8 +42,8 @@ from iotfleet.settings import Settings
 from iotfleet.topics import Channel
 from rules_engine import wire
 from rules_engine.evaluator import Evaluator, Firing
-from rules_engine.models import CommandAction, StoredRule, duration_ms
-from rules_engine.sources import DeviceEntry, Directory, RuleSource, SourceError
+from rules_engine.models import CommandAction, StoredRule, duration_ms, rule_definition
+from rules_engine.sources import DeviceEntry, Directory, RuleSource, SourceError, parse_rules
 from rules_engine.store import StateStore
 
 log = logging.getLogger("rules-engine")
@@ -109,6 +110,7 @@ class RulesEngine:
         self._mid_lock = threading.Lock()
         self._pending_sent: dict[int, str] = {}
         self._was_connected = False
+        self._cached: bytes | None = None
         self.subscribed = threading.Event()
         self._reload_thread = threading.Thread(target=self._reload_loop, name="rules-reload", daemon=True)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -356,11 +358,40 @@ class RulesEngine:
             self.last_reload_error = str(exc)
             return False
         self.apply(rules, devices)
+        self._cache(rules, devices)
         self.metrics.reloads.labels("ok").inc()
         if self.last_reload_error is not None:
             self.lifecycle.recovered("rules source reachable again")
         self.last_reload_error = None
         return True
+
+    def _cache(self, rules: list[StoredRule], devices: list[DeviceEntry] | None) -> None:
+        body = orjson.dumps(
+            {
+                "rules": [{**rule_definition(r), "id": r.id, "version": r.version} for r in rules],
+                "devices": None
+                if devices is None
+                else [{"type": d.device_type, "id": d.device_id, "tags": dict(d.tags)} for d in devices],
+            }
+        )
+        if body != self._cached:
+            self.store.save_rules(body)
+            self._cached = body
+
+    def _load_cache(self) -> None:
+        body = self.store.load_rules()
+        if body is None:
+            return
+        self._cached = body
+        data = orjson.loads(body)
+        devices = data.get("devices")
+        self.apply(
+            parse_rules(data.get("rules", [])),
+            None
+            if devices is None
+            else [DeviceEntry(d["type"], d["id"], d.get("tags") or {}) for d in devices],
+        )
+        log.info("rules restored from the state store until the source answers")
 
     def apply(self, rules: list[StoredRule], devices: list[DeviceEntry] | None) -> None:
         conditions = [r for r in rules if r.when is not None]
@@ -448,6 +479,7 @@ class RulesEngine:
     def start(self) -> None:
         saved, last_seen = self.store.load()
         self.evaluator.restore(saved, last_seen)
+        self._load_cache()
         self.scheduler.start()
         self.scheduler.add_job(
             self.tick,
@@ -482,7 +514,7 @@ class RulesEngine:
 
     def health(self) -> dict[str, Any]:
         connected = self.client.is_connected()
-        ok = connected and self.subscribed.is_set() and self.rules_loaded
+        ok = connected and self.subscribed.is_set() and self.rules_loaded and self.last_reload_error is None
         return {
             "status": "ok" if ok else "degraded",
             "mqtt_connected": connected,

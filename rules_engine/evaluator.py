@@ -291,7 +291,7 @@ class Program:
         self.device_ids = frozenset(rule.scope.device_ids) if rule.scope.device_ids else None
         self.tags = dict(rule.scope.tags or {})
         self.clocked = self.when.clocked or (self.clear is not None and self.clear.clocked)
-        self.presence = _uses_presence(self.when) or (self.clear is not None and _uses_presence(self.clear))
+        self.presence = uses_presence(self.when) or (self.clear is not None and uses_presence(self.clear))
         # Slots are assigned on the first new_state; every state then has the same layout.
         self._template: list[Any] | None = None
 
@@ -353,11 +353,11 @@ class Program:
         )
 
 
-def _uses_presence(node: Node) -> bool:
+def uses_presence(node: Node) -> bool:
     if isinstance(node, PresenceNode):
         return True
     if isinstance(node, CompositeNode):
-        return any(_uses_presence(c) for c in node.children)
+        return any(uses_presence(c) for c in node.children)
     return False
 
 

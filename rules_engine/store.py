@@ -3,7 +3,8 @@
 Per (rule, device): active or not, and when it last fired (cooldown); per
 device: the newest reading time (absence). Windows and ``for`` timers are not
 kept: they rebuild from the readings the persistent MQTT session delivers.
-Firing transitions are rare, so each one is written when it happens (WAL,
+The last rule set fetched is cached too, so a restart while the registry is
+down evaluates with the rules it had. Firing transitions are rare, so each one is written when it happens (WAL,
 synchronous=NORMAL); last-seen times are flushed on each tick.
 """
 
@@ -19,6 +20,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS rule_state (
     rule_id TEXT NOT NULL, device_id TEXT NOT NULL, active INTEGER NOT NULL, last_fired INTEGER,
     PRIMARY KEY (rule_id, device_id));
+CREATE TABLE IF NOT EXISTS rules_cache (
+    id INTEGER PRIMARY KEY CHECK (id = 1), body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS last_seen (
     device_type TEXT NOT NULL, device_id TEXT NOT NULL, ts INTEGER NOT NULL,
     PRIMARY KEY (device_type, device_id));
@@ -61,6 +64,17 @@ class StateStore:
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def save_rules(self, body: bytes) -> None:
+        """The last rule set and directory fetched: a restart while the registry is down uses them."""
+        self._db.execute(
+            "INSERT INTO rules_cache VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            (body,),
+        )
+
+    def load_rules(self) -> bytes | None:
+        row = self._db.execute("SELECT body FROM rules_cache WHERE id = 1").fetchone()
+        return bytes(row[0]) if row else None
 
     def load(self) -> tuple[list[SavedState], dict[tuple[str, str], int]]:
         states = [

@@ -195,13 +195,64 @@ def engine_settings(broker: Broker, state_dir: Path, **rules: Any) -> Settings:
     )
 
 
-def start_engine(settings: Settings, source: RuleSource | None = None) -> RulesEngine:
-    """An engine in this process, connected and with its rules loaded."""
+def start_engine(
+    settings: Settings, source: RuleSource | None = None, *, require_source: bool = True
+) -> RulesEngine:
+    """An engine in this process, connected and with its rules loaded (from the source, or its cache)."""
     if source is None:
         assert settings.rules.rules_file is not None
         source = FileSource(settings.rules.rules_file)
     store = StateStore(settings.rules.state_file or settings.state_dir / "rules-engine.sqlite")
     engine = RulesEngine(settings, source, store, registry=CollectorRegistry())
     engine.start()
-    wait(lambda: engine.health()["status"] == "ok", "engine connected with rules loaded")
+    if require_source:
+        wait(lambda: engine.health()["status"] == "ok", "engine connected with rules loaded")
+    else:
+        wait(lambda: engine.subscribed.is_set() and engine.rules_loaded, "engine connected with cached rules")
     return engine
+
+
+class RegistryServer:
+    """The registry app served by uvicorn on a free port in a background thread (real HTTP).
+
+    The rules engine fetches rules over HTTP from another thread, so the ASGI
+    in-process transport of the registry tests will not do. ``stop``/``start``
+    again on the same database file is a registry restart.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = settings.registry.port
+        self.server: Any = None
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> RegistryServer:
+        import uvicorn
+
+        from device_registry.main import create_app
+
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="registry", daemon=True)
+        self.thread.start()
+        wait(lambda: self.server.started, "registry serving", timeout=30)
+        return self
+
+    def tracker(self) -> Any:
+        app = self.server.config.loaded_app
+        while not hasattr(app, "state") and hasattr(app, "app"):
+            app = app.app
+        return getattr(app.state, "command_tracker", None)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        self.server = self.thread = None
