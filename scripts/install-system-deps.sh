@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
-# Installs the Debian packages iotfleet runs on (mosquitto, its clients, influxdb),
+# Installs the Debian packages iotfleet runs on (mosquitto, its clients, influxdb,
+# and postgresql, which the registry tests start a throwaway cluster of),
 # only if something is missing. Idempotent; uses sudo when not root.
 set -euo pipefail
 
 DYNSEC=(/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so /usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so)
 have_dynsec() { for f in "${DYNSEC[@]}"; do [ -f "$f" ] && return 0; done; return 1; }
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]; }
+have_initdb() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; }
 
 missing=()
 have mosquitto && have_dynsec || missing+=(mosquitto)
 have mosquitto_pub || missing+=(mosquitto-clients)
 have influxd || missing+=(influxdb)
+have_initdb || missing+=(postgresql)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "==> system packages: mosquitto, mosquitto-clients, influxdb already installed"
+  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql already installed"
   exit 0
 fi
 
@@ -26,10 +29,10 @@ echo "==> installing system packages: ${missing[*]} (apt-get)"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Installing the packages starts their system services on the default ports
-# (1883, 8086, 8088) where systemd runs. iotfleet starts its own broker and
-# InfluxDB; stop and disable the services this install just started.
+# (1883, 8086, 8088, 5432) where systemd runs. iotfleet starts its own broker,
+# InfluxDB and (in tests) PostgreSQL; stop and disable the services this install just started.
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-  for unit in mosquitto influxdb; do
+  for unit in mosquitto influxdb postgresql; do
     if printf '%s\n' "${missing[@]}" | grep -qx "${unit}"; then
       echo "==> disabling the system ${unit} service installed just now (iotfleet runs its own)"
       $SUDO systemctl disable --now "${unit}" >/dev/null 2>&1 || true

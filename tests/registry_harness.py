@@ -32,7 +32,16 @@ from iotfleet.settings import MqttSettings, RegistrySettings, Settings
 from iotfleet.stack import probes
 from tests.harness import Broker
 
-PG_BIN = Path(os.environ.get("IOTFLEET_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _pg_bin() -> Path:
+    """Debian's newest PostgreSQL server binaries (15 on Debian 12), or IOTFLEET_TEST_PG_BIN."""
+    if os.environ.get("IOTFLEET_TEST_PG_BIN"):
+        return Path(os.environ["IOTFLEET_TEST_PG_BIN"])
+    found = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parts[-3].isdigit()]
+    return max(found, key=lambda p: int(p.parts[-2])) if found else Path("/usr/lib/postgresql/15/bin")
+
+
+PG_BIN = _pg_bin()
 ADMIN_KEY = "ifk_test-admin-" + secrets.token_urlsafe(16)
 
 

@@ -100,3 +100,29 @@ async def test_disabled_device_is_kicked_and_refused_until_enabled(
         back = connect_device(broker, dev["id"], password)
         assert not back.connack.is_failure  # type: ignore[union-attr]
         back.close()
+
+
+async def test_rotate_and_delete_kick_the_live_connection(
+    broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    async with running_registry(registry_settings(broker, tmp_path)) as api:
+        dev = (await api.http.post("/api/v1/devices", json={"id": uid("rot"), "type": "thermostat"})).json()
+        old = dev["credentials"]["password"]
+        device = connect_device(broker, dev["id"], old)
+        resp = await api.http.post(f"/api/v1/devices/{dev['id']}/rotate-credentials")
+        assert resp.status_code == 200
+        new = resp.json()["credentials"]["password"]
+        await wait_for(lambda: device.disconnected_at is not None, what="kick on rotate", within=1.0)
+        device.close()
+        refused = connect_device(broker, dev["id"], old)
+        assert refused.connack.value == NOT_AUTHORIZED  # type: ignore[union-attr]
+        refused.close()
+        device = connect_device(broker, dev["id"], new)
+        assert not device.connack.is_failure  # type: ignore[union-attr]
+
+        assert (await api.http.delete(f"/api/v1/devices/{dev['id']}")).status_code == 204
+        await wait_for(lambda: device.disconnected_at is not None, what="kick on delete", within=1.0)
+        device.close()
+        gone = connect_device(broker, dev["id"], new)
+        assert gone.connack.value == NOT_AUTHORIZED  # type: ignore[union-attr]
+        gone.close()
