@@ -7,11 +7,13 @@ so an old registry DB is brought forward before the API serves.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError
@@ -77,11 +79,18 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
-async def run_migrations(engine: AsyncEngine) -> None:
-    """Upgrade the schema to head (idempotent; a no-op when it is current)."""
+async def run_migrations(engine: AsyncEngine) -> tuple[str | None, str | None]:
+    """Upgrade the schema to head (a no-op when it is current); return (revision before, after)."""
 
-    def upgrade(connection: Connection) -> None:
+    def current(connection: Connection) -> str | None:
+        return MigrationContext.configure(connection).get_current_revision()
+
+    def upgrade(connection: Connection) -> tuple[str | None, str | None]:
+        before = current(connection)
         command.upgrade(alembic_config(connection), "head")
+        return before, current(connection)
 
+    # Alembic logs several INFO lines per run; the registry logs one line itself.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     async with engine.begin() as connection:
-        await connection.run_sync(upgrade)
+        return await connection.run_sync(upgrade)

@@ -67,12 +67,14 @@ def create_app(settings: Settings) -> FastAPI:
         )
         engine = db.create_engine(database_url)
         try:
-            await db.run_migrations(engine)
+            before, after = await db.run_migrations(engine)
         except Exception as exc:
             await engine.dispose()
             raise ConfigError(
                 f"IOTFLEET_REGISTRY__DATABASE_URL: cannot open or migrate the registry database: {exc}"
             ) from exc
+        if before != after:
+            lifecycle.log.info("database schema migrated from %s to %s", before or "empty", after)
         sessions = db.session_factory(engine)
         if settings.registry.bootstrap_admin_key is not None:
             async with sessions() as session:

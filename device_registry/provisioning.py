@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -112,8 +113,7 @@ async def create_devices(
     state: RegistryState, session: AsyncSession, items: Sequence[DeviceCreate]
 ) -> list[DeviceProvisioned]:
     ids = [item.id or generate_id(item.type) for item in items]
-    seen: set[str] = set()
-    duplicates = sorted({i for i in ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+    duplicates = sorted(device_id for device_id, n in Counter(ids).items() if n > 1)
     if duplicates:
         raise Conflict(
             f"device ids repeated in the request: {', '.join(duplicates[:20])}",
