@@ -50,6 +50,7 @@ class World:
     empty: str  # thermostat without any data
     recent: str  # thermostat with readings in the last hour
     multi: str  # thermostat with three series (tag changes) stamped at the same instants
+    stale: str  # thermostat last heard 90 min ago, its seq only a day before t0
 
     def t(self, minutes: float) -> int:
         return self.t0 + int(minutes * MIN)
@@ -92,6 +93,12 @@ def dataset(w: World) -> list[str]:
         lines.append(encode_point("thermostat", {"device_id": w.multi, "site": site}, fields, w.t0))
     lines.append(
         encode_point("thermostat", {"device_id": w.multi, "site": "x"}, {"temperature_c": 4.0}, w.t(1))
+    )
+    # stale: outside the last hour (so latest has to widen its window) and outside every t0 range.
+    fields = {"temperature_c": 18.5, "humidity_pct": 41.0, "setpoint_c": 19.0, "mode": "cool"}
+    lines.append(encode_point("thermostat", {"device_id": w.stale}, fields, w.now - 90 * MIN))
+    lines.append(
+        encode_point("thermostat", {"device_id": w.stale}, {"temperature_c": 1.0, "seq": 7}, w.t(-1440))
     )
     return lines
 
@@ -136,6 +143,7 @@ async def world_fixture(
             "empty": ("thermostat", f"q-empty-{token}"),
             "recent": ("thermostat", f"q-recent-{token}"),
             "multi": ("thermostat", f"q-multi-{token}"),
+            "stale": ("thermostat", f"q-stale-{token}"),
         }
         resp = await api.http.post(
             "/api/v1/devices/bulk", json={"devices": [{"id": i, "type": t} for t, i in ids.values()]}

@@ -262,7 +262,7 @@ async def latest_telemetry(
     names = _checked(
         query.parse_fields, fields, device_type, default=[*device_type.fields, *query.META_FIELDS]
     )
-    found = await _guard(service.latest(influx, device_type, device_id, names))
+    found = await _guard(service.latest(influx, device_type, device_id, names, now_ms=_now_ms()))
     newest = max((value.time_ms for value in found.values()), default=None)
     return LatestTelemetry(
         device_id=device_id,

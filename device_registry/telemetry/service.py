@@ -25,7 +25,7 @@ from device_registry.telemetry.query import (
     TimeRange,
 )
 from iotfleet.catalogue import DeviceType
-from iotfleet.influx import InfluxClient, series_rows
+from iotfleet.influx import InfluxClient, InfluxError, quote_identifier, series_rows
 
 Row = dict[str, Any]
 
@@ -50,8 +50,30 @@ def _restore_floats(row: Row, floats: frozenset[str]) -> Row:
     return row
 
 
+async def _nothing_stored_yet(client: InfluxClient) -> bool:
+    """True when the database or its retention policy does not exist (no write has happened yet)."""
+    try:
+        databases = {row.get("name") for row in series_rows(await client.query("SHOW DATABASES"))}
+        if client.settings.database not in databases:
+            return True
+        policies = await client.query(
+            f"SHOW RETENTION POLICIES ON {quote_identifier(client.settings.database)}"
+        )
+        return client.settings.retention_policy not in {row.get("name") for row in series_rows(policies)}
+    except InfluxError:
+        return False
+
+
 async def _run(client: InfluxClient, statement: Statement) -> list[dict[str, Any]]:
-    return await client.query(statement.text, params=statement.params or None)
+    try:
+        return await client.query(statement.text, params=statement.params or None)
+    except InfluxError as error:
+        # Before the ingest's first write the database (or its retention policy) does not
+        # exist: that is "no telemetry yet", an empty answer, not a gateway error. (With
+        # several statements InfluxDB only says "not executed", so it is checked, not parsed.)
+        if not error.retryable and await _nothing_stored_yet(client):
+            return []
+        raise
 
 
 def _rp(client: InfluxClient) -> str:
@@ -68,25 +90,39 @@ class FieldValue:
 
 
 async def latest(
-    client: InfluxClient, device_type: DeviceType, device_id: str, fields: Sequence[str]
+    client: InfluxClient,
+    device_type: DeviceType,
+    device_id: str,
+    fields: Sequence[str],
+    *,
+    now_ms: int,
+    windows: Sequence[int | None] = query.LATEST_WINDOWS_MS,
 ) -> dict[str, FieldValue]:
-    """The newest value of each field and its time; fields never stored are absent."""
-    statement = query.latest_statement(device_type, device_id, fields, _rp(client))
-    results = await _run(client, statement)
+    """The newest value of each field and its time; fields never stored are absent.
+
+    Looks back through ``windows`` (widening), asking each time only for the
+    fields not found yet.
+    """
     floats = float_fields(device_type)
     found: dict[str, FieldValue] = {}
-    # One statement per field, answered in order (statement_id gives the index).
-    for result in results:
-        index = result.get("statement_id", 0)
-        if not 0 <= index < len(fields):
-            continue
-        name = fields[index]
-        for row in series_rows([result]):
-            value = row.get(name)
-            if value is not None:
-                if name in floats and type(value) is int:
-                    value = float(value)
-                found[name] = FieldValue(value, int(row["time"]))
+    missing = list(fields)
+    for window in windows:
+        since = None if window is None else now_ms - window
+        statement = query.latest_statement(device_type, device_id, missing, _rp(client), since_ms=since)
+        for result in await _run(client, statement):
+            # One statement per field, answered in order (statement_id is the index).
+            index = result.get("statement_id", 0)
+            if not 0 <= index < len(missing):
+                continue
+            for row in series_rows([result]):
+                value = row.get("last")
+                if value is not None:
+                    if missing[index] in floats and type(value) is int:
+                        value = float(value)
+                    found[missing[index]] = FieldValue(value, int(row["time"]))
+        missing = [name for name in missing if name not in found]
+        if not missing:
+            break
     return {name: found[name] for name in fields if name in found}
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from device_registry.telemetry import query
+from iotfleet.influx import InfluxClient
+from iotfleet.stack.probes import free_port
 from tests.query_harness import MIN, PROBLEM, World, get, iso, recent_lines, world_fixture  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
@@ -42,6 +44,20 @@ async def test_latest_gives_each_fields_own_newest_value_and_time(world: World) 
     assert list(air["fields"]) == ["co2_ppm", "ventilation_pct"]
     plug = await get(w, f"/api/v1/devices/{w.plug}/telemetry/latest", fields="relay_on")
     assert plug["fields"] == {"relay_on": {"value": True, "time": query.format_time(w.t(1))}}
+
+
+async def test_latest_widens_its_window_per_missing_field(world: World) -> None:
+    w = world
+    body = await get(w, f"/api/v1/devices/{w.stale}/telemetry/latest")
+    recent = query.format_time(w.now - 90 * MIN)
+    assert body["fields"] == {
+        "temperature_c": {"value": 18.5, "time": recent},
+        "humidity_pct": {"value": 41.0, "time": recent},
+        "setpoint_c": {"value": 19.0, "time": recent},
+        "mode": {"value": "cool", "time": recent},
+        "seq": {"value": 7, "time": query.format_time(w.t(-1440))},
+    }
+    assert body["time"] == recent
 
 
 async def test_latest_of_a_device_without_data_and_of_an_unknown_device(world: World) -> None:
@@ -319,7 +335,7 @@ async def test_fleet_summary_counts(world: World) -> None:
     assert list(by_type) == ["thermostat", "air_quality", "smart_plug", "gps_tracker"]
     assert by_type["thermostat"] == {
         "device_type": "thermostat",
-        "devices": 5,
+        "devices": 6,
         "online": 1,
         "readings_last_minute": 1,
         "readings_last_hour": 3,
@@ -329,7 +345,7 @@ async def test_fleet_summary_counts(world: World) -> None:
     assert by_type["air_quality"]["deadlettered_last_hour"] == 1
     assert by_type["air_quality"]["devices"] == 1 and by_type["smart_plug"]["devices"] == 1
     assert by_type["gps_tracker"]["devices"] == 0
-    assert body["totals"]["devices"] == 7 and body["totals"]["deadlettered_last_hour"] == 3
+    assert body["totals"]["devices"] == 8 and body["totals"]["deadlettered_last_hour"] == 3
 
 
 # --- auth and bad parameters ------------------------------------------------------------------
@@ -371,3 +387,32 @@ async def test_bad_parameters_are_422_problems(world: World) -> None:
 
 def _ms(text: str) -> int:
     return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+
+
+async def test_no_database_yet_is_empty_and_influxdb_down_is_503(world: World) -> None:
+    w = world
+    app_state = w.api.app.state
+    original = app_state.telemetry_influx
+    settings = original.settings
+    try:
+        # Before the ingest's first write the database does not exist: empty answers, not errors.
+        app_state.telemetry_influx = InfluxClient(settings.model_copy(update={"database": "never_written"}))
+        body = await get(w, f"/api/v1/devices/{w.a}/telemetry/latest")
+        assert body["fields"] == {} and body["time"] is None
+        body = await get(w, f"/api/v1/devices/{w.a}/telemetry/aggregate", start=w.t0, end=w.t(10))
+        assert body["points"] == []
+        summary = await get(w, "/api/v1/fleet/summary")
+        assert summary["totals"]["readings_last_hour"] == 0 and summary["totals"]["devices"] == 8
+        await app_state.telemetry_influx.aclose()
+        # InfluxDB unreachable: 503 problem with Retry-After.
+        app_state.telemetry_influx = InfluxClient(
+            settings.model_copy(update={"url": f"http://127.0.0.1:{free_port()}"})
+        )
+        for path in (f"/api/v1/devices/{w.a}/telemetry/latest", "/api/v1/fleet/summary"):
+            resp = await w.viewer.get(path)
+            assert resp.status_code == 503, resp.text
+            assert resp.headers["content-type"].startswith(PROBLEM)
+            assert resp.headers["retry-after"] == "5"
+        await app_state.telemetry_influx.aclose()
+    finally:
+        app_state.telemetry_influx = original

@@ -273,11 +273,15 @@ def test_next_cursor_counts_rows_at_the_last_instant() -> None:
 def test_latest_statement() -> None:
     st_ = q.latest_statement(THERMOSTAT, "dev-1", ["temperature_c", "mode"], "raw")
     assert st_.text == (
-        'SELECT "temperature_c" FROM "raw"."thermostat" WHERE "device_id" = $device_id'
-        " ORDER BY time DESC LIMIT 1; "
-        'SELECT "mode" FROM "raw"."thermostat" WHERE "device_id" = $device_id ORDER BY time DESC LIMIT 1'
+        'SELECT LAST("temperature_c") FROM "raw"."thermostat" WHERE "device_id" = $device_id; '
+        'SELECT LAST("mode") FROM "raw"."thermostat" WHERE "device_id" = $device_id'
     )
     assert st_.params == {"device_id": "dev-1"}
+    st_ = q.latest_statement(THERMOSTAT, "dev-1", ["seq"], "raw", since_ms=T0)
+    assert (
+        st_.text
+        == f'SELECT LAST("seq") FROM "raw"."thermostat" WHERE "device_id" = $device_id AND time >= {T0}ms'
+    )
 
 
 def test_raw_statement_with_and_without_cursor() -> None:
