@@ -26,9 +26,10 @@ from sqlalchemy import case, func, select
 
 from device_registry.deps import CurrentViewer, SessionDep
 from device_registry.models import Device
+from device_registry.models_rules import AlertRow, AlertStatus
 from device_registry.problems import PROBLEM_RESPONSES, NotFound, Problem
 from device_registry.telemetry import query, service
-from device_registry.telemetry.deps import InfluxDep, influx_lifespan
+from device_registry.telemetry.deps import CountsCacheDep, InfluxDep, influx_lifespan
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.influx import InfluxError
 from iotfleet.topics import check_device_id
@@ -134,17 +135,21 @@ class TypeAggregate(BaseModel):
 
 
 class TypeSummary(BaseModel):
-    device_type: str
-    devices: int
-    online: int
-    readings_last_minute: int
+    device_type: str = Field(description="The type, or '*' for the totals")
+    devices: int = Field(description="Devices of the type in the registry")
+    online: int = Field(description="Of those, online now (retained status)")
+    readings_last_minute: int = Field(description="Readings stored with a device time in the last minute")
     readings_last_hour: int
-    deadlettered_last_hour: int
-    active_alerts: int
+    deadlettered_last_hour: int = Field(description="Payloads the ingest dead-lettered in the last hour")
+    active_alerts: int = Field(description="Alerts raised and not acknowledged yet")
+    open_alerts: int = Field(description="Alerts not cleared yet (active or acknowledged)")
 
 
 class FleetSummary(BaseModel):
     generated_at: str
+    counts_age_s: float = Field(
+        description="Age of the InfluxDB counts: they are reused for a few seconds (dashboards poll)"
+    )
     types: list[TypeSummary]
     totals: TypeSummary
 
@@ -482,25 +487,37 @@ async def type_aggregate_telemetry(
     summary="Per device type: devices, online, readings last minute/hour, dead letters, active alerts",
     responses=_INFLUX_ERRORS,
 )
-async def fleet_summary(session: SessionDep, influx: InfluxDep, _caller: CurrentViewer) -> FleetSummary:
-    rows = await session.execute(
-        select(Device.type, func.count(), func.sum(case((Device.online.is_(True), 1), else_=0))).group_by(
-            Device.type
+async def fleet_summary(
+    session: SessionDep, influx: InfluxDep, cache: CountsCacheDep, _caller: CurrentViewer
+) -> FleetSummary:
+    online = func.sum(case((Device.online.is_(True), 1), else_=0))
+    devices = {
+        name: (int(total), int(up or 0))
+        for name, total, up in await session.execute(
+            select(Device.type, func.count(), online).group_by(Device.type)
         )
-    )
-    registry_counts = {row[0]: (int(row[1]), int(row[2] or 0)) for row in rows}
+    }
+    is_active = case((AlertRow.status == AlertStatus.active.value, 1), else_=0)
+    alerts = {
+        name: (int(active or 0), int(total))
+        for name, active, total in await session.execute(
+            select(AlertRow.device_type, func.sum(is_active), func.count())
+            .where(AlertRow.status != AlertStatus.cleared.value)
+            .group_by(AlertRow.device_type)
+        )
+    }
     device_types = list(DEVICE_TYPES.values())
-    counts = await _guard(service.fleet_counts(influx, device_types))
-    # TODO(alerts): active alerts come from the rules engine's alert table once it is on main.
+    counts, age_s = await _guard(cache.get(influx, device_types))
     types = [
         TypeSummary(
             device_type=t.name,
-            devices=registry_counts.get(t.name, (0, 0))[0],
-            online=registry_counts.get(t.name, (0, 0))[1],
+            devices=devices.get(t.name, (0, 0))[0],
+            online=devices.get(t.name, (0, 0))[1],
             readings_last_minute=counts[t.name].readings_last_minute,
             readings_last_hour=counts[t.name].readings_last_hour,
             deadlettered_last_hour=counts[t.name].deadlettered_last_hour,
-            active_alerts=0,
+            active_alerts=alerts.get(t.name, (0, 0))[0],
+            open_alerts=alerts.get(t.name, (0, 0))[1],
         )
         for t in device_types
     ]
@@ -512,8 +529,10 @@ async def fleet_summary(session: SessionDep, influx: InfluxDep, _caller: Current
         readings_last_hour=sum(t.readings_last_hour for t in types),
         deadlettered_last_hour=sum(t.deadlettered_last_hour for t in types),
         active_alerts=sum(t.active_alerts for t in types),
+        open_alerts=sum(t.open_alerts for t in types),
     )
     return FleetSummary(
+        counts_age_s=round(age_s, 3),
         generated_at=query.format_time(_now_ms()),
         types=types,
         totals=totals,

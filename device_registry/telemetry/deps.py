@@ -14,10 +14,12 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
+from device_registry.telemetry.service import CountsCache
 from iotfleet.influx import InfluxClient
 from iotfleet.settings import Settings
 
 STATE_ATTR = "telemetry_influx"
+CACHE_ATTR = "telemetry_counts_cache"
 MAX_CONNECTIONS = 16
 """Concurrent InfluxDB requests of one registry process (queries are short; the pool is reused)."""
 
@@ -35,6 +37,7 @@ def _settings(app: FastAPI) -> Settings:
 async def influx_lifespan(app: FastAPI) -> AsyncIterator[None]:
     client = InfluxClient(_settings(app).influx, max_connections=MAX_CONNECTIONS)
     setattr(app.state, STATE_ATTR, client)
+    setattr(app.state, CACHE_ATTR, CountsCache())
     try:
         yield
     finally:
@@ -53,3 +56,14 @@ def get_influx(request: Request) -> InfluxClient:
 
 
 InfluxDep = Annotated[InfluxClient, Depends(get_influx)]
+
+
+def get_counts_cache(request: Request) -> CountsCache:
+    cache: CountsCache | None = getattr(request.app.state, CACHE_ATTR, None)
+    if cache is None:
+        cache = CountsCache()
+        setattr(request.app.state, CACHE_ATTR, cache)
+    return cache
+
+
+CountsCacheDep = Annotated[CountsCache, Depends(get_counts_cache)]

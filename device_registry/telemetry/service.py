@@ -9,6 +9,8 @@ float field never comes back as an int).
 
 from __future__ import annotations
 
+import asyncio
+import time
 import types
 import typing
 from collections.abc import AsyncIterator, Sequence
@@ -312,6 +314,31 @@ def _single_count(result: dict[str, Any]) -> int:
             if name != "time" and value is not None:
                 return int(value)
     return 0
+
+
+SUMMARY_TTL_S = 5.0
+"""How long fleet counts are reused: they scan an hour of every device's points, and dashboards poll."""
+
+
+class CountsCache:
+    """The last fleet counts, reused for ``SUMMARY_TTL_S``; concurrent callers share one query."""
+
+    def __init__(self) -> None:
+        self._value: dict[str, TypeCounts] | None = None
+        self._at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def get(
+        self, client: InfluxClient, device_types: Sequence[DeviceType]
+    ) -> tuple[dict[str, TypeCounts], float]:
+        """The counts and their age in seconds."""
+        async with self._lock:
+            age = time.monotonic() - self._at
+            if self._value is None or age >= SUMMARY_TTL_S:
+                self._value = await fleet_counts(client, device_types)
+                self._at = time.monotonic()
+                age = 0.0
+            return self._value, age
 
 
 async def fleet_counts(client: InfluxClient, device_types: Sequence[DeviceType]) -> dict[str, TypeCounts]:

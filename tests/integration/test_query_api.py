@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import csv
 import io
+import secrets
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from device_registry.telemetry import query
-from iotfleet.influx import InfluxClient
+from device_registry.models_rules import AlertRow
+from device_registry.telemetry import query, service
+from iotfleet.influx import InfluxClient, encode_point
 from iotfleet.stack.probes import free_port
 from tests.query_harness import MIN, PROBLEM, World, get, iso, recent_lines, world_fixture  # noqa: F401
 
@@ -327,9 +329,45 @@ async def test_type_aggregate_refuses_too_many_groups(world: World, monkeypatch:
 # --- fleet summary ----------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def fresh_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees current counts (the cache itself has its own test)."""
+    monkeypatch.setattr(service, "SUMMARY_TTL_S", 0.0)
+
+
+async def _add_alerts(w: World) -> None:
+    now = datetime.now(UTC)
+    rows = [
+        ("thermostat", w.a, "active"),
+        ("thermostat", w.b, "active"),
+        ("thermostat", w.multi, "acknowledged"),
+        ("thermostat", w.a, "cleared"),
+        ("air_quality", w.air, "acknowledged"),
+    ]
+    async with w.api.state.sessions() as session:
+        for i, (device_type, device_id, status) in enumerate(rows):
+            session.add(
+                AlertRow(
+                    id=f"alert-{secrets.token_hex(6)}",
+                    rule_id=f"rule-{i}",
+                    rule_name=f"rule {i}",
+                    device_id=device_id,
+                    device_type=device_type,
+                    severity="major",
+                    message="test",
+                    status=status,
+                    values={},
+                    open_key=None if status == "cleared" else f"rule-{i}:{device_id}:{secrets.token_hex(3)}",
+                    raised_at=now,
+                )
+            )
+        await session.commit()
+
+
 async def test_fleet_summary_counts(world: World) -> None:
     w = world
     await w.influx.write("\n".join(recent_lines(w, time.time_ns() // 1_000_000)))
+    await _add_alerts(w)
     body = await get(w, "/api/v1/fleet/summary")
     by_type = {t["device_type"]: t for t in body["types"]}
     assert list(by_type) == ["thermostat", "air_quality", "smart_plug", "gps_tracker"]
@@ -340,12 +378,42 @@ async def test_fleet_summary_counts(world: World) -> None:
         "readings_last_minute": 1,
         "readings_last_hour": 3,
         "deadlettered_last_hour": 2,
-        "active_alerts": 0,
+        "active_alerts": 2,
+        "open_alerts": 3,
     }
-    assert by_type["air_quality"]["deadlettered_last_hour"] == 1
+    assert by_type["air_quality"] | {"device_type": "", "devices": 0} == {
+        "device_type": "",
+        "devices": 0,
+        "online": 0,
+        "readings_last_minute": 0,
+        "readings_last_hour": 0,
+        "deadlettered_last_hour": 1,
+        "active_alerts": 0,
+        "open_alerts": 1,
+    }
     assert by_type["air_quality"]["devices"] == 1 and by_type["smart_plug"]["devices"] == 1
     assert by_type["gps_tracker"]["devices"] == 0
+    for key in ("devices", "online", "readings_last_minute", "readings_last_hour", "active_alerts"):
+        assert body["totals"][key] == sum(t[key] for t in body["types"]), key
     assert body["totals"]["devices"] == 8 and body["totals"]["deadlettered_last_hour"] == 3
+    assert body["totals"]["active_alerts"] == 2 and body["totals"]["open_alerts"] == 4
+    assert body["counts_age_s"] == 0
+
+
+async def test_fleet_counts_are_reused_for_a_few_seconds(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = world
+    first = await get(w, "/api/v1/fleet/summary")
+    monkeypatch.setattr(service, "SUMMARY_TTL_S", 60.0)
+    extra = encode_point("smart_plug", {"device_id": w.plug}, {"power_w": 1.0}, time.time_ns() // 1_000_000)
+    await w.influx.write(extra)
+    cached = await get(w, "/api/v1/fleet/summary")
+    assert cached["totals"]["readings_last_hour"] == first["totals"]["readings_last_hour"]
+    assert cached["counts_age_s"] > 0
+    monkeypatch.setattr(service, "SUMMARY_TTL_S", 0.0)
+    fresh = await get(w, "/api/v1/fleet/summary")
+    assert fresh["totals"]["readings_last_hour"] == first["totals"]["readings_last_hour"] + 1
 
 
 # --- auth and bad parameters ------------------------------------------------------------------
