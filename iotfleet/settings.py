@@ -81,6 +81,11 @@ class IngestSettings(BaseModel):
         description="Replica name: the MQTT client id is ingest-{type}-{replica}; keep it stable across"
         " restarts (the persistent session and its unacked messages belong to it), unique per replica",
     )
+    client_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="MQTT client id, overriding ingest-{type}-{replica} (same stability rules)",
+    )
     transport: Literal["fast", "paho"] = Field(
         "fast", description="MQTT receive path: the asyncio one of telemetry_ingest or paho-mqtt's"
     )

@@ -63,7 +63,7 @@ class IngestService:
             topic_filter = shared_filter(group, device_filter(Channel.TELEMETRY))
             qos = 0
         session = SessionConfig(
-            client_id=f"{group}-{settings.ingest.replica}",
+            client_id=settings.ingest.client_id or f"{group}-{settings.ingest.replica}",
             topic_filter=topic_filter,
             qos=qos,
             receive_maximum=settings.ingest.receive_maximum,
