@@ -184,10 +184,12 @@ async def iter_raw(
     fields: Sequence[str],
     time_range: TimeRange,
     *,
-    max_rows: int = query.MAX_EXPORT_ROWS,
-    page_rows: int = query.EXPORT_PAGE_ROWS,
+    max_rows: int | None = None,
+    page_rows: int | None = None,
 ) -> AsyncIterator[list[Row]]:
     """Every raw point of the range, page by page (bounded memory), at most ``max_rows``."""
+    max_rows = query.MAX_EXPORT_ROWS if max_rows is None else max_rows
+    page_rows = query.EXPORT_PAGE_ROWS if page_rows is None else page_rows
     cursor: Cursor | None = None
     sent = 0
     while sent < max_rows:

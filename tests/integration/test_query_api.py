@@ -162,8 +162,9 @@ async def test_rfc3339_bounds_with_offsets_are_the_same_instant(world: World) ->
     await get(w, path, 422, start=iso(end), end=iso(start))  # start after end
 
 
-async def test_csv_export_streams_the_whole_range(world: World) -> None:
+async def test_csv_export_streams_the_whole_range(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     w = world
+    monkeypatch.setattr(query, "EXPORT_PAGE_ROWS", 5)  # several InfluxDB pages per export
     resp = await w.viewer.get(
         f"/api/v1/devices/{w.a}/telemetry",
         params={"fields": "temperature_c,mode", "start": w.t0, "end": w.t(10), "limit": 2},
@@ -186,6 +187,19 @@ async def test_csv_export_streams_the_whole_range(world: World) -> None:
         ["false", "0.0"],
         ["true", "50.5"],
     ]
+    # Rows sharing an instant (several series of one device) all come out across page boundaries.
+    multi = await w.viewer.get(
+        f"/api/v1/devices/{w.multi}/telemetry",
+        params={"fields": "temperature_c", "start": w.t0, "end": w.t(2), "format": "csv"},
+    )
+    monkeypatch.setattr(query, "EXPORT_PAGE_ROWS", 1)
+    one_by_one = await w.viewer.get(
+        f"/api/v1/devices/{w.multi}/telemetry",
+        params={"fields": "temperature_c", "start": w.t0, "end": w.t(2), "format": "csv"},
+    )
+    for resp in (multi, one_by_one):
+        values = [r[1] for r in csv.reader(io.StringIO(resp.text))][1:]
+        assert sorted(values[:3]) == ["1.0", "2.0", "3.0"] and values[3:] == ["4.0"]
     # JSON wins when listed first.
     resp = await w.viewer.get(
         f"/api/v1/devices/{w.a}/telemetry", headers={"Accept": "application/json, text/csv"}
