@@ -32,7 +32,7 @@ from iotfleet.settings import MqttSettings
 log = logging.getLogger("registry.broker")
 
 DEVICE_TEXTNAME = "iotfleet device"
-"""textname of every client the registry creates: marks the broker clients it owns."""
+"""textname of every client and role the registry creates: marks the broker entries it owns."""
 
 MAX_CHUNK = 500
 """Most commands per control message."""
@@ -269,7 +269,12 @@ def create_device_commands(
     """A role holding the device's literal topics, and a client (username = client id = device id)."""
     role = dynsec.device_role_name(device_id)
     commands: list[dict[str, Any]] = [
-        {"command": "createRole", "rolename": role, "acls": dynsec.device_acls(device_type, device_id)},
+        {
+            "command": "createRole",
+            "rolename": role,
+            "textname": DEVICE_TEXTNAME,
+            "acls": dynsec.device_acls(device_type, device_id),
+        },
         {
             "command": "createClient",
             "username": device_id,

@@ -9,8 +9,9 @@ Drift kinds: ``missing_client`` (device without broker client: recreated with
 a fresh password nobody knows — rotate the credentials to use it),
 ``missing_role``/``acl_mismatch``/``role_not_assigned`` (ACLs restored),
 ``enabled_mismatch`` (disabled state restored), ``orphan_client``/``orphan_role``
-(broker entries of devices the registry does not know: deleted, they are
-credentials nobody can manage).
+(entries the registry made — marked with its textname — for devices it no
+longer has: deleted, they are credentials nobody manages). Device-like entries
+without the marker (made by another tool) are listed as ``unmanaged``, not touched.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class ReconcileReport:
     broker_clients: int = 0
     drift: list[Drift] = field(default_factory=list)
     repair_commands: int = 0
+    unmanaged: list[str] = field(default_factory=list)
+    """Device-like broker clients/roles without the registry's marker and without a device."""
     duration_s: float = 0.0
 
     @property
@@ -63,6 +66,8 @@ class ReconcileReport:
         body = asdict(self)
         body["drift_count"] = self.drift_count
         body["drift"] = body["drift"][:max_items]
+        body["unmanaged_count"] = len(self.unmanaged)
+        body["unmanaged"] = body["unmanaged"][:max_items]
         by_kind: dict[str, int] = {}
         for item in self.drift:
             by_kind[item.kind] = by_kind.get(item.kind, 0) + 1
@@ -167,7 +172,12 @@ class Reconciler:
                     device_id,
                     "missing_role",
                     "role recreated",
-                    {"command": "createRole", "rolename": role_name, "acls": expected},
+                    {
+                        "command": "createRole",
+                        "rolename": role_name,
+                        "textname": broker_admin.DEVICE_TEXTNAME,
+                        "acls": expected,
+                    },
                 )
             else:
                 have = {_acl_key(a): a for a in role.get("acls", [])}
@@ -213,12 +223,27 @@ class Reconciler:
                     "enabled" if enabled else "disabled",
                     broker_admin.set_enabled_command(device_id, enabled),
                 )
+        # Broker entries without a device: deleted if the registry made them (its
+        # marker), reported otherwise (another tool's clients are not ours to delete).
         for username in sorted(clients.keys() - known - skip):
-            drift(username, "orphan_client", "deleted", {"command": "deleteClient", "username": username})
+            if clients[username].get("textname") == broker_admin.DEVICE_TEXTNAME:
+                drift(username, "orphan_client", "deleted", {"command": "deleteClient", "username": username})
+            else:
+                report.unmanaged.append(f"client {username}")
         for role_name in sorted(roles.keys()):
             device_id = role_name[len(ROLE_PREFIX) :]
-            if device_id not in known and device_id not in skip:
+            if device_id in known or device_id in skip:
+                continue
+            if roles[role_name].get("textname") == broker_admin.DEVICE_TEXTNAME:
                 drift(device_id, "orphan_role", "deleted", {"command": "deleteRole", "rolename": role_name})
+            else:
+                report.unmanaged.append(f"role {role_name}")
+        if report.unmanaged:
+            log.info(
+                "%d device-like broker entries not made by the registry left alone (e.g. %s)",
+                len(report.unmanaged),
+                ", ".join(report.unmanaged[:3]),
+            )
         if commands:
             for item in report.drift[:20]:
                 log.warning("drift: device=%s %s → %s", item.device_id, item.kind, item.action)

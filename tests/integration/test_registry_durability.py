@@ -16,9 +16,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from iotfleet import dynsec
 from iotfleet.stack import probes
 from tests.harness import Broker
-from tests.registry_harness import (
+from tests.registry_harness import (  # noqa: F401  (fixtures)
     RegistryProcess,
     connect_device,
+    database_url,
+    postgres,
     registry_settings,
     running_registry,
     wait_for,
@@ -29,9 +31,12 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def registry_process(
-    fresh_broker: Broker, tmp_path: Path, request: pytest.FixtureRequest
+    fresh_broker: Broker,
+    tmp_path: Path,
+    database_url: str,  # noqa: F811  (SQLite, then PostgreSQL)
+    request: pytest.FixtureRequest,
 ) -> Iterator[RegistryProcess]:
-    process = RegistryProcess(fresh_broker, tmp_path / "registry")
+    process = RegistryProcess(fresh_broker, tmp_path / "registry", database_url)
     yield process
     process.stop()
     failed = getattr(request.node, "rep_call", None)
@@ -145,9 +150,13 @@ async def test_reconcile_repairs_every_kind_of_drift(
                  "topic": "devices/#", "allow": True, "priority": 0},
                 {"command": "enableClient", "username": ids[2]},
                 {"command": "removeClientRole", "username": ids[3], "rolename": dynsec.device_role_name(ids[3])},
-                {"command": "createRole", "rolename": "device-rogue"},
+                {"command": "createRole", "rolename": "device-rogue", "textname": "iotfleet device"},
                 {"command": "createClient", "username": "rogue", "password": "x", "textname": "iotfleet device",
                  "roles": [{"rolename": "device-rogue"}]},
+                # Made by another tool (no registry marker): reported, left alone.
+                {"command": "createRole", "rolename": "device-other-tool"},
+                {"command": "createClient", "username": "other-tool", "password": "x",
+                 "roles": [{"rolename": "device-other-tool"}]},
             ],
         )  # fmt: skip
         report = (await api.http.post("/api/v1/reconcile")).json()
@@ -161,8 +170,10 @@ async def test_reconcile_repairs_every_kind_of_drift(
             ("rogue", "orphan_client"),
             ("rogue", "orphan_role"),
         }
+        assert set(report["unmanaged"]) == {"client other-tool", "role device-other-tool"}
         again = (await api.http.post("/api/v1/reconcile")).json()
         assert again["drift_count"] == 0, again["drift"]
+        assert again["unmanaged_count"] == 2
         text = (await api.http.get("/metrics")).text
         assert "registry_reconcile_drift 0.0" in text
 
