@@ -172,6 +172,15 @@ class RulesEngine:
             self.lifecycle.degraded(f"disconnected from the broker ({reason}); reconnecting")
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception:
+            # paho re-raises callback errors and its network thread dies with them: one bad
+            # message (or a bug) must cost that message, not the engine.
+            self.metrics.skipped.labels("error").inc()
+            log.exception("error handling a message on %s", msg.topic)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
         if msg.topic == topics.RULES_CHANGED:
             self._reload_wanted.set()
             return

@@ -75,6 +75,9 @@ class Device:
     online: bool | None = None
     presence_since: int | None = None
     states: dict[str, RuleState] = field(default_factory=dict)
+    bound: list[tuple[Program, RuleState]] | None = None
+    """The rules that apply to this device with their states (rebuilt when rules or tags change)."""
+    bound_generation: int = -1
 
 
 @dataclass(slots=True)
@@ -112,15 +115,18 @@ def _comparator(cond: FieldCondition) -> Callable[[Any], bool]:
         assert isinstance(value, list)
         low, high = value
         return lambda x: x < low or x > high
-    fn = {
-        ">": operator.gt,
-        ">=": operator.ge,
-        "<": operator.lt,
-        "<=": operator.le,
-        "==": operator.eq,
-        "!=": operator.ne,
-    }[cond.op]
+    fn = _BINARY_OPS[cond.op]
     return lambda x: bool(fn(x, value))
+
+
+_BINARY_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+    "!=": operator.ne,
+}
 
 
 class Node:
@@ -150,6 +156,9 @@ class FieldNode(Node):
         self.agg = cond.agg
         self.window_ms = duration_ms(cond.window) if cond.window else 0
         self.rate_per_ms = duration_ms(cond.rate_per) if cond.rate_per else 0
+        self.plain = self.agg is None and not self.rate_per_ms
+        self.op_fn: Callable[[Any, Any], Any] | None = _BINARY_OPS.get(cond.op)
+        self.ref = cond.value
         self.slot = -1
 
     def new_mem(self, mem: list[Any]) -> None:
@@ -190,12 +199,14 @@ class FieldNode(Node):
         if x is None:
             return  # this reading says nothing about the field: the condition keeps its state
         m: _FieldMem = mem[self.slot]
-        if (self.agg is not None or self.rate_per_ms) and (
-            isinstance(x, bool) or not isinstance(x, int | float)
-        ):
-            return
-        metric = self._metric(m, ts, x)
-        truth = metric is not None and self.compare(metric)
+        if self.plain:
+            # The common case (a threshold on the value), kept short: it runs rules × readings times.
+            truth = bool(self.op_fn(x, self.ref)) if self.op_fn is not None else self.compare(x)
+        else:
+            if isinstance(x, bool) or not isinstance(x, int | float):
+                return
+            metric = self._metric(m, ts, x)
+            truth = metric is not None and self.compare(metric)
         if truth and not m.truth:
             m.since = ts
         m.truth = truth
@@ -385,6 +396,8 @@ class Evaluator:
         """(rule_id, device_type, device_id) whose firing state changed since the last ``take_dirty``."""
         self.ignored_readings = 0
         self._saved: dict[tuple[str, str], SavedState] = {}
+        self._clocked_by_type: dict[str, list[Program]] = {}
+        self._generation = 0
         self.set_rules(rules)
 
     # rules ------------------------------------------------------------------
@@ -423,6 +436,10 @@ class Evaluator:
         self._by_type = {}
         for program in self.programs.values():
             self._by_type.setdefault(program.rule.scope.device_type, []).append(program)
+        self._clocked_by_type = {
+            device_type: [p for p in programs if p.clocked] for device_type, programs in self._by_type.items()
+        }
+        self._generation += 1
         return cleared
 
     def restore(self, saved: Iterable[SavedState], last_seen: Mapping[tuple[str, str], int]) -> None:
@@ -439,6 +456,7 @@ class Evaluator:
             device = self.devices[key] = Device(device_type, device_id, dict(tags or {}))
         elif tags is not None and tags != device.tags:
             device.tags = dict(tags)
+            device.bound = None
         return device
 
     def _state(self, program: Program, device: Device) -> RuleState:
@@ -474,14 +492,21 @@ class Evaluator:
         if device.last_ts is not None:
             self._due(device, ts - 1, out)
         device.last_ts = ts
-        for program in self._by_type.get(device_type, ()):
-            if not program.applies_to(device):
-                continue
-            state = self._state(program, device)
+        bound = device.bound
+        if bound is None or device.bound_generation != self._generation:
+            bound = device.bound = [
+                (p, self._state(p, device))
+                for p in self._by_type.get(device_type, ())
+                if p.applies_to(device)
+            ]
+            device.bound_generation = self._generation
+        for program, state in bound:
             program.when.observe(state.mem, ts, values)
             if program.clear is not None:
                 program.clear.observe(state.mem, ts, values)
-            self._emit(program.step(state, device, ts, values), out)
+            firing = program.step(state, device, ts, values)
+            if firing is not None:
+                self._emit(firing, out)
         return out
 
     def on_presence(
@@ -508,8 +533,8 @@ class Evaluator:
         return out
 
     def _due(self, device: Device, now: int, out: list[Firing]) -> None:
-        for program in self._by_type.get(device.device_type, ()):
-            if not program.clocked or not program.applies_to(device):
+        for program in self._clocked_by_type.get(device.device_type, ()):
+            if not program.applies_to(device):
                 continue
             state = self._state(program, device)
             deadline = program.deadline(state, device)

@@ -11,6 +11,7 @@ synchronous=NORMAL); last-seen times are flushed on each tick.
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,7 +32,9 @@ CREATE TABLE IF NOT EXISTS last_seen (
 class StateStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection used under the engine's lock from several threads.
+        # One connection shared by the engine's threads (MQTT, tick, reload): its own lock
+        # serialises them, or two threads would interleave their transactions.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -57,13 +60,14 @@ class StateStore:
         if not rows:
             return
         # Autocommit connection: one explicit transaction per batch, not one per row.
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany(sql, rows)
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def save_rules(self, body: bytes) -> None:
         """The last rule set and directory fetched: a restart while the registry is down uses them."""
@@ -73,16 +77,19 @@ class StateStore:
         )
 
     def load_rules(self) -> bytes | None:
-        row = self._db.execute("SELECT body FROM rules_cache WHERE id = 1").fetchone()
+        with self._lock:
+            row = self._db.execute("SELECT body FROM rules_cache WHERE id = 1").fetchone()
         return bytes(row[0]) if row else None
 
     def load(self) -> tuple[list[SavedState], dict[tuple[str, str], int]]:
-        states = [
-            SavedState(rule_id, device_id, bool(active), last_fired)
-            for rule_id, device_id, active, last_fired in self._db.execute("SELECT * FROM rule_state")
-        ]
-        seen = {(t, d): ts for t, d, ts in self._db.execute("SELECT * FROM last_seen")}
+        with self._lock:
+            states = [
+                SavedState(rule_id, device_id, bool(active), last_fired)
+                for rule_id, device_id, active, last_fired in self._db.execute("SELECT * FROM rule_state")
+            ]
+            seen = {(t, d): ts for t, d, ts in self._db.execute("SELECT * FROM last_seen")}
         return states, seen
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
