@@ -187,7 +187,15 @@ def main() -> None:
         return
     configure_logging(settings.log_level)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    uvicorn.run(app, host=settings.registry.host, port=settings.registry.port, log_level="warning")
+    # A bulk request can run for minutes; a stop must not wait for it (its broker
+    # entries are undone, or deleted by the next reconcile).
+    uvicorn.run(
+        app,
+        host=settings.registry.host,
+        port=settings.registry.port,
+        log_level="warning",
+        timeout_graceful_shutdown=10,
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Device lifecycle against DB and broker together: create, disable/enable, rotate, delete.
 
-Order of every change: write the DB row (not committed), apply the dynsec
-commands, then commit. If the broker refuses or is away, the DB transaction is
-rolled back and the caller gets a problem; if the process dies between the
-broker change and the commit, the reconcile at the next start removes or
-repairs the broker side (the DB is the system of record). Passwords are never
-stored by the registry: dynsec keeps only its PBKDF2 hash.
+Order of every change: check against the DB, apply the dynsec commands with no
+DB transaction open (the broker can take minutes for a bulk request, and an
+open SQLite write transaction would block every other writer meanwhile), then
+write and commit the DB change. If the broker refuses or is away, nothing is
+written and the caller gets a problem; if the process dies between the broker
+change and the commit, the reconcile at the next start brings the broker back
+to the DB (the system of record). Ids being changed are held in
+``reconciler.busy``: a second request on the same id gets 409, and the
+reconcile leaves them alone. Passwords are never stored by the registry:
+dynsec keeps only its PBKDF2 hash.
 """
 
 from __future__ import annotations
@@ -119,62 +123,59 @@ async def create_devices(
             f"device ids repeated in the request: {', '.join(duplicates[:20])}",
             conflicting_ids=duplicates[:100],
         )
+    in_progress = sorted(state.reconciler.busy.intersection(ids))
+    if in_progress:
+        raise Conflict(
+            f"device id(s) being changed by another request: {', '.join(in_progress[:20])}",
+            conflicting_ids=in_progress[:100],
+        )
     existing = await _existing_ids(session, ids)
     if existing:
         raise Conflict(
             f"{len(existing)} device id(s) already exist: {', '.join(sorted(existing)[:20])}",
             conflicting_ids=sorted(existing)[:100],
         )
-    now = datetime.now(UTC)
-    rows = [
-        Device(
-            id=device_id,
-            type=item.type,
-            name=item.name,
-            tags=dict(item.tags),
-            meta=dict(item.metadata),
-            enabled=True,
-            online=False,
-            credentials_rotated_at=now,
-            created_at=now,
-            updated_at=now,
-        )
-        for device_id, item in zip(ids, items, strict=True)
-    ]
-    passwords = [broker_admin.new_device_password() for _ in rows]
-    session.add_all(rows)
-    try:
-        await session.flush()
-    except IntegrityError:
-        await session.rollback()
-        raise Conflict("a device with one of these ids was created concurrently; retry") from None
+    # Close the read transaction: nothing may hold the DB (SQLite: the whole file)
+    # while the broker works, which takes minutes for a large bulk request.
+    await session.rollback()
+    passwords = [broker_admin.new_device_password() for _ in ids]
     commands = [
         cmd
-        for row, password in zip(rows, passwords, strict=True)
-        for cmd in broker_admin.create_device_commands(row.type, row.id, password)
+        for device_id, item, password in zip(ids, items, passwords, strict=True)
+        for cmd in broker_admin.create_device_commands(item.type, device_id, password)
     ]
     state.reconciler.touch(ids)
     try:
+        await _create_on_broker(state, ids, commands)
+        now = datetime.now(UTC)
+        rows = [
+            Device(
+                id=device_id,
+                type=item.type,
+                name=item.name,
+                tags=dict(item.tags),
+                meta=dict(item.metadata),
+                enabled=True,
+                online=False,
+                credentials_rotated_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            for device_id, item in zip(ids, items, strict=True)
+        ]
+        session.add_all(rows)
         try:
-            await _apply(state, commands)
-        except DynsecCommandError as exc:
-            if "already exists" not in exc.error:
-                raise
-            # Leftovers of a crash between a broker change and the DB commit
-            # (not yet reconciled): replace them, they belong to no device.
-            log.warning("replacing stale broker entries for %d device id(s)", len(ids))
-            cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
-            await _apply(state, cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
-            await _apply(state, commands)
-        await session.commit()
-    except (BrokerError, DynsecCommandError) as exc:
-        await session.rollback()
-        await _undo(state, ids)
-        raise _unavailable(exc) from None
-    except BaseException:
-        await session.rollback()
-        await _undo(state, ids)
-        raise
+            # Broker first, DB second: if the process dies in between, the broker
+            # entries (marked as the registry's) are orphans the next reconcile deletes.
+            await session.commit()
+        except IntegrityError:
+            await session.rollback()
+            await _undo(state, ids)
+            raise Conflict("a device with one of these ids was created concurrently; retry") from None
+        except BaseException:
+            await session.rollback()
+            await _undo(state, ids)
+            raise
     finally:
         state.reconciler.release(ids)
     state.metrics.devices_provisioned.inc(len(rows))
@@ -185,8 +186,30 @@ async def create_devices(
     ]
 
 
+async def _create_on_broker(state: RegistryState, ids: Sequence[str], commands: list[dict[str, Any]]) -> None:
+    try:
+        try:
+            await _apply(state, commands)
+        except DynsecCommandError as exc:
+            if "already exists" not in exc.error:
+                raise
+            # Leftovers of a crash between a broker change and the DB commit (not
+            # yet reconciled): these ids have no device and no request working on
+            # them, so the entries belong to nobody. Replace them.
+            log.warning("replacing stale broker entries for %d device id(s)", len(ids))
+            cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
+            await _apply(state, cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
+            await _apply(state, commands)
+    except (BrokerError, DynsecCommandError) as exc:
+        await _undo(state, ids)
+        raise _unavailable(exc) from None
+    except BaseException:
+        await _undo(state, ids)
+        raise
+
+
 async def _undo(state: RegistryState, ids: Sequence[str]) -> None:
-    """Best-effort removal of broker entries whose DB rows were rolled back (reconcile catches the rest)."""
+    """Best-effort removal of broker entries whose devices were not stored (reconcile catches the rest)."""
     try:
         cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
         await state.broker.run(cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
@@ -194,21 +217,37 @@ async def _undo(state: RegistryState, ids: Sequence[str]) -> None:
         log.warning("could not undo broker entries of %d device(s) (%s); reconcile will", len(ids), exc)
 
 
-async def set_enabled(state: RegistryState, session: AsyncSession, device_id: str, enabled: bool) -> Device:
-    device = await get_device(session, device_id)
-    device.enabled = enabled
-    if not enabled:
-        device.online = False
-        device.connected_since = None
+async def _broker_change(
+    state: RegistryState,
+    session: AsyncSession,
+    device_id: str,
+    commands: list[dict[str, Any]],
+    *,
+    tolerate: Sequence[str] = (),
+) -> None:
+    """Apply a device's broker change with no DB transaction open (the caller commits after)."""
+    if device_id in state.reconciler.busy:
+        raise Conflict(f"device {device_id!r} is being changed by another request; retry")
+    await session.rollback()  # end the read transaction: the broker may take a while
     state.reconciler.touch([device_id])
     try:
-        await session.flush()
-        # disableClient kicks the live connection at once and refuses reconnects.
-        await _apply(state, [broker_admin.set_enabled_command(device_id, enabled)])
-        await session.commit()
+        await _apply(state, commands, tolerate=tolerate)
     except (BrokerError, DynsecCommandError) as exc:
-        await session.rollback()
+        state.reconciler.release([device_id])
         raise _unavailable(exc) from None
+
+
+async def set_enabled(state: RegistryState, session: AsyncSession, device_id: str, enabled: bool) -> Device:
+    await get_device(session, device_id)
+    # disableClient kicks the live connection at once and refuses reconnects.
+    await _broker_change(state, session, device_id, [broker_admin.set_enabled_command(device_id, enabled)])
+    try:
+        device = await get_device(session, device_id)
+        device.enabled = enabled
+        if not enabled:
+            device.online = False
+            device.connected_since = None
+        await session.commit()
     finally:
         state.reconciler.release([device_id])
     log.info("device %s %s", device_id, "enabled" if enabled else "disabled (kicked)")
@@ -221,23 +260,19 @@ async def rotate_credentials(
 ) -> CredentialsRotated:
     device = await get_device(session, device_id)
     password = broker_admin.new_device_password()
-    device.credentials_rotated_at = datetime.now(UTC)
-    state.reconciler.touch([device_id])
+    commands = [broker_admin.set_password_command(device_id, password)]
+    if device.enabled:
+        # setClientPassword alone leaves the live session up (Mosquitto 2.0):
+        # a disable/enable pair kicks it, so the old password stops working now.
+        commands += [
+            broker_admin.set_enabled_command(device_id, False),
+            broker_admin.set_enabled_command(device_id, True),
+        ]
+    await _broker_change(state, session, device_id, commands)
     try:
-        await session.flush()
-        commands = [broker_admin.set_password_command(device_id, password)]
-        if device.enabled:
-            # setClientPassword alone leaves the live session up (Mosquitto 2.0):
-            # a disable/enable pair kicks it, so the old password stops working now.
-            commands += [
-                broker_admin.set_enabled_command(device_id, False),
-                broker_admin.set_enabled_command(device_id, True),
-            ]
-        await _apply(state, commands)
+        device = await get_device(session, device_id)
+        device.credentials_rotated_at = datetime.now(UTC)
         await session.commit()
-    except (BrokerError, DynsecCommandError) as exc:
-        await session.rollback()
-        raise _unavailable(exc) from None
     finally:
         state.reconciler.release([device_id])
     state.metrics.credentials_rotated.inc()
@@ -250,18 +285,19 @@ async def rotate_credentials(
 
 
 async def delete_device(state: RegistryState, session: AsyncSession, device_id: str) -> None:
-    device = await get_device(session, device_id)
-    await session.delete(device)
-    state.reconciler.touch([device_id])
+    await get_device(session, device_id)
+    await _broker_change(
+        state,
+        session,
+        device_id,
+        broker_admin.delete_device_commands(device_id),
+        tolerate=broker_admin.NOT_FOUND_ERRORS,
+    )
     try:
-        await session.flush()
-        await _apply(
-            state, broker_admin.delete_device_commands(device_id), tolerate=broker_admin.NOT_FOUND_ERRORS
-        )
-        await session.commit()
-    except (BrokerError, DynsecCommandError) as exc:
-        await session.rollback()
-        raise _unavailable(exc) from None
+        device = await session.get(Device, device_id)
+        if device is not None:
+            await session.delete(device)
+            await session.commit()
     finally:
         state.reconciler.release([device_id])
     state.metrics.devices_deleted.inc()

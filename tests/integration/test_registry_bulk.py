@@ -8,6 +8,7 @@ request going through validation, the DB and the rollback when the broker fails.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import Broker
-from tests.registry_harness import connect_device, registry_settings, running_registry
+from tests.registry_harness import connect_device, registry_settings, running_registry, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +30,15 @@ async def test_bulk_provisioning_end_to_end(
         body = {"devices": [{"id": f"{prefix}-{i:05d}", "type": "smart_plug", "tags": {"batch": prefix}}
                             for i in range(count)]}  # fmt: skip
         started = time.perf_counter()
-        resp = await api.http.post("/api/v1/devices/bulk", json=body)
+        bulk = asyncio.create_task(api.http.post("/api/v1/devices/bulk", json=body))
+        # While the broker works through the bulk, the DB is not held: other writes go through.
+        await wait_for(lambda: bool(api.state.reconciler.busy), what="bulk in progress", within=10)
+        key = await api.http.post("/api/v1/api-keys", json={"name": "during-bulk", "role": "viewer"})
+        assert key.status_code == 201, key.text
+        assert not bulk.done(), "bulk finished too fast to show concurrency"
+        busy = await api.http.post("/api/v1/devices", json={"id": f"{prefix}-00007", "type": "smart_plug"})
+        assert busy.status_code == 409  # that id is being provisioned right now
+        resp = await bulk
         elapsed = time.perf_counter() - started
         assert resp.status_code == 201, resp.text
         devices = resp.json()["devices"]
