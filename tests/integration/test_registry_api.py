@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from fastapi.routing import APIRoute
 
+from device_registry.routers import api_keys, device_types, devices, reconcile
+from device_registry.routers import health as health_router
 from iotfleet.catalogue import DEVICE_TYPES
 from tests.harness import Broker
 from tests.registry_harness import (  # noqa: F401  (fixtures)
@@ -67,18 +71,29 @@ VIEWER_MAY = {("GET", p) for m, p, _ in ROUTES if m == "GET" and "api-keys" not 
 
 
 async def test_every_endpoint_needs_a_key_and_the_right_role(api: Api) -> None:
-    # The route list above covers the whole API (the telemetry routers have their own suite).
+    # ROUTES covers every operation of the registry's own routers.
     ours = {
-        (m, r.path)  # type: ignore[attr-defined]
-        for r in api.app.routes
-        for m in getattr(r, "methods", ())
-        if m != "HEAD" and r.path.startswith(("/api/v1/devices", "/api/v1/device-types", "/api/v1/api-keys",
-                                               "/api/v1/reconcile", "/metrics"))  # type: ignore[attr-defined]
-        and "telemetry" not in r.path  # type: ignore[attr-defined]
-    }  # fmt: skip
+        (method, route.path)
+        for module in (api_keys, device_types, devices, health_router, reconcile)
+        for route in module.router.routes
+        if isinstance(route, APIRoute) and route.path != "/healthz"
+        for method in route.methods
+    }
     templated = {(m, p.replace("/x", "/{device_id}").replace("keys/{device_id}", "keys/{key_id}")
                   .replace("types/thermostat", "types/{type_name}")) for m, p, _ in ROUTES}  # fmt: skip
-    assert ours <= templated, ours - templated
+    assert ours == templated, ours ^ templated
+
+    # Every operation of the whole API (other routers' too) refuses a request without a key.
+    schema = api.app.openapi()
+    async with api.as_(None) as anonymous:
+        for path, operations in schema["paths"].items():
+            if path == "/healthz":
+                continue
+            concrete = re.sub(r"\{[^}]+\}", "x", path)
+            for method in operations:
+                resp = await anonymous.request(method.upper(), concrete, json={})
+                _is_problem(resp, 401)
+                assert operations[method].get("security"), f"{method} {path} documents no security"
 
     viewer = await _key(api, "viewer")
     operator = await _key(api, "operator")
@@ -98,6 +113,8 @@ async def test_every_endpoint_needs_a_key_and_the_right_role(api: Api) -> None:
                     _is_problem(resp, 403)
     async with api.as_(None) as anonymous:
         health = await anonymous.get("/healthz")
+        assert (await anonymous.get("/docs")).status_code == 200
+        assert (await anonymous.get("/openapi.json")).json()["components"]["securitySchemes"]
     assert health.status_code == 200, health.text
     assert health.json()["status"] == "ok"
     assert health.json()["reconcile"]["ok"] is True
