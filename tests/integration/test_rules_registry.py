@@ -416,3 +416,59 @@ def test_alert_acknowledge_and_filters(platform: Platform, uid: Callable[[str], 
         assert platform.http.get("/api/v1/alerts", params={"severity": "apocalyptic"}).status_code == 422
     finally:
         device.disconnect()
+
+
+def test_concurrent_raises_leave_one_open_alert(platform: Platform, uid: Callable[[str], str]) -> None:
+    """Twenty raise events for one (rule, device), back to back: the registry keeps exactly one open."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from iotfleet import topics
+    from rules_engine import wire
+
+    device_id = uid("th")
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uid("raiser"), protocol=mqtt.MQTTv5)
+    settings = platform.engine_settings.mqtt
+    client.username_pw_set(
+        settings.username, settings.password.get_secret_value() if settings.password else None
+    )
+    client.connect(settings.host, settings.port)
+    client.loop_start()
+    try:
+        infos = [
+            client.publish(
+                topics.ALERT_EVENTS,
+                wire.alert_raised_event(
+                    rule_id="r-concurrent",
+                    rule_name="concurrent",
+                    device_type="thermostat",
+                    device_id=device_id,
+                    severity="critical",
+                    message=f"raise {i}",
+                    at=wire.now_ms(),
+                    values={},
+                ),
+                qos=1,
+            )
+            for i in range(20)
+        ]
+        for info in infos:
+            info.wait_for_publish(5)
+        # The tracker records in arrival order: once a later marker alert is in, all twenty were handled.
+        marker = wire.alert_raised_event(
+            rule_id="r-marker",
+            rule_name="marker",
+            device_type="thermostat",
+            device_id=f"{device_id}-m",
+            severity="info",
+            message="marker",
+            at=wire.now_ms(),
+            values={},
+        )
+        client.publish(topics.ALERT_EVENTS, marker, qos=1).wait_for_publish(5)
+        wait(lambda: platform.alerts(device_id=f"{device_id}-m"), "the marker recorded")
+        assert len(platform.alerts(device_id=device_id, open="true")) == 1
+        assert len(platform.alerts(device_id=device_id)) == 1
+    finally:
+        client.disconnect()
+        client.loop_stop()
