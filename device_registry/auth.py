@@ -49,6 +49,12 @@ async def find_key(session: AsyncSession, key: str) -> ApiKey | None:
     return await session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(key)))
 
 
+async def has_admin_key(session: AsyncSession) -> bool:
+    return (
+        await session.scalar(select(ApiKey.id).where(ApiKey.role == Role.admin.value).limit(1))
+    ) is not None
+
+
 async def ensure_bootstrap_key(session: AsyncSession, key: str) -> bool:
     """Make sure an admin key with this value exists; True if it was created now."""
     existing = await find_key(session, key)

@@ -82,6 +82,11 @@ def create_app(settings: Settings) -> FastAPI:
                     session, settings.registry.bootstrap_admin_key.get_secret_value()
                 ):
                     lifecycle.log.info("bootstrap admin key stored (hashed)")
+        async with sessions() as session:
+            if not await auth.has_admin_key(session):
+                lifecycle.log.warning(
+                    "no admin API key exists: nobody can use the API; set IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY"
+                )
         registry = CollectorRegistry()
         metrics = RegistryMetrics(registry)
         broker = BrokerAdmin(settings.mqtt)
