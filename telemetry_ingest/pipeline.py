@@ -270,6 +270,7 @@ class Pipeline:
         self.metrics.received_messages.inc(self._received_messages)
         self.metrics.received_readings.inc(self._received_readings)
         self._received_messages = self._received_readings = 0
+        self.metrics.buffer_readings.set(self.buffered)
         if not batch.lines:
             batch.done = True
             self._release()

@@ -83,6 +83,8 @@ class IngestService:
         self._handle = self.pipeline.handle
         self.mqtt_error = "not connected yet"
         self._ready_logged = False
+        self._mqtt_down_logged = False
+        self._influx_down_logged = False
         self.stop = asyncio.Event()
 
     def _on_message(self, topic: str, payload: bytes, token: int) -> None:
@@ -93,23 +95,27 @@ class IngestService:
         if self.stop.is_set():
             return  # our own disconnect on the way out: not a degradation
         if up:
-            if self.mqtt_error and self._ready_logged:
+            if self._mqtt_down_logged:
                 self.lifecycle.recovered("broker connection")
+                self._mqtt_down_logged = False
             self.mqtt_error = ""
             self._maybe_ready()
         else:
-            if not self.mqtt_error:
-                self.lifecycle.degraded(f"broker connection lost: {why}")
+            if not self._mqtt_down_logged:
+                self.lifecycle.degraded(f"no broker session, retrying: {why}")
+                self._mqtt_down_logged = True
             self.mqtt_error = why or "disconnected"
             self.pipeline.connection_lost()
 
     def _on_influx_state(self, ok: bool, why: str) -> None:
         if ok:
-            if self._ready_logged:
-                self.lifecycle.recovered("InfluxDB writes")
+            if self._influx_down_logged:
+                self.lifecycle.recovered("InfluxDB")
+                self._influx_down_logged = False
             self._maybe_ready()
-        elif self._ready_logged:
-            self.lifecycle.degraded(f"InfluxDB writes failing, retrying with backoff: {why}")
+        elif not self._influx_down_logged:
+            self.lifecycle.degraded(f"InfluxDB unavailable, retrying with backoff: {why}")
+            self._influx_down_logged = True
 
     def _maybe_ready(self) -> None:
         if (
@@ -143,6 +149,7 @@ class IngestService:
                 await self.influx.ensure_database()
             except InfluxError as exc:
                 self.pipeline.last_write_error = str(exc)
+                self._on_influx_state(False, str(exc))
             else:
                 self.pipeline.set_influx_state(True, "")
                 return
@@ -188,7 +195,10 @@ class IngestService:
 
 
 def run(settings: Settings, device_type: DeviceType | None) -> None:
-    asyncio.run(IngestService(settings, device_type).run())
+    try:
+        asyncio.run(IngestService(settings, device_type).run())
+    except ConfigError as error:  # e.g. the health port is taken: a setting to change, not a bug
+        fail_fast(error, "ingest")
 
 
 def main(device_type: str | None = None) -> None:

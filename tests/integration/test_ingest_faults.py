@@ -73,8 +73,9 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
 
 
 def test_influxdb_down_20_s_mid_stream_loses_nothing(
-    broker: Broker, fresh_influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+    fresh_broker: Broker, fresh_influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
 ) -> None:
+    broker = fresh_broker
     ingest = IngestProcess(
         broker,
         fresh_influxd,

@@ -24,6 +24,15 @@ from tests.ingest_support import (
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def broker(fresh_broker: Broker) -> Broker:
+    """A broker of this test's own: ingest sessions are persistent and their shared subscriptions
+    outlive the test, so on a shared broker an earlier test's offline session would take a share
+    of this test's messages (see telemetry_ingest/README.md, "Replicas")."""
+    return fresh_broker
+
+
 GOOD = {"temperature_c": 21.5, "humidity_pct": 40.0, "setpoint_c": 20.0, "mode": "heat"}
 
 

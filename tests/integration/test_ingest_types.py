@@ -28,6 +28,15 @@ from tests.ingest_support import (
 
 pytestmark = pytest.mark.integration
 
+
+@pytest.fixture
+def broker(fresh_broker: Broker) -> Broker:
+    """A broker of this test's own: ingest sessions are persistent and their shared subscriptions
+    outlive the test, so on a shared broker an earlier test's offline session would take a share
+    of this test's messages (see telemetry_ingest/README.md, "Replicas")."""
+    return fresh_broker
+
+
 # Per type: two readings (the second with a JSON int in a float field) and the InfluxDB field types.
 CASES: dict[str, tuple[list[dict[str, Any]], dict[str, str]]] = {
     "thermostat": (
