@@ -109,6 +109,7 @@ class Run:
     engine_cpu_pct: float = 0.0
     publish_s: float = 0.0
     drain_s: float = 0.0
+    load_before: float = 0.0
 
 
 class CommandWatcher:
@@ -198,7 +199,7 @@ def run_rate(  # noqa: PLR0917
     duration_s: float,
     probes_per_s: int,
 ) -> Run:
-    run = Run(rate=rate, duration_s=duration_s)
+    run = Run(rate=rate, duration_s=duration_s, load_before=os.getloadavg()[0])
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{secrets.token_hex(3)}", protocol=mqtt.MQTTv5
     )
@@ -292,8 +293,8 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
         + " --write-docs",
         "",
         "| target readings/s | published/s | evaluated/s | drain after publishing | probes (received/sent) "
-        "| p50 ms | p99 ms | max ms | engine CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | max ms | engine CPU | load avg before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         lines.append(
@@ -301,7 +302,8 @@ def report(runs: list[Run], args: argparse.Namespace) -> str:
             f"{run.evaluated / (run.publish_s + run.drain_s):,.0f} | {run.drain_s:.1f} s | "
             f"{len(run.latencies_ms)}/{run.probes_sent} | {percentile(run.latencies_ms, 0.5):.1f} | "
             f"{percentile(run.latencies_ms, 0.99):.1f} | "
-            f"{max(run.latencies_ms) if run.latencies_ms else float('nan'):.1f} | {run.engine_cpu_pct:.0f} % |"
+            f"{max(run.latencies_ms) if run.latencies_ms else float('nan'):.1f} | {run.engine_cpu_pct:.0f} % | "
+            f"{run.load_before:.1f} |"
         )
     lines += [
         "",
