@@ -21,7 +21,9 @@ One tracker per registry deployment: replicas would share the client id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import threading
 import uuid
 from dataclasses import dataclass
@@ -111,6 +113,7 @@ class CommandTracker:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
+        self.client.on_socket_open = _no_delay
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -447,6 +450,12 @@ class CommandTracker:
                 await self.expire()
             except Exception:
                 log.exception("expiry sweep failed; retrying")
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    # Commands are small packets that must not wait for a delayed TCP ACK (paho leaves Nagle on).
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def new_command_id() -> str:

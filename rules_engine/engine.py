@@ -15,7 +15,9 @@ state store, so nothing fires twice and active rules still clear.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -47,6 +49,13 @@ from rules_engine.sources import DeviceEntry, Directory, RuleSource, SourceError
 from rules_engine.store import StateStore
 
 log = logging.getLogger("rules-engine")
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Disable Nagle: paho leaves it on, and a command written right after a PUBACK would wait
+    for the broker's delayed TCP ACK (up to 40 ms) — the latency this service exists to keep low."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class EngineMetrics:
@@ -133,6 +142,7 @@ class RulesEngine:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = lambda *_args: self.subscribed.set()
+        client.on_socket_open = _no_delay
         return client
 
     def _connect_properties(self) -> Properties:
