@@ -59,8 +59,10 @@ class SimThermostat:
         temperature: float = 21.0,
         auto_ack: bool = True,
         persistent: bool = True,
+        device_type: str = "thermostat",
     ) -> None:
         self.device_id = device_id
+        self.device_type = device_type
         self.temperature = temperature
         self.mode = "auto"
         self.auto_ack = auto_ack
@@ -78,7 +80,7 @@ class SimThermostat:
         self.lock = threading.Lock()
 
     def topic(self, channel: Channel) -> str:
-        return topics.device_topic("thermostat", self.device_id, channel)
+        return topics.device_topic(self.device_type, self.device_id, channel)
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
@@ -135,6 +137,10 @@ class SimThermostat:
         if ts is not None:
             body["ts"] = ts
         return orjson.dumps(body)
+
+    def publish_raw(self, body: dict[str, Any]) -> None:
+        info = self.client.publish(self.topic(Channel.TELEMETRY), orjson.dumps(body), qos=1)
+        info.wait_for_publish(5)
 
     def publish(self, temperature: float | None = None, ts: int | None = None) -> None:
         info = self.client.publish(self.topic(Channel.TELEMETRY), self.reading(temperature, ts), qos=1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -171,5 +172,32 @@ def test_presence_rule_fires_on_offline(
         wait(lambda: listener.events(topics.ALERT_EVENTS, "raised"), "offline alert")
         thermostat.client.publish(thermostat.topic(Channel.STATUS), topics.STATUS_ONLINE, qos=1, retain=True)
         wait(lambda: listener.events(topics.ALERT_EVENTS, "cleared"), "online clears it")
+    finally:
+        engine.stop()
+
+
+def test_schedule_rule_is_scheduled_in_its_time_zone_and_sends_to_named_devices(
+    broker: Broker, tmp_path: Path, thermostat: SimThermostat, listener: Listener
+) -> None:
+    morning = {
+        "name": "morning-heat",
+        "scope": {"device_type": "thermostat"},
+        "schedule": {"cron": "0 7 * * *", "tz": "Europe/Paris"},
+        "then": [
+            {"command": "set_mode", "args": {"mode": "heat"}, "target": {"devices": [thermostat.device_id]}}
+        ],
+    }
+    settings = engine_settings(broker, tmp_path, rules_file=write_rules(tmp_path / "rules.json", [morning]))
+    engine = start_engine(settings)
+    try:
+        job = engine.scheduler.get_job("schedule:morning-heat")
+        assert job is not None
+        local = job.next_run_time.astimezone(ZoneInfo("Europe/Paris"))
+        assert (local.hour, local.minute) == (7, 0)
+        engine.run_schedule("morning-heat")  # what APScheduler calls at 07:00 Paris time
+        wait(lambda: thermostat.commands, "scheduled command")
+        assert thermostat.commands[0].payload["args"] == {"mode": "heat"}
+        wait(lambda: listener.events(topics.COMMAND_EVENTS, "created"), "created event")
+        assert listener.events(topics.COMMAND_EVENTS, "created")[0]["source"] == "rule:morning-heat"
     finally:
         engine.stop()

@@ -472,3 +472,45 @@ def test_concurrent_raises_leave_one_open_alert(platform: Platform, uid: Callabl
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_co2_sensor_ventilates_its_room_via_tag_target(platform: Platform, uid: Callable[[str], str]) -> None:
+    """A CO2 reading in room 101 sends set_ventilation to every air-quality device tagged room=101."""
+    platform.start_engine()
+    room = uid("room")
+    devices = {}
+    for name, tag in (("sensor", room), ("vent", room), ("elsewhere", f"{room}-b")):
+        device_id = uid(name)
+        password = platform.provision(device_id, "air_quality", room=tag)
+        devices[name] = SimThermostat(
+            platform.broker, device_id, password, device_type="air_quality"
+        ).connect()
+    try:
+        rule = platform.create_rule(
+            {
+                "name": "co2-ventilate-room",
+                "scope": {"device_type": "air_quality", "device_ids": [devices["sensor"].device_id]},
+                "when": {"field": "co2_ppm", "op": ">", "value": 1000},
+                "then": [
+                    {"command": "set_ventilation", "args": {"level_pct": 100}, "target": {"same_tag": "room"}}
+                ],
+            }
+        )
+        platform.wait_rule_loaded(rule["id"])
+        devices["sensor"].publish_raw(
+            {"co2_ppm": 1500, "pm2_5_ugm3": 5.0, "voc_index": 100, "ventilation_pct": 10.0}
+        )
+        wait(
+            lambda: devices["vent"].commands and devices["sensor"].commands,
+            "both devices in the room commanded",
+        )
+        assert devices["vent"].commands[0].payload["args"] == {"level_pct": 100}
+        # The device in the other room got nothing: its own command topic is silent after the others'.
+        wait(
+            lambda: all(platform.commands(d.device_id) for d in (devices["vent"], devices["sensor"])),
+            "commands recorded",
+        )
+        assert devices["elsewhere"].commands == [] and platform.commands(devices["elsewhere"].device_id) == []
+    finally:
+        for device in devices.values():
+            device.disconnect()
