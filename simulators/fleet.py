@@ -74,6 +74,9 @@ class FleetConfig:
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
     offline_buffer: int = 1_000  # readings kept per device while disconnected
+    # The broker keeps a device's session (its subscription and QoS 1 commands sent meanwhile)
+    # this long while it is away, so commands reach devices that were offline when sent.
+    session_expiry_s: int = 3_600
     faults: list[FaultSpec] = field(default_factory=list)
     seed: int = 0
     max_future_s: int = 300  # the ingest's limits: skew beyond them is expected to be dead-lettered
@@ -109,6 +112,7 @@ class Stats:
         "disconnects_injected",
         "storms_injected",
         "status_published",
+        "offline_published",
         "commands_received",
         "commands_invalid",
         "commands_ignored",
@@ -142,6 +146,7 @@ class Stats:
         self.disconnects_injected = 0
         self.storms_injected = 0
         self.status_published = 0
+        self.offline_published = 0
         self.commands_received = 0
         self.commands_invalid = 0
         self.commands_ignored = 0
@@ -224,6 +229,9 @@ class SimDevice(mqtt.MqttHandler):
             will_payload=topics.STATUS_OFFLINE,
             will_retain=True,
             will_qos=1,
+            session_expiry=self.fleet.config.session_expiry_s,
+            # A run starts from a clean session; a reconnect resumes it (queued commands arrive).
+            clean_start=not self.was_online,
         )
 
     async def connect(self) -> None:
@@ -635,7 +643,7 @@ class SimDevice(mqtt.MqttHandler):
     def graceful_close(self) -> None:
         """End of run: retained offline, then DISCONNECT (no LWT)."""
         if self.state == ONLINE and self.conn is not None:
-            self.conn.disconnect()
+            self.conn.disconnect(end_session=True)  # the run is over: the broker may forget us
 
     def outcome(self) -> dict[str, Any]:
         """What verification needs: how many seqs were taken and which are not expected stored."""
@@ -692,6 +700,11 @@ class Fleet:
         self._connect_queue: list[SimDevice] = []
         self._background: set[asyncio.Task[None]] = set()
         self._handles: list[asyncio.TimerHandle] = []
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """End the run early but cleanly (Ctrl-C): drain, say offline, disconnect, report."""
+        self.stop_requested = True
 
     def elapsed(self) -> float:
         return self.loop.time() - self.started_at
@@ -784,7 +797,7 @@ class Fleet:
         keepalive = self.loop.create_task(self.keepalive())
         self.schedule_connection_faults()
         try:
-            while self.loop.time() < end:
+            while self.loop.time() < end and not self.stop_requested:
                 await asyncio.sleep(min(tick_s, max(0.0, end - self.loop.time())))
                 if on_tick is not None:
                     on_tick()
@@ -823,6 +836,7 @@ class Fleet:
             if device.state == ONLINE:
                 device._publish(device.topic_status, topics.STATUS_OFFLINE, KIND_OTHER, retain=True)
                 self.stats.status_published += 1
+                self.stats.offline_published += 1
         await _poll(lambda: not any(d.inflight and d.state == ONLINE for d in self.devices), 5.0)
         for device in self.devices:
             device.graceful_close()

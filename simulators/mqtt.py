@@ -32,6 +32,8 @@ PINGREQ_PACKET = b"\xc0\x00"
 PINGRESP = 0xD0
 DISCONNECT = 0xE0
 DISCONNECT_NORMAL = b"\xe0\x00"
+# Normal disconnection that also ends the session (session expiry interval property = 0).
+DISCONNECT_END_SESSION = b"\xe0\x07\x00\x05\x11\x00\x00\x00\x00"
 
 # MQTT 5 property identifiers used here.
 PROP_PAYLOAD_FORMAT = 0x01
@@ -125,8 +127,9 @@ def encode_connect(
     will_qos: int = 1,
     session_expiry: int = 0,
     receive_maximum: int = 0,
+    clean_start: bool = True,
 ) -> bytes:
-    flags = 0x02  # clean start: the simulator resends its own unacked publishes instead
+    flags = 0x02 if clean_start else 0x00
     if username is not None:
         flags |= 0x80
     if password is not None:
@@ -383,11 +386,11 @@ class MqttConnection(asyncio.Protocol):
         self.last_tx = now
         return True
 
-    def disconnect(self) -> None:
-        """Clean DISCONNECT (reason 0): the broker discards the will."""
+    def disconnect(self, end_session: bool = False) -> None:
+        """Clean DISCONNECT (reason 0): the broker discards the will (and the session if asked)."""
         transport = self.transport
         if transport is not None and not self.closed:
-            transport.write(DISCONNECT_NORMAL)
+            transport.write(DISCONNECT_END_SESSION if end_session else DISCONNECT_NORMAL)
             transport.close()
 
     def abort(self, exc: Exception | None = None) -> None:

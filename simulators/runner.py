@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import random
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -197,12 +198,26 @@ class _LiveOrLog:
             self.console.print(f"[{self.phase}] {line}", markup=False, highlight=False)
 
 
+def _on_interrupt(display: _LiveOrLog, stop: Callable[[], None]) -> None:
+    """First Ctrl-C: stop the fleet cleanly and still report; a second one aborts."""
+    loop = asyncio.get_running_loop()
+
+    def handler() -> None:
+        display.phase = "stopping (Ctrl-C again aborts)"
+        loop.remove_signal_handler(signal.SIGINT)
+        stop()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGINT, handler)
+
+
 async def _run_local(
     plan: RunPlan, progress: Progress, display: _LiveOrLog
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
     raise_fd_limit(len(plan.devices) + 256)
     fleet = Fleet(plan.devices, plan.fleet_config())
     process = psutil.Process()
+    _on_interrupt(display, fleet.request_stop)
 
     def tick() -> None:
         snapshot = fleet.stats.snapshot()
@@ -230,7 +245,7 @@ async def _run_workers(
     for index, devices in enumerate(slices):
         if not devices:
             continue
-        parent_end, child_end = context.Pipe(duplex=False)
+        parent_end, child_end = context.Pipe(duplex=True)  # stats up, "stop" down
         proc = context.Process(
             target=worker_main,
             args=(child_end, [d.as_dict() for d in devices], config, plan.scenario.duration),
@@ -266,6 +281,13 @@ async def _run_workers(
                 done[index].set_exception(RuntimeError(f"fleet process {index}: {message[1]}"))
 
         loop.add_reader(parent_end.fileno(), on_readable)
+
+    def stop_workers() -> None:
+        for pipe in pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("stop",))
+
+    _on_interrupt(display, stop_workers)
     try:
         results = await asyncio.gather(*done.values())
     finally:
@@ -325,6 +347,16 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
                 lambda: observer.stats.dead_letters,
                 expected_rejects,
                 lambda: display.refresh("waiting for dead letters"),
+            )
+            # The devices' final retained "offline" is still on its way to the observer.
+            expected_offline = fleet_stats.get("offline_published", 0) + fleet_stats.get(
+                "disconnects_injected", 0
+            )
+            await _settle(
+                lambda: observer.stats.status_offline,
+                expected_offline,
+                lambda: display.refresh("waiting for status"),
+                quiet_s=2.0,
             )
         verify_result: verifying.VerifyResult | None = None
         verify_error: str | None = None
@@ -440,6 +472,7 @@ def build_report(
             "connect_failures": fleet.get("connect_failures", 0),
             "connect_errors": fleet.get("connect_errors", {}),
             "disconnects": fleet.get("disconnects", 0),
+            "offline_published_at_end": fleet.get("offline_published", 0),
         },
         "faults": {
             "devices_with_faults": len(faulty),

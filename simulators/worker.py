@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -45,6 +46,8 @@ def config_from_dict(data: dict[str, Any]) -> FleetConfig:
 def worker_main(
     conn: Connection, devices: list[dict[str, str]], config: dict[str, Any], duration: float
 ) -> None:
+    # Ctrl-C reaches the whole process group: the parent decides and sends "stop" down the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise_fd_limit(len(devices) + 256)
     try:
         asyncio.run(_run(conn, devices, config, duration))
@@ -65,6 +68,16 @@ async def _run(
         snapshot["rss_bytes"] = process.memory_info().rss
         conn.send(("stats", snapshot))
 
+    def on_command() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the parent is gone: stop rather than run headless
+            message = ("stop",)
+        if message[0] == "stop":
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            fleet.request_stop()
+
+    asyncio.get_running_loop().add_reader(conn.fileno(), on_command)
     await fleet.run(duration, on_tick=report)
     snapshot = fleet.stats.snapshot()
     snapshot["rss_bytes"] = process.memory_info().rss

@@ -254,3 +254,22 @@ async def test_wrong_password_is_a_counted_connect_failure(broker: Broker, uid: 
     # Mosquitto's dynsec answers a wrong password with 0x87 (not authorized), others with 0x86.
     assert any(code in reason for reason in fleet.stats.connect_errors for code in ("0x86", "0x87"))
     assert topics.STATUS_ONLINE == b"online"
+
+
+async def test_command_sent_while_the_device_is_away_is_answered_after_it_reconnects(
+    broker: Broker, uid: Any
+) -> None:
+    (device,) = provisioned(broker, uid("away"), {"thermostat": 1})
+    spec = FaultSpec(kind="disconnect", fraction=1, at_s=0.5, offline_s=1.5)
+    async with Watcher(broker) as watcher:
+        fleet = Fleet([device], _config(broker, spec, interval_s=0.5))
+        run = asyncio.create_task(fleet.run(4.0, tick_s=0.05))
+        status = lambda: [m.payload for m in watcher.on(device, Channel.STATUS)]  # noqa: E731
+        await watcher.wait(lambda: status()[:2] == [b"online", b"offline"], "LWT offline")
+        command_id = await send_command(broker, device, "set_setpoint", {"setpoint_c": 23.5})
+        ack = await watcher.wait(lambda: watcher.on(device, Channel.ACKS), "ack after reconnect")
+        back_online = [m for m in watcher.on(device, Channel.STATUS) if m.payload == b"online"][1]
+        await run
+    # The broker kept the device's session (session expiry) and delivered the queued command.
+    assert ack[0].json()["id"] == command_id and ack[0].json()["status"] == "succeeded"
+    assert ack[0].at >= back_online.at
