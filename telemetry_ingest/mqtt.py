@@ -45,6 +45,7 @@ CONNACK = 0x20
 PUBLISH = 0x30
 PUBACK = 0x40
 SUBACK = 0x90
+UNSUBACK = 0xB0
 PINGRESP = 0xD0
 DISCONNECT = 0xE0
 
@@ -119,6 +120,17 @@ def subscribe_packet(packet_id: int, topic_filter: str, qos: int) -> bytes:
     return packet(0x82, _U16(packet_id) + b"\x00" + _utf8(topic_filter) + bytes([qos]))
 
 
+def unsubscribe_packet(packet_id: int, topic_filter: str) -> bytes:
+    return packet(0xA2, _U16(packet_id) + b"\x00" + _utf8(topic_filter))
+
+
+def disconnect_packet(*, end_session: bool = False) -> bytes:
+    """Normal DISCONNECT; with ``end_session`` the broker deletes the session (expiry set to 0)."""
+    if end_session:
+        return packet(DISCONNECT, b"\x00\x05\x11" + _U32(0))
+    return b"\xe0\x00"
+
+
 def publish_packet(topic: str, payload: bytes, *, qos: int, packet_id: int = 0) -> bytes:
     body = _utf8(topic) + (_U16(packet_id) if qos else b"") + b"\x00" + payload
     return packet(PUBLISH | (qos << 1), body)
@@ -147,6 +159,8 @@ class SessionConfig:
     topic_filter: str
     qos: int
     receive_maximum: int
+    retire: bool = False
+    """Resume the session but UNSUBSCRIBE instead of SUBSCRIBE: only the queued backlog arrives."""
 
 
 class _Connection(asyncio.Protocol):
@@ -240,6 +254,9 @@ class _Connection(asyncio.Protocol):
                 raise MqttProtocolError("short CONNACK")
             if not self.connack.done():
                 self.connack.set_result((body[1], bool(body[0] & 1)))
+        elif kind == UNSUBACK:
+            if not self.suback.done():
+                self.suback.set_result(0)  # no new messages are routed to this session any more
         elif kind == SUBACK:
             # packet id (2), properties (varint + bytes), one reason code per filter
             parsed = _read_varint(body, 2)
@@ -359,7 +376,10 @@ class MqttClient:
             if code >= 0x80:
                 conn.abort("refused")
                 return f"broker refused the connection: {CONNACK_REASONS.get(code, hex(code))}"
-            conn.transport.write(subscribe_packet(1, self.session.topic_filter, self.session.qos))
+            if self.session.retire:
+                conn.transport.write(unsubscribe_packet(1, self.session.topic_filter))
+            else:
+                conn.transport.write(subscribe_packet(1, self.session.topic_filter, self.session.qos))
             granted = await asyncio.wait_for(conn.suback, CONNECT_TIMEOUT_S)
             if granted >= 0x80:
                 conn.abort("subscribe refused")
@@ -393,13 +413,14 @@ class MqttClient:
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.transport.write(b"\xc0\x00")
 
-    async def disconnect(self) -> None:
-        """Normal DISCONNECT: the session (and its unacked messages) stays for the next start."""
+    async def disconnect(self, *, end_session: bool = False) -> None:
+        """Normal DISCONNECT: the session (and its unacked messages) stays for the next start,
+        unless ``end_session`` (a retired replica) asks the broker to delete it."""
         conn = self._conn
         self._connected = False
         if conn is None or conn.transport is None or conn.transport.is_closing():
             return
-        conn.transport.write(b"\xe0\x00")
+        conn.transport.write(disconnect_packet(end_session=end_session))
         conn.transport.close()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
             await asyncio.wait_for(asyncio.shield(conn.closed), 2.0)

@@ -70,6 +70,11 @@ class PahoClient:
             return
         with self._lock:
             self._epoch = (self._epoch + 1) & 0x7FFF_FFFF
+        if self.session.retire:
+            client.unsubscribe(self.session.topic_filter)
+            self._connected = True
+            self._post_state(True, "")
+            return
         client.subscribe(self.session.topic_filter, options=SubscribeOptions(qos=self.session.qos))
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
@@ -135,7 +140,11 @@ class PahoClient:
         self._client.loop_start()
         await stop.wait()
 
-    async def disconnect(self) -> None:
-        self._client.disconnect()
+    async def disconnect(self, *, end_session: bool = False) -> None:
+        props = None
+        if end_session:
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = 0
+        self._client.disconnect(properties=props)
         await asyncio.get_running_loop().run_in_executor(None, self._client.loop_stop)
         self._connected = False

@@ -130,6 +130,7 @@ class Pipeline:
         # Counted locally and added to the Prometheus counters per batch (see metrics.py).
         self._received_messages = 0
         self._received_readings = 0
+        self.messages_seen = 0  # total, never reset: lets a retiring replica see that it is idle
 
     # --- the hot path --------------------------------------------------------------------
 
@@ -137,6 +138,7 @@ class Pipeline:
         """One message from the broker, in arrival order. Never raises: bad input is dead-lettered."""
         now_ms = self._clock_ms()
         self._received_messages += 1
+        self.messages_seen += 1
         info = self._topics.get(topic)
         if info is None:
             try:

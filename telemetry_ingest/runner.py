@@ -12,6 +12,8 @@ device was not provisioned for, so it only catches devices provisioned with a
 type the ingest does not know (a catalogue/registry mismatch); it costs one
 extra delivery per telemetry message, so the stack runs it only on request.
 
+``--retire`` scales a replica down without losing its share: see README.md.
+
 The service starts even if the broker or InfluxDB are down: it retries both and
 reports ``degraded`` on /healthz (HTTP 503) until both answer.
 """
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
 from typing import Any
 
 from iotfleet.catalogue import DeviceType, get_device_type
@@ -36,6 +39,7 @@ from telemetry_ingest.mqtt import MqttClient, SessionConfig
 from telemetry_ingest.paho_transport import PahoClient
 from telemetry_ingest.pipeline import Pipeline
 
+RETIRE_IDLE_S = 3.0
 CATCH_ALL = "unknown-types"
 CATCH_ALL_GROUP = "ingest-unknown-types"
 
@@ -43,9 +47,10 @@ CATCH_ALL_GROUP = "ingest-unknown-types"
 class IngestService:
     """Wires settings, the MQTT session, the pipeline, InfluxDB and /healthz together."""
 
-    def __init__(self, settings: Settings, device_type: DeviceType | None) -> None:
+    def __init__(self, settings: Settings, device_type: DeviceType | None, *, retire: bool = False) -> None:
         self.settings = settings
         self.device_type = device_type
+        self.retire = retire
         name = device_type.name if device_type else CATCH_ALL
         self.name = f"ingest-{name.replace('_', '-')}"
         self.lifecycle = ServiceLifecycle(self.name)
@@ -67,6 +72,7 @@ class IngestService:
             topic_filter=topic_filter,
             qos=qos,
             receive_maximum=settings.ingest.receive_maximum,
+            retire=retire,
         )
         transport_cls = MqttClient if settings.ingest.transport == "fast" else PahoClient
         self.mqtt: MqttClient | PahoClient = transport_cls(
@@ -85,6 +91,7 @@ class IngestService:
         self._ready_logged = False
         self._mqtt_down_logged = False
         self._influx_down_logged = False
+        self._retired_idle = False
         self.stop = asyncio.Event()
 
     def _on_message(self, topic: str, payload: bytes, token: int) -> None:
@@ -173,20 +180,44 @@ class IngestService:
         if self.device_type is not None:
             prepare = asyncio.create_task(self._prepare_influx())
         session = asyncio.create_task(self.mqtt.run(self.stop))
+        if self.retire:
+            idle_watch = asyncio.create_task(self._stop_when_idle())
         await self.stop.wait()
         # Graceful stop: no new messages, write what was received, ack it, then disconnect.
         self.mqtt.pause_reading()
         drained = await self.pipeline.drain(self.settings.ingest.drain_timeout_s)
-        await self.mqtt.disconnect()
+        # A retired replica deletes its session only once everything it held is stored.
+        end_session = self.retire and drained and self._retired_idle
+        await self.mqtt.disconnect(end_session=end_session)
+        if self.retire:
+            idle_watch.cancel()
         await session
         if self.device_type is not None:
             prepare.cancel()
         await self.influx.aclose()
         health.stop()
-        self.lifecycle.stopped(
-            unacked_readings=self.pipeline.buffered,
-            drained=drained,
-        )
+        details: dict[str, object] = {"unacked_readings": self.pipeline.buffered, "drained": drained}
+        if self.retire:
+            details["session_deleted"] = end_session
+        self.lifecycle.stopped(**details)
+
+    async def _stop_when_idle(self) -> None:
+        """Retiring: once connected (unsubscribed), stop after RETIRE_IDLE_S without a message."""
+        self.lifecycle.log.info("retiring: storing the session's backlog, then deleting the session")
+        seen = -1
+        quiet_since = time.monotonic()
+        while not self.stop.is_set():
+            await asyncio.sleep(0.25)
+            if not self.mqtt.connected:
+                quiet_since = time.monotonic()
+                continue
+            if self.pipeline.messages_seen != seen or self.pipeline.buffered:
+                seen = self.pipeline.messages_seen
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= RETIRE_IDLE_S:
+                self._retired_idle = True
+                self.lifecycle.log.info("retiring: backlog of %d messages stored", seen)
+                self.stop.set()
 
     def _request_stop(self, sig: signal.Signals) -> None:
         if not self.stop.is_set():
@@ -194,9 +225,9 @@ class IngestService:
             self.stop.set()
 
 
-def run(settings: Settings, device_type: DeviceType | None) -> None:
+def run(settings: Settings, device_type: DeviceType | None, *, retire: bool = False) -> None:
     try:
-        asyncio.run(IngestService(settings, device_type).run())
+        asyncio.run(IngestService(settings, device_type, retire=retire).run())
     except ConfigError as error:  # e.g. the health port is taken: a setting to change, not a bug
         fail_fast(error, "ingest")
 
@@ -208,6 +239,12 @@ def main(device_type: str | None = None) -> None:
         "--unknown-types",
         action="store_true",
         help="run the catch-all that dead-letters telemetry of types not in the catalogue",
+    )
+    parser.add_argument(
+        "--retire",
+        action="store_true",
+        help="retire this replica (IOTFLEET_INGEST__REPLICA): unsubscribe, store its session's backlog,"
+        " then delete the session so the broker stops routing a share of the stream to it",
     )
     args = parser.parse_args()
     try:
@@ -233,7 +270,7 @@ def main(device_type: str | None = None) -> None:
         return
     configure_logging(settings.log_level)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
-    run(settings, entry)
+    run(settings, entry, retire=args.retire and entry is not None)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,14 @@ RATE = 5_000  # readings/s: the stream lasts ~4 s, so there is a "middle" to bre
 
 
 def stream(
-    broker: Broker, uid: Callable[[str], str], *, persistent: bool = False, resend_unrouted: bool = False
+    broker: Broker,
+    uid: Callable[[str], str],
+    *,
+    persistent: bool = False,
+    resend_unrouted: bool = False,
+    prefix: str = "d",
 ) -> StreamPublisher:
-    devices = [uid(f"d{i}") for i in range(DEVICES)]
+    devices = [uid(f"{prefix}{i}") for i in range(DEVICES)]
     user, password = provision_publisher(broker, "thermostat", devices)
     publisher = Publisher(
         broker, user, password, persistent=persistent, resend_unrouted=resend_unrouted
@@ -186,3 +191,50 @@ def test_two_replicas_split_the_stream_and_the_union_is_complete(
     finally:
         for replica in replicas:
             assert replica.terminate() == 0, replica.log_tail()
+
+
+def test_retired_replica_hands_back_its_share(
+    fresh_broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """Scaling down: a stopped replica's persistent session keeps receiving its share of the shared
+    subscription; ``--retire`` stores that backlog and deletes the session, so nothing is stranded."""
+    a = IngestProcess(fresh_broker, influxd, database, tmp_path / "a", replica="a").start()
+    b = IngestProcess(fresh_broker, influxd, database, tmp_path / "b", replica="b").start()
+    try:
+        a.wait_healthy()
+        b.wait_healthy()
+        assert b.terminate() == 0  # gone, but its session (and subscription) stays in the group
+        first = stream(fresh_broker, uid)
+        first.per_device = 200
+        first.start()
+        first.join(timeout=30)
+        first.publisher.wait_acked(first.total)
+        wait_for(
+            lambda: (h := a.health()) is not None and h["buffer_readings"] == 0 and h["pending_batches"] == 0,
+            timeout=20,
+            what="replica a idle",
+        )
+        stranded = first.total - stored_count(influxd, database, "thermostat")
+        assert stranded > 0, "the offline replica's session got no share"
+
+        retiring = IngestProcess(
+            fresh_broker, influxd, database, tmp_path / "b", replica="b", args=["--retire"]
+        )
+        retiring.start()
+        assert retiring.proc is not None
+        assert retiring.proc.wait(timeout=60) == 0, retiring.log_tail()
+        assert "session_deleted=True" in retiring.log_path.read_text()
+        first.assert_stored_exactly_once(influxd, database)
+
+        # The group is down to replica a: a new stream is stored completely by it alone.
+        second = stream(fresh_broker, uid, prefix="e")
+        second.per_device = 100
+        second.start()
+        second.join(timeout=30)
+        second.publisher.wait_acked(second.total)
+        wait_stored(influxd, database, first.total + second.total, timeout=30)
+        second.assert_stored_exactly_once(influxd, database)
+        first.publisher.close()
+        second.publisher.close()
+    finally:
+        assert a.terminate() == 0, a.log_tail()

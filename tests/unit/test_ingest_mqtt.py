@@ -94,3 +94,10 @@ async def test_connack_refusal_is_reported() -> None:
     conn = m._Connection(client, 1)
     conn.data_received(b"\x20\x03\x00\x86\x00")
     assert await asyncio.wait_for(conn.connack, 1) == (0x86, False)
+
+
+def test_retiring_packets() -> None:
+    # DISCONNECT, reason 0, properties: session expiry interval 0 -> the broker deletes the session
+    assert m.disconnect_packet(end_session=True) == b"\xe0\x07\x00\x05\x11\x00\x00\x00\x00"
+    assert m.disconnect_packet() == b"\xe0\x00"
+    assert m.unsubscribe_packet(1, "$share/g/t") == b"\xa2\x0f\x00\x01\x00\x00\x0a$share/g/t"
