@@ -120,6 +120,8 @@ class RulesEngine:
         self._pending_sent: dict[int, str] = {}
         self._was_connected = False
         self._cached: bytes | None = None
+        self._connect_lock = threading.Lock()
+        self._connect_started = False
         self.subscribed = threading.Event()
         self._reload_thread = threading.Thread(target=self._reload_loop, name="rules-reload", daemon=True)
         self.scheduler = BackgroundScheduler(timezone="UTC")
@@ -378,6 +380,7 @@ class RulesEngine:
             return False
         self.apply(rules, devices)
         self._cache(rules, devices)
+        self._connect()
         self.metrics.reloads.labels("ok").inc()
         if self.last_reload_error is not None:
             self.lifecycle.recovered("rules source reachable again")
@@ -510,6 +513,16 @@ class RulesEngine:
         )
         self._reload_wanted.set()
         self._reload_thread.start()
+        if self.rules_loaded:
+            self._connect()
+        # else: the first successful reload connects. Until then, readings wait in the broker
+        # (persistent session) rather than being evaluated against no rules at all.
+
+    def _connect(self) -> None:
+        with self._connect_lock:
+            if self._connect_started:
+                return
+            self._connect_started = True
         mqtt_settings = self.settings.mqtt
         self.client.connect_async(
             mqtt_settings.host,
@@ -525,6 +538,10 @@ class RulesEngine:
         self._reload_wanted.set()
         self.scheduler.shutdown(wait=True)
         self.tick()  # flush last-seen times
+        # Let in-flight commands get their PUBACK (and the registry its "sent" event), bounded.
+        deadline = time.monotonic() + 2.0
+        while self._pending_sent and self.client.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
         self._reload_thread.join(timeout=10)
