@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from device_registry import auth, db, routers
 from device_registry.broker_admin import BrokerAdmin
+from device_registry.dashboard import mount_dashboard
 from device_registry.metrics import RegistryMetrics
 from device_registry.presence import Presence
 from device_registry.problems import install_problem_handlers
@@ -154,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     for router in discover_routers():
         app.include_router(router)
+    mount_dashboard(app)  # the operator web dashboard at / (pages) and /static
     _install_request_metrics(app)
     return app
 
