@@ -23,6 +23,7 @@ import base64
 import binascii
 import math
 import re
+import time
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -252,8 +253,9 @@ def parse_time(text: str, *, param: str, now_ms: int) -> int:
 
 def format_time(ms: int) -> str:
     """Epoch ms → RFC 3339 UTC with milliseconds (``2026-11-27T14:00:00.000Z``)."""
-    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    seconds, millis = divmod(ms, 1000)
+    # time.gmtime + strftime: half the cost of datetime arithmetic, and called per row.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 @dataclass(frozen=True, slots=True)
