@@ -56,10 +56,18 @@ def wait_stored(influxd: Influxd, database: str, at_least: int, timeout: float) 
     )
 
 
+@pytest.mark.parametrize("transport", ["fast", "paho"])
 def test_kill_9_mid_stream_then_restart_loses_nothing(
-    fresh_broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+    transport: str,
+    *,
+    fresh_broker: Broker,
+    influxd: Influxd,
+    database: str,
+    tmp_path: Path,
+    uid: Callable[[str], str],
 ) -> None:
-    ingest = IngestProcess(fresh_broker, influxd, database, tmp_path).start()
+    env = {"IOTFLEET_INGEST__TRANSPORT": transport}
+    ingest = IngestProcess(fresh_broker, influxd, database, tmp_path, extra_env=env).start()
     ingest.wait_healthy()
     publisher = stream(fresh_broker, uid)
     publisher.start()
@@ -67,7 +75,8 @@ def test_kill_9_mid_stream_then_restart_loses_nothing(
     ingest.kill9()  # no flush, no ack of the last batches: the broker keeps them unacked
     at_kill = stored_count(influxd, database, "thermostat")
     assert at_kill < publisher.total, "the stream was over before the kill"
-    restarted = IngestProcess(fresh_broker, influxd, database, tmp_path).start()  # same replica, same session
+    # same replica name: same client id, same session, its unacked messages come back
+    restarted = IngestProcess(fresh_broker, influxd, database, tmp_path, extra_env=env).start()
     restarted.wait_healthy()
     publisher.join(timeout=30)
     publisher.publisher.wait_acked(publisher.total)
