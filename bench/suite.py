@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-node-red", action="store_true")
     parser.add_argument("--skip-areas", action="store_true", help="only the ingest comparison")
+    parser.add_argument("--doc", type=Path, default=None, help="write the report here instead of docs/benchmarks.md")
     args = parser.parse_args(argv)
     command = (
         "make bench"
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"machine: {json.dumps(info)}", flush=True)
     result = comparison(args)
-    replace_section(SECTION, render(result, info, command))
+    if args.doc:
+        replace_section(SECTION, render(result, info, command), doc=args.doc)
+    else:
+        replace_section(SECTION, render(result, info, command))
     areas: dict[str, Any] = {}
     if not args.skip_areas:
         for name, script in AREA_BENCHMARKS:

@@ -77,15 +77,13 @@ class BenchStack:
     bench_password: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
-        base = probes.free_port()
-        while any(probes.port_in_use("127.0.0.1", base + i) for i in range(8)) or base > 64000:
-            base = probes.free_port()
+        mqtt_port, influx_port, api_port, rpc_port, base = probes.free_ports(4, block=8)
         self.settings = load_settings(
             state_dir=self.root / "state",
-            mqtt={"port": probes.free_port()},
-            influx={"url": f"http://127.0.0.1:{probes.free_port()}", "database": "bench"},
-            registry={"port": probes.free_port()},
-            stack={"influx_rpc_port": probes.free_port(), "service_port_base": base},
+            mqtt={"port": mqtt_port},
+            influx={"url": f"http://127.0.0.1:{influx_port}", "database": "bench"},
+            registry={"port": api_port},
+            stack={"influx_rpc_port": rpc_port, "service_port_base": base},
         )
         self.stack = Stack(self.settings)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -143,6 +144,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             stack.down(on_progress=_progress)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite from the source tree (bench/ is not installed with the package)."""
+    from iotfleet.stack.configs import REPO_ROOT
+
+    if not (REPO_ROOT / "bench" / "suite.py").exists():
+        raise StackError(
+            f"no bench/ folder next to this installation ({REPO_ROOT}); run from a source checkout"
+        )
+    return subprocess.call([sys.executable, "-m", "bench.suite", *args.bench_args], cwd=REPO_ROOT)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iotfleet", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +172,10 @@ def make_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop every process of the stack")
     _add_stack_options(down)
     down.set_defaults(handler=cmd_down)
+
+    bench = sub.add_parser("bench", help="run every benchmark on a fresh stack; writes docs/benchmarks.md")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of bench/suite.py (see --help)")
+    bench.set_defaults(handler=cmd_bench)
 
     simulator_cli = _simulator_cli()
     if simulator_cli is not None and hasattr(simulator_cli, "add_arguments"):

@@ -29,6 +29,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int, *, block: int = 0, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct free ports, then (if ``block``) the base of ``block`` consecutive free ones last.
+
+    The sockets stay bound until all are chosen, so the OS cannot hand out one twice.
+    """
+    held: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind((host, 0))
+            held.append(sock)
+            ports.append(int(sock.getsockname()[1]))
+        if block:
+            for base in range(20_000, 60_000, block):
+                span = range(base, base + block)
+                if not any(p in ports for p in span) and not any(port_in_use(host, p) for p in span):
+                    ports.append(base)
+                    break
+            else:
+                raise RuntimeError(f"no block of {block} free ports")
+        return ports
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def http_ok(url: str, timeout: float = 1.0) -> bool:
     try:
         response = httpx.get(url, timeout=timeout)

@@ -351,9 +351,13 @@ class Stack:
                 "run `iotfleet down` first"
             )
         wanted: dict[int, tuple[str, str]] = {}
-        for part in parts:
-            wanted[part.port] = (part.name, part.setting)
-        wanted[self.settings.stack.influx_rpc_port] = ("influxd RPC", "IOTFLEET_STACK__INFLUX_RPC_PORT")
+        claims = [(p.port, p.name, p.setting) for p in parts]
+        claims.append((self.settings.stack.influx_rpc_port, "influxd RPC", "IOTFLEET_STACK__INFLUX_RPC_PORT"))
+        for port, name, setting in claims:
+            if port in wanted:
+                other = wanted[port][0]
+                raise StackError(f"port {port} is configured for both {other} and {name}: change {setting}")
+            wanted[port] = (name, setting)
         for port, (name, setting) in wanted.items():
             host = self.settings.mqtt.host if name == "mosquitto" else "127.0.0.1"
             if probes.port_in_use(host, port):

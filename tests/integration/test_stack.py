@@ -20,15 +20,6 @@ pytestmark = pytest.mark.integration
 IOTFLEET = [sys.executable, "-m", "iotfleet.cli"]
 
 
-def _free_block(size: int) -> int:
-    """A base port with ``size`` consecutive free ports (the ingest/rules health ports)."""
-    for _ in range(200):
-        base = probes.free_port()
-        if base + size < 65000 and not any(probes.port_in_use("127.0.0.1", base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free port block")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -42,15 +33,16 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    mqtt_port, influx_port, api_port, rpc_port, base = probes.free_ports(4, block=8)
     env = dict(os.environ)
     env.update(
         {
             "IOTFLEET_STATE_DIR": str(tmp_path / "state"),
-            "IOTFLEET_MQTT__PORT": str(probes.free_port()),
-            "IOTFLEET_INFLUX__URL": f"http://127.0.0.1:{probes.free_port()}",
-            "IOTFLEET_REGISTRY__PORT": str(probes.free_port()),
-            "IOTFLEET_STACK__INFLUX_RPC_PORT": str(probes.free_port()),
-            "IOTFLEET_STACK__SERVICE_PORT_BASE": str(_free_block(8)),
+            "IOTFLEET_MQTT__PORT": str(mqtt_port),
+            "IOTFLEET_INFLUX__URL": f"http://127.0.0.1:{influx_port}",
+            "IOTFLEET_REGISTRY__PORT": str(api_port),
+            "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc_port),
+            "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
         }
     )
     yield env
@@ -130,6 +122,13 @@ def test_port_in_use_fails_fast_and_starts_nothing(stack_env: dict[str, str], tm
     assert "already in use" in up.stderr and "IOTFLEET_REGISTRY__PORT" in up.stderr
     assert not (tmp_path / "state" / "supervisord.pid").exists()
     assert _run(stack_env, "status", "--json").returncode == 3
+
+
+def test_ports_configured_twice_are_refused(stack_env: dict[str, str]) -> None:
+    env = {**stack_env, "IOTFLEET_REGISTRY__PORT": stack_env["IOTFLEET_MQTT__PORT"]}
+    up = _run(env, "up", "--detach", timeout=20)
+    assert up.returncode == 2
+    assert "configured for both mosquitto and registry" in up.stderr
 
 
 def test_bad_setting_names_the_variable(stack_env: dict[str, str]) -> None:
