@@ -311,7 +311,6 @@ class LatencyProbe:
     def run(self) -> None:
         with httpx.Client(timeout=10) as http:
             while not self.stop:
-                polled = time.time() * 1000
                 q = (
                     f'SELECT "seq" FROM "{DEVICE_TYPE}" WHERE device_id =~ /^({self.regex})$/ '
                     f"AND time > {self.since_ms}ms GROUP BY device_id"
@@ -319,6 +318,8 @@ class LatencyProbe:
                 response = http.post(
                     f"{self.influxd.url}/query", data={"q": q, "db": DATABASE, "epoch": "ms"}
                 )
+                # After the answer: an upper bound of when the readings became queryable.
+                polled = time.time() * 1000
                 for result in response.json().get("results", []):
                     for series in result.get("series", []):
                         device = series["tags"]["device_id"]

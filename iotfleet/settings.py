@@ -95,6 +95,13 @@ class IngestSettings(BaseModel):
         " restore shared subscriptions after a broker restart (non-shared ones survive): a single-replica"
         " deployment that must not depend on devices resending after PUBACK 0x10 can turn this off",
     )
+    batch_linger_ms: int = Field(
+        5,
+        ge=0,
+        le=60_000,
+        description="When no InfluxDB write is in flight, close a batch after this long instead of"
+        " batch_max_age_ms (0: size and age only)",
+    )
     write_concurrency: int = Field(2, ge=1, le=16, description="InfluxDB writes in flight at once")
     deadletter_payload_chars: int = Field(
         1024, ge=0, description="Characters of the original payload kept in a dead letter"

@@ -8,7 +8,8 @@ are never acked (crash, InfluxDB down at shutdown) are redelivered by the broker
 from the persistent session, and re-stored idempotently: InfluxDB overwrites a
 point with the same measurement, tag set and timestamp.
 
-Batches close at ``batch_max_readings`` or ``batch_max_age_ms``; up to
+Batches close at ``batch_max_readings`` or ``batch_max_age_ms``, or as soon as the
+writer is idle (after ``batch_linger_ms``), so the batch size follows the load; up to
 ``write_concurrency`` writes are in flight, so the next batch fills while the
 previous one is written. While InfluxDB is down the batch is retried with capped
 exponential backoff, forever: nothing is dropped. Unacked readings are bounded by
@@ -122,6 +123,7 @@ class Pipeline:
         self._pending: deque[Batch] = deque()  # closed batches, oldest first, not yet acked
         self._tasks: set[asyncio.Task[None]] = set()
         self._write_slots = asyncio.Semaphore(settings.write_concurrency)
+        self._writing = 0  # writes in flight (holding a slot)
         self.buffered = 0  # readings received and not yet acked
         self._paused = False
         self._stop_deadline: float | None = None
@@ -199,9 +201,7 @@ class Pipeline:
         if self._batch_readings >= self.settings.batch_max_readings:
             self._close_batch()
         elif batch.timer is None:
-            batch.timer = asyncio.get_running_loop().call_later(
-                self.settings.batch_max_age_ms / 1000, self._close_batch
-            )
+            self._arm_timer(batch)
         if self.buffered >= self.settings.buffer_max_readings and not self._paused:
             self._paused = True
             self.transport.pause_reading()
@@ -254,11 +254,17 @@ class Pipeline:
         batch = self._batch
         batch.messages.append((token, 0, ""))
         if batch.timer is None:
-            batch.timer = asyncio.get_running_loop().call_later(
-                self.settings.batch_max_age_ms / 1000, self._close_batch
-            )
+            self._arm_timer(batch)
 
     # --- batches and writes --------------------------------------------------------------
+
+    def _arm_timer(self, batch: Batch) -> None:
+        """Close a new batch after ``batch_max_age_ms`` — or after ``batch_linger_ms`` when no write
+        is in flight: at low rates a reading then waits milliseconds, not the full age. Under load
+        a write is almost always in flight, and the batch grows until it completes (see _write)."""
+        linger = self.settings.batch_linger_ms
+        delay_ms = linger if linger and not self._writing else self.settings.batch_max_age_ms
+        batch.timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._close_batch)
 
     def _close_batch(self) -> None:
         batch = self._batch
@@ -283,14 +289,27 @@ class Pipeline:
 
     async def _write(self, batch: Batch) -> None:
         async with self._write_slots:
-            body = ("\n".join(batch.lines) + "\n").encode()
-            stored = await self._write_with_retry(body, len(batch.lines))
-            if stored is None:
-                return  # stopping with InfluxDB down: not acked, the broker redelivers
-            if not stored:
-                await self._write_messages_one_by_one(batch)
-            batch.done = True
-            self._release()
+            self._writing += 1
+            try:
+                body = ("\n".join(batch.lines) + "\n").encode()
+                stored = await self._write_with_retry(body, len(batch.lines))
+                if stored is None:
+                    return  # stopping with InfluxDB down: not acked, the broker redelivers
+                if not stored:
+                    await self._write_messages_one_by_one(batch)
+                batch.done = True
+                self._release()
+            finally:
+                self._writing -= 1
+            if (
+                not self._writing
+                and self.settings.batch_linger_ms
+                and self._batch.messages
+                and self._stop_deadline is None
+            ):
+                # The writer is idle and readings arrived meanwhile: write them now (the batch
+                # size follows the write latency instead of waiting for the age limit).
+                self._close_batch()
 
     async def _write_with_retry(self, body: bytes, readings: int) -> bool | None:
         """True once stored; False if InfluxDB refuses the data itself; None if stopping gave up."""

@@ -210,3 +210,27 @@ async def test_catch_all_dead_letters_only_unknown_types() -> None:
     body = orjson.loads(transport.published[0][1])
     assert body["errors"][0]["field"] == "topic"
     assert "toaster" in body["errors"][0]["message"]
+
+
+async def test_idle_writer_writes_after_the_linger_and_batches_grow_while_busy() -> None:
+    pipe, transport, writer = make(batch_max_readings=1000, batch_max_age_ms=60_000, batch_linger_ms=5)
+    writer.hold = True
+    pipe.handle(TOPIC, reading(1), 1)  # writer idle: closed after 5 ms, not 60 s
+    await until(lambda: len(writer.gates) == 1)
+    for token in range(2, 52):  # arrive while the first write is in flight: they wait for it...
+        pipe.handle(TOPIC, reading(token), token)
+    await asyncio.sleep(0.05)
+    assert len(writer.gates) == 1
+    writer.gates[0].set()  # ...and go out as one batch the moment it completes
+    await until(lambda: len(writer.gates) == 2)
+    writer.gates[1].set()
+    await until(lambda: transport.acked == list(range(1, 52)))
+    assert [body.count(b"\n") for body in writer.bodies] == [1, 50]
+
+
+async def test_without_linger_a_batch_waits_for_its_age() -> None:
+    pipe, _, writer = make(batch_max_readings=1000, batch_max_age_ms=200, batch_linger_ms=0)
+    pipe.handle(TOPIC, reading(1), 1)
+    await asyncio.sleep(0.1)
+    assert writer.bodies == []
+    await until(lambda: writer.bodies)
