@@ -199,7 +199,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
 
 def resolve_devices(
     args: argparse.Namespace, settings: Settings, counts: dict[str, int], console: Console
-) -> tuple[list[DeviceCredentials], str]:
+) -> tuple[list[DeviceCredentials], str, Path]:
     """Reuse the credentials file if it has enough devices of each type; provision the rest."""
     path: Path = getattr(args, "credentials", None) or settings.state_dir / "simulator" / "credentials.json"
     existing: list[DeviceCredentials] = []
@@ -207,7 +207,7 @@ def resolve_devices(
         existing = provisioning.load_credentials(path)
     missing = provisioning.missing_counts(existing, counts)
     if not missing:
-        return provisioning.select(existing, counts), f"reused {path}"
+        return provisioning.select(existing, counts), f"reused {path}", path
     api_url = _api_url(args, settings)
     api_key = getattr(args, "api_key", None) or provisioning.read_api_key(settings.state_dir)
     if not api_key:
@@ -223,9 +223,8 @@ def resolve_devices(
     )
     console.print(f"provisioned {len(new):,} device(s) in {time.monotonic() - started:.1f} s")
     provisioning.save_credentials(path, existing + new)
-    return provisioning.select(
-        existing + new, counts
-    ), f"provisioned {len(new)} via registry, saved to {path}"
+    note = f"provisioned {len(new)} via registry, saved to {path}"
+    return provisioning.select(existing + new, counts), note, path
 
 
 def _api_url(args: argparse.Namespace, settings: Settings) -> str:
@@ -261,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         settings = build_settings(args)
         scenario = build_scenario(args)
         counts = scenario.counts()
-        devices, credentials_note = resolve_devices(args, settings, counts, console)
+        devices, credentials_note, credentials_path = resolve_devices(args, settings, counts, console)
         observer, observer_note = resolve_observer(args, settings)
         if observer is None and (scenario.commands.rate_per_s > 0):
             console.print(f"[yellow]note[/]: no commands will be sent: {observer_note}")
@@ -284,6 +283,7 @@ def run(args: argparse.Namespace) -> int:
             report_path=report_path,
             live=not getattr(args, "quiet", False),
             credentials_note=credentials_note,
+            credentials_path=credentials_path,
         )
         console.print(
             f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"

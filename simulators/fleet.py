@@ -49,14 +49,18 @@ class DeviceCredentials:
     username: str
     password: str
     client_id: str
+    # Where the device's seq counter resumes: a real device keeps counting across restarts,
+    # and a rerun of the same ids must not look like duplicates of the previous run.
+    next_seq: int = 0
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "type": self.type,
             "username": self.username,
             "password": self.password,
             "client_id": self.client_id,
+            "next_seq": self.next_seq,
         }
 
 
@@ -199,7 +203,7 @@ class SimDevice(mqtt.MqttHandler):
         self.faults = faults
         self.conn: mqtt.MqttConnection | None = None
         self.state = OFFLINE
-        self.seq = 0
+        self.seq = creds.next_seq
         self.pid = 0
         self.sub_pid = 0
         self.attempt = 0
@@ -653,11 +657,13 @@ class SimDevice(mqtt.MqttHandler):
         return {
             "id": self.creds.id,
             "type": self.creds.type,
+            "first_seq": self.creds.next_seq,
             "seqs": self.seq,
             "rejected": sorted(set(self.rejected or ())),
             "dropped": list(self.dropped or ()),
             "unacked": sorted(set(unacked)),
             "faults": self.faults.kinds() if self.faults is not None else [],
+            "skew_ms": self.faults.skew_ms if self.faults is not None else 0,
         }
 
 

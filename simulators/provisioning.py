@@ -12,6 +12,7 @@ write the file). Format (JSON)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -59,9 +60,10 @@ def load_credentials(path: Path) -> list[DeviceCredentials]:
                     username=item.get("username", item["id"]),
                     password=item["password"],
                     client_id=item.get("client_id", item["id"]),
+                    next_seq=int(item.get("next_seq", 0)),
                 )
             )
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, ValueError):
             raise ProvisioningError(
                 f"credentials file {path}: device #{index} needs id, type and password"
             ) from None
@@ -79,6 +81,17 @@ def save_credentials(path: Path, devices: list[DeviceCredentials]) -> None:
     with os.fdopen(fd, "wb") as handle:
         handle.write(body)
     tmp.replace(path)
+
+
+def record_next_seqs(path: Path, outcomes: list[dict[str, Any]]) -> None:
+    """After a run: store where each device's seq counter goes on, for the next run of the same file."""
+    if not path.exists():
+        return
+    next_seq = {o["id"]: int(o["seqs"]) for o in outcomes}
+    devices = [
+        dataclasses.replace(d, next_seq=next_seq.get(d.id, d.next_seq)) for d in load_credentials(path)
+    ]
+    save_credentials(path, devices)
 
 
 def select(devices: list[DeviceCredentials], counts: Mapping[str, int]) -> list[DeviceCredentials]:

@@ -94,16 +94,18 @@ def _ranges(seqs: Iterable[int]) -> str:
 
 
 def check_device(outcome: dict[str, Any], stored: list[int]) -> DeviceCheck:
+    first, end = outcome.get("first_seq", 0), outcome["seqs"]
     rejected = set(outcome["rejected"])
-    expected = set(range(outcome["seqs"])) - rejected - set(outcome["dropped"])
-    counts = Counter(stored)
+    expected = set(range(first, end)) - rejected - set(outcome["dropped"])
+    # Seqs outside this run's range are an earlier run's (same ids): not ours to judge.
+    counts = Counter(s for s in stored if first <= s < end)
     missing = sorted(expected - counts.keys())
     unacked = set(outcome["unacked"])
     return DeviceCheck(
         id=outcome["id"],
         type=outcome["type"],
         expected=len(expected),
-        stored=len(stored),
+        stored=sum(counts.values()),
         missing=missing,
         missing_unacked=[s for s in missing if s in unacked],
         duplicates=sorted(s for s, n in counts.items() if n > 1),
@@ -135,6 +137,19 @@ def summarize(source: str, checks: list[DeviceCheck], waited_s: float) -> Verify
     return result
 
 
+PAD_MS = 2_000
+
+
+def device_window(outcome: dict[str, Any], start_ms: int, end_ms: int) -> tuple[int, int]:
+    """The stored-time range of this run's readings of one device: the run, shifted by its clock skew.
+
+    Bounded tightly so that an earlier run of the same devices (same ids, seq from 0
+    again) is not mistaken for duplicates.
+    """
+    skew = int(outcome.get("skew_ms", 0))
+    return start_ms + min(skew, 0) - PAD_MS, end_ms + max(skew, 0) + PAD_MS
+
+
 class InfluxSource:
     """Stored seqs per device straight from InfluxDB (one query per device type)."""
 
@@ -146,15 +161,18 @@ class InfluxSource:
     async def stored(
         self, outcomes: list[dict[str, Any]], start_ms: int, end_ms: int
     ) -> dict[str, list[int]]:
-        wanted = {o["id"] for o in outcomes}
+        windows = {o["id"]: device_window(o, start_ms, end_ms) for o in outcomes}
+        wanted = set(windows)
         types = sorted({o["type"] for o in outcomes})
         out: dict[str, list[int]] = {device_id: [] for device_id in wanted}
         rp = quote_identifier(self.settings.retention_policy)
+        low = min((w[0] for w in windows.values()), default=start_ms)
+        high = max((w[1] for w in windows.values()), default=end_ms)
         async with InfluxClient(self.settings) as client:
             for device_type in types:
                 statement = (
                     f'SELECT "seq" FROM {rp}.{quote_identifier(device_type)} '
-                    f'WHERE time >= {start_ms}ms AND time <= {end_ms}ms GROUP BY "device_id"'
+                    f'WHERE time >= {low}ms AND time <= {high}ms GROUP BY "device_id"'
                 )
                 try:
                     results = await client.query(statement)
@@ -165,13 +183,14 @@ class InfluxSource:
                 for row in series_rows(results):
                     device_id = row.get("device_id")
                     seq = row.get("seq")
-                    if isinstance(device_id, str) and device_id in wanted and isinstance(seq, int | float):
+                    if not (
+                        isinstance(device_id, str) and device_id in wanted and isinstance(seq, int | float)
+                    ):
+                        continue
+                    lo, hi = windows[device_id]
+                    if lo <= int(row.get("time", lo)) <= hi:
                         out[device_id].append(int(seq))
         return out
-
-    async def count(self, outcomes: list[dict[str, Any]], start_ms: int, end_ms: int) -> int:
-        stored = await self.stored(outcomes, start_ms, end_ms)
-        return sum(len(v) for v in stored.values())
 
 
 class ApiSource:
@@ -217,18 +236,19 @@ class ApiSource:
         limit = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30.0) as client:
 
-            async def one(device_id: str) -> tuple[str, list[int]]:
+            async def one(outcome: dict[str, Any]) -> tuple[str, list[int]]:
+                lo, hi = device_window(outcome, start_ms, end_ms)
                 async with limit:
-                    return device_id, await self._device(client, device_id, start_ms, end_ms)
+                    return outcome["id"], await self._device(client, outcome["id"], lo, hi)
 
-            pairs = await asyncio.gather(*(one(o["id"]) for o in outcomes))
+            pairs = await asyncio.gather(*(one(o) for o in outcomes))
         return dict(pairs)
 
-    async def count(self, outcomes: list[dict[str, Any]], start_ms: int, end_ms: int) -> int:
-        # Counting through the API costs a request per device: sample the first 50 only.
-        sample = outcomes[:50]
-        stored = await self.stored(sample, start_ms, end_ms)
-        return sum(len(v) for v in stored.values())
+
+def _in_run(outcomes: list[dict[str, Any]], stored: dict[str, list[int]]) -> int:
+    return sum(
+        1 for o in outcomes for seq in stored.get(o["id"], ()) if o.get("first_seq", 0) <= seq < o["seqs"]
+    )
 
 
 async def pick_source(
@@ -262,14 +282,18 @@ async def verify(
     on_progress: Callable[[str], None] | None = None,
 ) -> VerifyResult:
     """Wait until the platform stored what it should (or stops progressing), then compare per device."""
+    # Polling through the API costs a request per device: watch the first 50 only.
     expected_subset = outcomes if isinstance(source, InfluxSource) else outcomes[:50]
-    target = sum(o["seqs"] - len(set(o["rejected"])) - len(o["dropped"]) for o in expected_subset)
+    target = sum(
+        o["seqs"] - o.get("first_seq", 0) - len(set(o["rejected"])) - len(o["dropped"])
+        for o in expected_subset
+    )
     started = time.monotonic()
     deadline = started + settle_timeout_s
     last, last_change = -1, started
     while True:
         try:
-            have = await source.count(outcomes, start_ms, end_ms)
+            have = _in_run(expected_subset, await source.stored(expected_subset, start_ms, end_ms))
         except (InfluxError, VerifyError, httpx.HTTPError) as exc:
             raise VerifyError(f"cannot read stored telemetry from {source.name}: {exc}") from exc
         now = time.monotonic()

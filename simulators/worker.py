@@ -44,7 +44,7 @@ def config_from_dict(data: dict[str, Any]) -> FleetConfig:
 
 
 def worker_main(
-    conn: Connection, devices: list[dict[str, str]], config: dict[str, Any], duration: float
+    conn: Connection, devices: list[dict[str, Any]], config: dict[str, Any], duration: float
 ) -> None:
     # Ctrl-C reaches the whole process group: the parent decides and sends "stop" down the pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -58,7 +58,7 @@ def worker_main(
 
 
 async def _run(
-    conn: Connection, devices: list[dict[str, str]], config: dict[str, Any], duration: float
+    conn: Connection, devices: list[dict[str, Any]], config: dict[str, Any], duration: float
 ) -> None:
     fleet = Fleet([DeviceCredentials(**d) for d in devices], config_from_dict(config))
     process = psutil.Process()
