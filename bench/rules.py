@@ -349,14 +349,36 @@ def report(runs: list[Run], args: argparse.Namespace, eval_us: float) -> str:
     return "\n".join(lines)
 
 
+def _broker_nodelay() -> None:
+    import tests.harness
+    from iotfleet.stack import configs
+
+    original = configs.write_mosquitto_config
+
+    def with_nodelay(*a: Any, **kw: Any) -> Any:
+        files = original(*a, **kw)
+        with open(files.config, "a") as config:
+            config.write("\n# bench/rules.py --broker-nodelay\nset_tcp_nodelay true\n")
+        return files
+
+    tests.harness.configs.write_mosquitto_config = with_nodelay  # type: ignore[attr-defined]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--duration-s", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=500)
     parser.add_argument("--probes-per-s", type=int, default=20)
+    parser.add_argument(
+        "--broker-nodelay",
+        action="store_true",
+        help="add `set_tcp_nodelay true` to the bench broker's config (not in the shipped template)",
+    )
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    if args.broker_nodelay:
+        _broker_nodelay()
     with tempfile.TemporaryDirectory(prefix="iotfleet-bench-rules-") as tmp:
         root = Path(tmp)
         broker = Broker(root / "mosquitto").start()
