@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from iotfleet import topics
 from iotfleet.settings import MqttSettings, RegistrySettings, RulesSettings, Settings
 from iotfleet.stack import probes
 from rules_engine.engine import RulesEngine
 from rules_engine.sources import RegistrySource
 from rules_engine.store import StateStore
-from tests.rules_support import wait
+from tests.devices import provision
+from tests.harness import Broker
+from tests.integration.test_rules_engine import OVERHEAT
+from tests.rules_support import Listener, SimThermostat, wait, write_rules
 
 pytestmark = pytest.mark.integration
 
@@ -97,3 +103,60 @@ def test_process_serves_health_and_metrics_and_stops_on_sigterm(tmp_path: Path) 
     lines = output.splitlines()
     assert any(" starting " in line for line in lines) and any(" ready " in line for line in lines)
     assert any("stopped" in line for line in lines)
+
+
+def test_kill_9_mid_scenario_neither_refires_nor_forgets(
+    broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """kill -9 the engine process while a rule is active: after the restart it neither re-raises nor
+    fails to clear (state written on each transition), and readings sent meanwhile are evaluated."""
+    device_id = uid("th")
+    passwords = provision(broker, [("thermostat", device_id)])
+    device = SimThermostat(broker, device_id, passwords[device_id]).connect()
+    listener = Listener(broker, topics.ALERT_EVENTS)
+    rules = write_rules(
+        tmp_path / "rules.json",
+        [{**OVERHEAT, "scope": {"device_type": "thermostat", "device_ids": [device_id]}}],
+    )
+    env = {
+        **os.environ,
+        "IOTFLEET_STATE_DIR": str(tmp_path / "state"),
+        "IOTFLEET_MQTT__HOST": broker.host,
+        "IOTFLEET_MQTT__PORT": str(broker.port),
+        "IOTFLEET_MQTT__USERNAME": "iotfleet-rules",
+        "IOTFLEET_MQTT__PASSWORD": broker.passwords["iotfleet-rules"],
+        "IOTFLEET_MQTT__SESSION_EXPIRY_S": "120",
+        "IOTFLEET_RULES__CLIENT_ID": uid("rules"),
+        "IOTFLEET_RULES__RULES_FILE": str(rules),
+    }
+
+    def start() -> subprocess.Popen[bytes]:
+        health_port = probes.free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "rules_engine.main"],
+            env={**env, "IOTFLEET_HEALTH__PORT": str(health_port)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait(lambda: probes.http_ok(f"http://127.0.0.1:{health_port}/healthz"), "engine healthy", timeout=20)
+        return proc
+
+    proc = start()
+    try:
+        device.publish(35.0)
+        wait(lambda: listener.events(topics.ALERT_EVENTS, "raised"), "raised")
+        wait(lambda: device.commands, "cooling command")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        device.publish(36.0)  # still hot while the engine is dead: must not raise again
+        device.publish(25.0)  # then cool: must clear after the restart
+        proc = start()
+        wait(lambda: listener.events(topics.ALERT_EVENTS, "cleared"), "cleared after kill -9 and restart")
+        assert len(listener.events(topics.ALERT_EVENTS, "raised")) == 1
+        wait(lambda: len(device.commands) >= 2, "on_clear command")
+        assert [c.payload["args"]["mode"] for c in device.commands] == ["cool", "auto"]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        device.disconnect()
+        listener.close()
