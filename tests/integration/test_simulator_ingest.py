@@ -158,3 +158,22 @@ def test_verify_reports_missing_readings_when_nothing_is_stored(  # noqa: PLR091
         verify["stored"] == 0 and verify["missing"] == verify["expected"] == report["published"]["readings"]
     )
     assert verify["devices_with_missing"] == 3 and verify["samples"]
+
+
+def test_two_fleet_processes_share_the_fleet_and_one_report(broker: Broker, tmp_path: Path, uid: Any) -> None:
+    creds = provisioned(broker, uid("mp"), 40)
+    save_credentials(tmp_path / "credentials.json", creds)
+    args = cli.make_parser().parse_args(
+        _cli_args(
+            broker, tmp_path, "--devices", "40", "--duration", "3", "--interval", "0.5", "--processes", "2"
+        )
+    )
+    assert cli.run(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == 2
+    assert report["connections"]["connects"] == 40 and report["connections"]["connect_failures"] == 0
+    assert report["published"]["readings"] == report["published"]["broker_acked"] >= 40 * 4
+    assert report["platform"]["status_online"] == 40 == report["platform"]["status_offline"]
+    # The seq counters were recorded for the next run of the same credentials file.
+    saved = json.loads((tmp_path / "credentials.json").read_text())["devices"]
+    assert all(d["next_seq"] >= 4 for d in saved)
