@@ -115,7 +115,11 @@ def test_sigterm_flushes_and_acks_what_was_received(
     broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
 ) -> None:
     # Batches would only close after a minute: only the graceful stop can store these readings.
-    slow = {"IOTFLEET_INGEST__BATCH_MAX_AGE_MS": "60000", "IOTFLEET_INGEST__BATCH_MAX_READINGS": "100000"}
+    slow = {
+        "IOTFLEET_INGEST__BATCH_MAX_AGE_MS": "60000",
+        "IOTFLEET_INGEST__BATCH_MAX_READINGS": "100000",
+        "IOTFLEET_INGEST__BATCH_LINGER_MS": "0",
+    }
     replica = uid("r")
     device = uid("dev")
     # the per-type console script, as the stack starts it
