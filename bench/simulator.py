@@ -73,7 +73,10 @@ def log(message: str) -> None:
 def run_cli(args: list[str], env: dict[str, str], report: Path) -> dict[str, Any]:
     """The real CLI as a child process (its own RSS), progress lines passed through."""
     argv = [sys.executable, "-m", "simulators", *args, "--report", str(report)]
-    log("$ " + " ".join(a if len(a) < 60 else a[:57] + "..." for a in argv[1:]))
+    shown = [
+        "***" if prev == "--observer-password" else a for prev, a in zip(["", *argv], argv, strict=False)
+    ]
+    log("$ " + " ".join(a if len(a) < 60 else a[:57] + "..." for a in shown[1:]))
     proc = subprocess.run(argv, cwd=ROOT, env=env, check=False)
     if not report.exists():
         raise RuntimeError(f"simulator exited {proc.returncode} without a report")
@@ -338,8 +341,13 @@ def main() -> int:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="iotfleet-bench-sim-") as tmp:
         work = Path(tmp)
-        log(f"scale: {args.devices:,} devices, every 10 s, {args.duration}, one process, --verify")
-        results["scale"] = scale(work, args.devices, args.duration)
+        previous = RESULTS / "simulator.json"
+        if args.reuse_scale and previous.exists():
+            results["scale"] = json.loads(previous.read_text())["scale"]
+            log(f"scale: reusing the {results['scale']['devices']:,}-device run from {previous}")
+        else:
+            log(f"scale: {args.devices:,} devices, every 10 s, {args.duration}, one process, --verify")
+            results["scale"] = scale(work, args.devices, args.duration)
         results["capacity"] = []
         for interval, batch, offered in (
             ("200ms", 1, "25,000"),
