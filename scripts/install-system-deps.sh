@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages iotfleet runs on (mosquitto, its clients, influxdb,
-# and postgresql, which the registry tests start a throwaway cluster of),
+# and postgresql, which the registry tests start a throwaway cluster of, and
+# chromium with a font, which the dashboard's browser tests drive),
 # only if something is missing. Idempotent; uses sudo when not root.
 set -euo pipefail
 
@@ -14,9 +15,11 @@ have mosquitto && have_dynsec || missing+=(mosquitto)
 have mosquitto_pub || missing+=(mosquitto-clients)
 have influxd || missing+=(influxdb)
 have_initdb || missing+=(postgresql)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql already installed"
+  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql, chromium already installed"
   exit 0
 fi
 

@@ -7,7 +7,7 @@
 // Data is always inserted as text (textContent), never as HTML.
 
 const KEY_STORAGE = "iotfleet.apiKey";
-const POLL_MS = { fleet: 5000, devices: 10000, device: 5000, commandsBusy: 1000, alerts: 5000, rules: 10000 };
+const POLL_MS = { fleet: 5000, devices: 10000, device: 5000, commandsBusy: 500, alerts: 5000, rules: 10000 };
 const TERMINAL = new Set(["succeeded", "failed", "expired"]);
 const LIFECYCLE = ["queued", "sent", "delivered"];
 
@@ -530,6 +530,7 @@ async function initDevice() {
   const series = { times: [], values: Object.fromEntries(fields.map((f) => [f, []])) };
   let mode = null; // {raw: bool, every, startMs, endMs}
   let lastMs = null;
+  let loading = false;
 
   const draw = () => {
     for (const f of fields) {
@@ -550,6 +551,14 @@ async function initDevice() {
     }
   };
   const loadRange = async () => {
+    loading = true;
+    try {
+      await loadRangeNow();
+    } finally {
+      loading = false;
+    }
+  };
+  const loadRangeNow = async () => {
     const rangeS = Number($("#range").value);
     const endMs = Date.now();
     const startMs = endMs - rangeS * 1000;
@@ -576,7 +585,7 @@ async function initDevice() {
     draw();
   };
   const liveCharts = async () => {
-    if (!fields.length || !mode) return;
+    if (!fields.length || !mode || loading) return; // the full load in progress brings the points
     if (mode.raw) {
       const since = lastMs === null ? mode.startMs : lastMs + 1;
       const before = series.times.length;
@@ -623,7 +632,7 @@ async function initDevice() {
     busy = true;
     commandPoller.now();
   });
-  // While a command is in flight its lifecycle is followed every second.
+  // While a command is in flight its lifecycle is followed twice a second.
   const commandPoller = poll(refreshCommands, () => (busy ? POLL_MS.commandsBusy : POLL_MS.device));
 
   const refresh = async () => {
@@ -637,12 +646,13 @@ async function initDevice() {
     renderDeadLetters(summary);
     await liveCharts();
   };
-  try {
-    await Promise.all([loadRange(), commandPoller.now()]);
-  } catch (error) {
-    flash(`Cannot load telemetry: ${explain(error)}`);
-  }
-  await poll(refresh, POLL_MS.device).now();
+  // Everything at once: the page is on screen after the slowest request, not after their sum.
+  const refreshPoller = poll(refresh, POLL_MS.device);
+  await Promise.all([
+    loadRange().catch((error) => flash(`Cannot load telemetry: ${explain(error)}`)),
+    commandPoller.now(),
+    refreshPoller.now(),
+  ]);
   ready();
 }
 
@@ -991,6 +1001,7 @@ async function initRules() {
     const end = new Date();
     const start = new Date(end.getTime() - rangeS * 1000);
     $("#backtest-summary").textContent = "Running…";
+    section.dataset.state = "running";
     try {
       const result = await api(
         `/api/v1/rules/${encodeURIComponent(current.id)}/backtest${query({ start: start.toISOString(), end: end.toISOString() })}`,
@@ -1022,6 +1033,8 @@ async function initRules() {
       await drawBacktest();
     } catch (failure) {
       $("#backtest-summary").textContent = `Backtest failed: ${explain(failure)}`;
+    } finally {
+      section.dataset.state = "done";
     }
   };
   const drawBacktest = async () => {
