@@ -23,7 +23,7 @@ from tests.registry_harness import ADMIN_KEY, RegistryProcess
 
 pytestmark = pytest.mark.integration
 
-EXAMPLES = 8
+EXAMPLES = 6
 # 503 is the documented answer when the broker is away; never any other 5xx.
 ALLOWED_5XX = {503}
 
