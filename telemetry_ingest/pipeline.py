@@ -37,6 +37,7 @@ from telemetry_ingest.lines import LineEncoder
 from telemetry_ingest.metrics import IngestMetrics
 from telemetry_ingest.validation import (
     BAD_TOPIC,
+    INVALID_VALUE,
     STORAGE_REFUSED,
     UNKNOWN_DEVICE_TYPE,
     Rejected,
@@ -174,26 +175,27 @@ class Pipeline:
                 ts = reading.ts
                 if ts is not None and not lo <= ts <= hi:
                     check_times(readings, now_ms, self._max_future_ms, self._max_past_ms)
+            prefix = info.prefix
+            encode = encoder.encode
+            new_lines = [encode(prefix, reading, reading.ts or now_ms) for reading in readings]
         except Rejected as rejected:
             self._reject([info.device_type, info.device_id], payload, token, rejected, now_ms)
             return
-        except Exception as exc:  # a bug must not stop the pipeline either; the message is kept
+        except Exception as exc:
+            # A bug (or a value the encoder cannot write) must not stop the stream either: the
+            # message is dead-lettered with the error, logged with its traceback, and acked.
             log.exception("unexpected error handling a message on %s", topic)
             self._reject(
                 [info.device_type, info.device_id],
                 payload,
                 token,
-                Rejected.one("invalid_value", f"internal error: {exc!r}"),
+                Rejected.one(INVALID_VALUE, f"internal error: {exc!r}"),
                 now_ms,
             )
             return
         batch = self._batch
-        lines = batch.lines
-        prefix = info.prefix
-        encode = encoder.encode
-        for reading in readings:
-            lines.append(encode(prefix, reading, reading.ts or now_ms))
-        n = len(readings)
+        batch.lines.extend(new_lines)
+        n = len(new_lines)
         batch.messages.append((token, n, info.device_id))
         self._received_readings += n
         self._batch_readings += n

@@ -234,3 +234,23 @@ async def test_without_linger_a_batch_waits_for_its_age() -> None:
     await asyncio.sleep(0.1)
     assert writer.bodies == []
     await until(lambda: writer.bodies)
+
+
+async def test_an_unexpected_error_dead_letters_the_message_and_the_stream_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipe, transport, writer = make(batch_max_readings=2)
+    assert pipe._encoder is not None
+    real_encode = pipe._encoder.encode
+
+    def flaky(prefix: str, reading: object, ts: int) -> str:
+        if getattr(reading, "seq", None) == 2:
+            raise ValueError("cannot encode")
+        return real_encode(prefix, reading, ts)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipe._encoder, "encode", flaky)
+    for token in (1, 2, 3):
+        pipe.handle(TOPIC, reading(token), token)
+    await until(lambda: transport.acked == [1, 2, 3])
+    assert writer.bodies[0].count(b"\n") == 2  # readings 1 and 3
+    assert "internal error" in orjson.loads(transport.published[0][1])["errors"][0]["message"]
