@@ -372,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ingest.start()
         wait_for(lambda: all(i.healthy() for i in ingests), timeout=30, what="ingest healthy")
         result: dict[str, Any] = {
+            "load_average_1m_at_start": os.getloadavg()[0],
             "mode": args.mode,
             "replicas": args.replicas,
             "transport": args.transport,
@@ -427,6 +428,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["machine"] = (
             f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
         )
+        # The 2 cores are shared with the broker, InfluxDB, the publishers — and whatever else runs.
+        result["load_average_1m_at_end"] = os.getloadavg()[0]
         return result
     finally:
         for ingest in ingests:
