@@ -6,13 +6,16 @@ import os
 import subprocess
 import sys
 
+import paho.mqtt.client as mqtt
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from device_registry import auth, broker_admin
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.db import check_database_url
 from device_registry.models import Role
+from device_registry.presence import Presence
 from device_registry.problems import Problem
 from device_registry.routers.devices import _decode_cursor, _encode_cursor
 from device_registry.schemas import DeviceBulkCreate, DeviceCreate, DeviceUpdate
@@ -132,3 +135,27 @@ def test_bad_config_fails_fast_naming_the_setting(env: dict[str, str], setting: 
     )
     assert result.returncode == 2
     assert setting in result.stderr and "Traceback" not in result.stderr
+
+
+def _message(topic: str, payload: bytes, *, retain: bool = False) -> mqtt.MQTTMessage:
+    message = mqtt.MQTTMessage(topic=topic.encode())
+    message.payload = payload
+    message.retain = retain
+    return message
+
+
+def test_presence_keeps_only_the_latest_state_in_memory() -> None:
+    presence = Presence(MqttSettings(), sessions=None, metrics=CollectorRegistry())  # type: ignore[arg-type]
+    for seq in range(1000):
+        presence._on_message(_message("devices/thermostat/t-1/telemetry", f'{{"seq": {seq}}}'.encode()))
+    presence._on_message(_message("devices/thermostat/t-2/status", b"online", retain=True))
+    presence._on_message(_message("devices/thermostat/t-3/status", b"online"))
+    presence._on_message(_message("devices/thermostat/t-3/status", b"offline"))
+    presence._on_message(_message("devices/thermostat/t-4/status", b"garbage"))
+    presence._on_message(_message("devices/thermostat/t-5/acks", b"{}"))
+    presence._on_message(_message("elsewhere/t-6/telemetry", b"{}"))
+    # 1000 readings of one device are one pending write.
+    assert set(presence._seen) == {"t-1", "t-3", "t-5"}  # a retained status is not a sign of life now
+    assert presence._status["t-2"][0] is True and presence._status["t-2"][2] is True
+    assert presence._status["t-3"][0] is False  # the latest status wins
+    assert "t-4" not in presence._status
