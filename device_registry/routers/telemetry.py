@@ -130,6 +130,7 @@ class TypeAggregate(BaseModel):
     every: str
     fill: str
     group_by: str | None
+    tags: dict[str, str] = Field(description="The tag filters applied")
     start: str
     end: str
     groups: list[AggregateGroup]
@@ -461,6 +462,13 @@ async def type_aggregate_telemetry(
     group_by: Annotated[
         str | None, Query(max_length=70, description="none (default), device, or a tag key (e.g. site)")
     ] = None,
+    tag: Annotated[
+        list[str] | None,
+        Query(
+            max_length=query.MAX_TAG_FILTERS,
+            description="Only points with this tag value: key=value, repeatable (e.g. site=paris)",
+        ),
+    ] = None,
 ) -> Response:
     device_type = _checked(query.resolve_type, type_name)
     aggregate_fn = _checked(query.parse_enum, query.AggregateFn, fn, param="fn")
@@ -469,6 +477,7 @@ async def type_aggregate_telemetry(
     )
     fill_mode = _checked(query.parse_enum, query.Fill, fill, param="fill")
     group = _checked(query.parse_group_by, group_by)
+    tag_filters = _checked(query.parse_tag_filters, tag)
     time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
     every_ms = _checked(query.parse_every, every, time_range)
     groups = await _guard(
@@ -481,6 +490,7 @@ async def type_aggregate_telemetry(
             fn=aggregate_fn,
             fill=fill_mode,
             group_by=group,
+            tags=tag_filters,
         )
     )
     return _json(
@@ -491,6 +501,7 @@ async def type_aggregate_telemetry(
             "every": query.format_duration(every_ms),
             "fill": fill_mode.value,
             "group_by": group,
+            "tags": dict(tag_filters),
             "start": query.format_time(time_range.start_ms),
             "end": query.format_time(time_range.end_ms),
             "groups": [{"tags": g.tags, "points": _points(g.rows)} for g in groups],

@@ -570,6 +570,27 @@ def parse_group_by(value: str | None) -> str | None:
     return text
 
 
+MAX_TAG_FILTERS = 10
+
+
+def parse_tag_filters(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    """``tag=key=value`` filters (the registry's device-list syntax); the value is bound, never spliced."""
+    filters = []
+    for raw in values or []:
+        key, sep, value = raw.partition("=")
+        if not sep or not _TAG_KEY_RE.fullmatch(key) or key == "time":
+            raise QueryError(
+                f"tag filter {raw[:60]!r} must be key=value with a key of letters, digits, '_', '.', ':', '-'",
+                param="tag",
+            )
+        if len(value) > 256 or "\x00" in value:
+            raise QueryError("a tag filter value is at most 256 characters, without NUL", param="tag")
+        filters.append((key, value))
+    if len(filters) > MAX_TAG_FILTERS:
+        raise QueryError(f"at most {MAX_TAG_FILTERS} tag filters", param="tag")
+    return filters
+
+
 def type_aggregate_statement(
     device_type: DeviceType,
     fields: Sequence[str],
@@ -581,25 +602,36 @@ def type_aggregate_statement(
     group_by: str | None,
     max_groups: int,
     rp: str,
+    tags: Sequence[tuple[str, str]] = (),
 ) -> Statement:
     """Downsampled series across a whole type, optionally one series per device or tag value.
 
+    ``tags`` restricts it to points whose tags have those values (all of them).
     ``SLIMIT max_groups + 1`` bounds the work; the service refuses the answer if
     that extra series came back (too many groups for the point budget).
     """
     check_fn_fields(fn, fields, device_type)
-    if group_by is not None and group_by in field_kinds(device_type):
+    kinds = field_kinds(device_type)
+    if group_by is not None and group_by in kinds:
         raise QueryError(f"group_by {group_by!r} is a field, not a tag", param="group_by")
+    where = time_range.where()
+    params: dict[str, str] = {}
+    for i, (key, value) in enumerate(tags):
+        if key in kinds:
+            raise QueryError(f"tag filter {key!r} is a field, not a tag", param="tag")
+        # InfluxQL compares a tag with a string: the value goes in as bind parameter $tag_i.
+        where += f" AND {quote_identifier(key)} = $tag_{i}"
+        params[f"tag_{i}"] = value
     group = f"time({int(every_ms)}ms)"
     if group_by is not None:
         group += f", {quote_identifier(group_by)}"
     text = (
         f"SELECT {_aggregate_selects(fn, fields)} FROM {source(device_type.name, rp)}"
-        f" WHERE {time_range.where()} GROUP BY {group} fill({Fill(fill).value})"
+        f" WHERE {where} GROUP BY {group} fill({Fill(fill).value})"
     )
     if group_by is not None:
         text += f" SLIMIT {int(max_groups) + 1}"
-    return Statement(text)
+    return Statement(text, params)
 
 
 def summary_field(device_type: DeviceType) -> str:

@@ -262,6 +262,7 @@ async def type_aggregate(
     fn: AggregateFn,
     fill: Fill,
     group_by: str | None,
+    tags: Sequence[tuple[str, str]] = (),
 ) -> list[Group]:
     buckets = query.bucket_count(time_range, every_ms)
     max_groups = max(1, query.MAX_AGGREGATE_POINTS // buckets)
@@ -275,6 +276,7 @@ async def type_aggregate(
         group_by=group_by,
         max_groups=max_groups,
         rp=_rp(client),
+        tags=tags,
     )
     results = await _run(client, statement)
     series = [s for result in results for s in result.get("series", [])]
@@ -293,9 +295,9 @@ async def type_aggregate(
     floats = _aggregate_floats(device_type, fn, fields)
     groups = []
     for one in series:
-        tags = dict(one.get("tags") or {})
+        group_tags = dict(one.get("tags") or {})
         rows = [_restore_floats(row, floats) for row in series_rows([{"series": [{**one, "tags": {}}]}])]
-        groups.append(Group(tags, rows))
+        groups.append(Group(group_tags, rows))
     groups.sort(key=lambda g: sorted(g.tags.items()))
     return groups
 

@@ -325,6 +325,17 @@ async def test_type_aggregate_all_by_device_and_by_tag(world: World) -> None:
                       every="2m", fn="count", fields="relay_on,power_w")  # fmt: skip
     assert body["groups"][0]["points"][0] | {"time": None} == {"time": None, "relay_on": 3, "power_w": 3}
 
+    # Tag filters: only paris (device a), or a device by its id tag; a value nobody has: nothing.
+    body = await get(w, path, **window, every="5m", tag="site=paris")
+    assert body["tags"] == {"site": "paris"}
+    assert [g["points"][0]["temperature_c"] for g in body["groups"]] == [24.5]
+    body = await get(w, path, **window, every="5m", tag=[f"device_id={w.b}", "site=lyon"])
+    assert [g["points"][0]["temperature_c"] for g in body["groups"]] == [10.0]
+    body = await get(w, path, **window, every="5m", tag="site=' OR site =~ /.*/ OR 'a'='a")
+    assert body["groups"] == []
+    await get(w, path, 422, tag="site")
+    await get(w, path, 422, tag="temperature_c=1")
+
     await get(w, "/api/v1/device-types/toaster/telemetry/aggregate", 404)
     await get(w, path, 422, group_by="temperature_c", start=w.t0, end=w.t(5))
     await get(w, path, 422, group_by="si te")

@@ -108,6 +108,7 @@ def _requests(w: World, attack: str) -> list[tuple[str, dict[str, str], dict[str
         (typ, {"fn": attack}, {}),
         (typ, {"fill": attack}, {}),
         (typ, {"start": attack}, {}),
+        (typ, {"tag": f"{attack}=x", **window}, {}),
     ]
 
 
@@ -126,6 +127,16 @@ async def test_injection_attempts_are_4xx_and_change_nothing(world: World) -> No
             assert 400 <= resp.status_code < 500, where
             assert resp.headers["content-type"].startswith(PROBLEM), where
     assert tried > 500
+    # A tag filter's value is data, not syntax: bound, it matches nothing and is answered 200.
+    for attack in attacks(database):
+        if "\x00" in attack or len(attack) > 256:
+            continue
+        resp = await w.viewer.get(
+            "/api/v1/device-types/thermostat/telemetry/aggregate",
+            params={"tag": f"site={attack}", "start": str(w.t0), "end": str(w.t(10)), "every": "10m"},
+        )
+        assert resp.status_code == 200, (attack, resp.text)
+        assert resp.json()["groups"] == [], attack
     after = await snapshot(w)
     assert after == before
     # And the data still answers with its known values.

@@ -49,6 +49,8 @@ NASTY = [
     "$device_id",
 ]
 
+nasty_text = st.one_of(st.sampled_from(NASTY), st.text(max_size=30))
+
 
 # --- time ---------------------------------------------------------------------------------
 
@@ -343,6 +345,51 @@ def test_group_by() -> None:
         )  # fmt: skip
 
 
+def test_tag_filters_are_bound_values_on_checked_keys() -> None:
+    assert q.parse_tag_filters(None) == []
+    assert q.parse_tag_filters(["site=paris", "floor=2=b", "zone.x:y-z="]) == [
+        ("site", "paris"),
+        ("floor", "2=b"),
+        ("zone.x:y-z", ""),
+    ]
+    for bad in ["site", "=paris", "si te=x", "time=1", 'site"=x', "site;=x", "site=\x00", "s=" + "x" * 257]:
+        with pytest.raises(QueryError) as info:
+            q.parse_tag_filters([bad])
+        assert info.value.param == "tag"
+    with pytest.raises(QueryError, match="at most"):
+        q.parse_tag_filters([f"k{i}=v" for i in range(q.MAX_TAG_FILTERS + 1)])
+    st_ = q.type_aggregate_statement(
+        THERMOSTAT, ["mode"], RANGE, every_ms=60_000, fn=AggregateFn.LAST, fill=Fill.NONE,
+        group_by=None, max_groups=5, rp="raw", tags=[("site", "p'a\"r;is"), ("floor", "2")],
+    )  # fmt: skip
+    assert st_.text == (
+        'SELECT LAST("mode") AS "mode" FROM "raw"."thermostat" WHERE time >= '
+        f'{T0}ms AND time < {T0 + 600_000}ms AND "site" = $tag_0 AND "floor" = $tag_1'
+        " GROUP BY time(60000ms) fill(none)"
+    )
+    assert st_.params == {"tag_0": "p'a\"r;is", "tag_1": "2"}
+    with pytest.raises(QueryError, match="is a field"):
+        q.type_aggregate_statement(
+            THERMOSTAT, ["mode"], RANGE, every_ms=60_000, fn=AggregateFn.LAST, fill=Fill.NONE,
+            group_by=None, max_groups=5, rp="raw", tags=[("mode", "heat")],
+        )  # fmt: skip
+
+
+@given(values=st.lists(nasty_text, max_size=3))
+def test_tag_filter_values_never_reach_the_query_text(values: list[str]) -> None:
+    try:
+        filters = q.parse_tag_filters([f"site={v}" for v in values])
+    except QueryError:
+        return
+    statement = q.type_aggregate_statement(
+        THERMOSTAT, ["mode"], RANGE, every_ms=60_000, fn=AggregateFn.LAST, fill=Fill.NONE,
+        group_by=None, max_groups=5, rp="raw", tags=filters,
+    )  # fmt: skip
+    assert statement.params == {f"tag_{i}": v for i, v in enumerate(values)}
+    assert all(f"$tag_{i}" in statement.text for i in range(len(values)))
+    assert not set(statement.text) & {";", "\n", "\r", "\x00", "'", "\\"}
+
+
 def test_summary_statements() -> None:
     assert q.summary_field(THERMOSTAT) == "temperature_c"
     st_ = q.readings_count_statement([THERMOSTAT, AIR], "raw")
@@ -384,7 +431,6 @@ _RAW = re.compile(
     r" AND time >= \d+ms AND time < \d+ms ORDER BY time ASC LIMIT \d+( OFFSET \d+)?$"
 )
 
-nasty_text = st.one_of(st.sampled_from(NASTY), st.text(max_size=30))
 field_lists = st.lists(st.one_of(st.sampled_from([*THERMOSTAT.fields, "seq"]), nasty_text), max_size=4)
 
 
