@@ -86,7 +86,9 @@ class IngestService:
             self.metrics,
             on_influx_state=self._on_influx_state,
         )
-        self._handle = self.pipeline.handle
+        # The transport exists before the pipeline (which needs it to ack); from here on it
+        # calls the pipeline directly, without a wrapper frame per message.
+        self.mqtt.sink = self.pipeline.handle
         self.mqtt_error = "not connected yet"
         self._ready_logged = False
         self._mqtt_down_logged = False
@@ -95,7 +97,7 @@ class IngestService:
         self.stop = asyncio.Event()
 
     def _on_message(self, topic: str, payload: bytes, token: int) -> None:
-        self._handle(topic, payload, token)
+        raise RuntimeError("a message arrived before the pipeline was wired")  # pragma: no cover
 
     def _on_mqtt_state(self, up: bool, why: str) -> None:
         self.metrics.mqtt_connected.set(1 if up else 0)
