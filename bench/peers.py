@@ -42,11 +42,16 @@ TELEMETRY_FILTER = f"devices/{DEVICE_TYPE}/+/telemetry"
 # --- the machine's limits -------------------------------------------------------
 
 
-def broker_passthrough(stack: BenchStack, qos: int, messages: int, publishers: int = 4) -> dict[str, Any]:
+def broker_passthrough(
+    stack: BenchStack, qos: int, messages: int, *, drained: bool = False, publishers: int = 4
+) -> dict[str, Any]:
     """Mosquitto delivering to one subscriber, C clients on both ends (mosquitto_pub -l / mosquitto_sub).
 
-    QoS 1: the subscriber's persistent session exists first; the publishers and
-    the subscriber then run together and we time until it received everything.
+    Live: the subscriber's persistent session exists first (no subscribe race),
+    then publishers and subscriber run together; timed until it received all.
+    Drained (QoS 1): the backlog is queued in the subscriber's offline session
+    first, then the subscriber alone is timed — the broker's delivery ceiling
+    under the same conditions as the pipelines' drains.
     """
     auth = ["-h", stack.mqtt_host, "-p", str(stack.mqtt_port), "-u", BENCH_USER, "-P", stack.bench_password]
     client_id = f"passthrough-q{qos}-{time.monotonic_ns()}"
@@ -55,29 +60,37 @@ def broker_passthrough(stack: BenchStack, qos: int, messages: int, publishers: i
     subprocess.run([*subscribe, "-E"], check=True, timeout=30)
     payload = next(reading_payloads("x", 1, int(time.time() * 1000))).decode()
     per_publisher = messages // publishers
+    total = per_publisher * publishers
     with tempfile.NamedTemporaryFile("w", suffix=".lines", delete=False) as lines:
         lines.write((payload + "\n") * per_publisher)
-    receiver = subprocess.Popen(
-        [*subscribe, "-C", str(per_publisher * publishers)], stdout=subprocess.DEVNULL
-    )
+
+    def publish() -> list[subprocess.Popen[bytes]]:
+        return [
+            subprocess.Popen(
+                [
+                    "mosquitto_pub",
+                    *auth,
+                    "-q",
+                    str(qos),
+                    "-M",
+                    "1000",
+                    "-l",
+                    "-t",
+                    f"devices/{DEVICE_TYPE}/pt{i}/telemetry",
+                ],
+                stdin=open(lines.name, "rb"),
+            )
+            for i in range(publishers)
+        ]
+
+    senders: list[subprocess.Popen[bytes]] = []
+    if drained:
+        for sender in publish():
+            sender.wait(timeout=300)
     started = time.perf_counter()
-    senders = [
-        subprocess.Popen(
-            [
-                "mosquitto_pub",
-                *auth,
-                "-q",
-                str(qos),
-                "-M",
-                "1000",
-                "-l",
-                "-t",
-                f"devices/{DEVICE_TYPE}/pt{i}/telemetry",
-            ],
-            stdin=open(lines.name, "rb"),  # noqa: SIM115 - closed with the process
-        )
-        for i in range(publishers)
-    ]
+    receiver = subprocess.Popen([*subscribe, "-C", str(total)], stdout=subprocess.DEVNULL)
+    if not drained:
+        senders = publish()
     with ProcessSampler([receiver.pid, *[s.pid for s in senders]]) as sampler:
         try:
             receiver.wait(timeout=300)
@@ -86,7 +99,6 @@ def broker_passthrough(stack: BenchStack, qos: int, messages: int, publishers: i
                 sender.wait(timeout=60)
     seconds = time.perf_counter() - started
     os.unlink(lines.name)
-    total = per_publisher * publishers
     return {
         "messages": total,
         "seconds": round(seconds, 2),
@@ -139,6 +151,9 @@ def influx_raw_write(stack: BenchStack, points: int, batch: int = 10_000, writer
 
 def _prepare_backlog(stack: BenchStack, devices: int, per_device: int, start_consumer_session: Any) -> int:
     """Create the consumer's session (start it, see it store a probe, stop it), then fill the backlog."""
+    # Each pipeline starts from an empty measurement: Node-RED writes seq as a
+    # float where the others write an integer, and InfluxDB refuses a type change.
+    drop_measurement(stack.influx)
     start_consumer_session()
     drop_measurement(stack.influx)
     acked, seconds = publish_backlog(stack, devices, per_device)

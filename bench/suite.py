@@ -63,6 +63,11 @@ def comparison(args: argparse.Namespace) -> dict[str, Any]:
         out["broker_q1"] = repeat(
             args.repeat, lambda: peers.broker_passthrough(stack, 1, args.readings), "QoS 1"
         )
+        out["broker_q1_drained"] = repeat(
+            args.repeat,
+            lambda: peers.broker_passthrough(stack, 1, args.readings, drained=True),
+            "QoS 1 drained",
+        )
         print("InfluxDB raw write rate", flush=True)
         out["influx_raw"] = repeat(args.repeat, lambda: peers.influx_raw_write(stack, 500_000), "raw writes")
         print("naive Python pipeline", flush=True)
@@ -114,7 +119,12 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
 
     for key in ("naive", "node_red", "node_red_batched", "iotfleet_1", "iotfleet_2"):
         drain_row(key)
-    q0, q1, raw = result["broker_q0"], result["broker_q1"], result["influx_raw"]
+    q0, q1, q1d, raw = (
+        result["broker_q0"],
+        result["broker_q1"],
+        result["broker_q1_drained"],
+        result["influx_raw"],
+    )
     best_iotfleet = max(
         [
             statistics.median(_rates(result[k], "readings_per_s"))
@@ -131,7 +141,7 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         ],
         default=0.0,
     )
-    broker_q1 = statistics.median(_rates(q1, "msg_per_s"))
+    broker_q1 = statistics.median(_rates(q1d, "msg_per_s"))
     vs_node_red = f"{best_iotfleet / node_red_best:.2f}×" if node_red_best else "n/a (Node-RED skipped)"
     vs_broker = best_iotfleet / broker_q1 if broker_q1 else 0.0
     lines = [
@@ -153,8 +163,11 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|",
         f"| broker pass-through QoS 0 (mosquitto_pub -l ×4 → mosquitto_sub) | {q0[0]['messages']:,} | "
         f"{spread(_rates(q0, 'msg_per_s'))} msg/s | {statistics.median(_rates(q0, 'cpu_pct')):.0f} % (clients) | – |",
-        f"| broker pass-through QoS 1 | {q1[0]['messages']:,} | {spread(_rates(q1, 'msg_per_s'))} msg/s | "
+        f"| broker pass-through QoS 1 (live, same clients) | {q1[0]['messages']:,} | {spread(_rates(q1, 'msg_per_s'))} msg/s | "
         f"{statistics.median(_rates(q1, 'cpu_pct')):.0f} % (clients) | – |",
+        f"| broker delivery of a QoS 1 backlog to one subscriber (the ceiling the pipelines are held to) | "
+        f"{q1d[0]['messages']:,} | {spread(_rates(q1d, 'msg_per_s'))} msg/s | "
+        f"{statistics.median(_rates(q1d, 'cpu_pct')):.0f} % (client) | – |",
         f"| InfluxDB raw writes (10,000-line batches, 2 writers) | {raw[0]['points']:,} | "
         f"{spread(_rates(raw, 'points_per_s'))} points/s | {statistics.median(_rates(raw, 'cpu_pct')):.0f} % (influxd) | "
         f"{statistics.median(_rates(raw, 'rss_mib')):.0f} MiB |",
@@ -171,7 +184,7 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         "|---|---|---|",
         f"| iotfleet ingest (best of 1 or 2 replicas) ≥ 2× Node-RED's sustained rate | {vs_node_red} | "
         f"{'yes' if node_red_best and best_iotfleet >= 2 * node_red_best else 'no'} |",
-        f"| iotfleet ingest ≥ 80 % of the broker's QoS 1 delivery ceiling | {vs_broker:.0%} "
+        f"| iotfleet ingest ≥ 80 % of the broker's QoS 1 delivery ceiling (backlog) | {vs_broker:.0%} "
         f"({best_iotfleet:,.0f} vs {broker_q1:,.0f} msg/s) | {'yes' if vs_broker >= 0.8 else 'no'} |",
     ]
     return "\n".join(lines)
@@ -185,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--skip-node-red", action="store_true")
     parser.add_argument("--skip-areas", action="store_true", help="only the ingest comparison")
-    parser.add_argument("--doc", type=Path, default=None, help="write the report here instead of docs/benchmarks.md")
+    parser.add_argument(
+        "--doc", type=Path, default=None, help="write the report here instead of docs/benchmarks.md"
+    )
     args = parser.parse_args(argv)
     command = (
         "make bench"
