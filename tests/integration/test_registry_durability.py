@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -224,3 +225,36 @@ async def test_registry_starts_before_the_broker(tmp_path: Path) -> None:
                 assert resp.status_code == 201
             finally:
                 broker.stop()
+
+
+def test_kill_9_in_the_middle_of_a_bulk_leaves_no_stray_credentials(
+    registry_process: RegistryProcess, fresh_broker: Broker, uid: Callable[[str], str]
+) -> None:
+    registry_process.start()
+    prefix = uid("mid")
+    body = {"devices": [{"id": f"{prefix}-{i:04d}", "type": "thermostat"} for i in range(400)]}
+
+    def post() -> None:
+        with registry_process.client() as http, contextlib.suppress(httpx.HTTPError):
+            http.post("/api/v1/devices/bulk", json=body)
+
+    def device_clients() -> list[str]:
+        [listing] = _dynsec(fresh_broker, [{"command": "listClients", "count": -1}])
+        return [c for c in listing["data"]["clients"] if str(c).startswith(prefix)]  # type: ignore[index]
+
+    sender = threading.Thread(target=post)
+    sender.start()
+    probes.wait_until(lambda: len(device_clients()) > 0, timeout=30, what="bulk under way")
+    registry_process.kill()  # broker entries exist, the DB commit never happened
+    sender.join(timeout=30)
+    assert device_clients(), "the kill came too late to leave broker entries behind"
+
+    registry_process.start()
+    with registry_process.client() as http:
+        report = _reconcile_report(http)
+        assert report["ok"] and report["devices_checked"] == 0
+        assert set(report["drift_by_kind"]) <= {"orphan_client", "orphan_role"}
+        assert report["drift_by_kind"]["orphan_client"] >= 1
+        assert http.get("/api/v1/devices").json()["items"] == []
+        assert http.post("/api/v1/reconcile").json()["drift_count"] == 0
+    assert device_clients() == []
