@@ -344,7 +344,9 @@ def test_command_form_sends_and_shows_the_lifecycle_to_succeeded(page: Page, sta
     page.get_by_label("Command", exact=True).select_option("set_setpoint")
     page.get_by_label("Setpoint C").fill("22.5")
     page.get_by_role("button", name="Send command").click()
-    row = page.locator("#commands-table tbody tr").first
+    page.wait_for_selector("#command-form[data-last-command-id]")
+    command_id = page.get_attribute("#command-form", "data-last-command-id")
+    row = page.locator(f"#commands-table tr[data-command-id='{command_id}']")
     row.wait_for()
     seen: list[str] = []
     deadline = time.monotonic() + 30
@@ -362,7 +364,6 @@ def test_command_form_sends_and_shows_the_lifecycle_to_succeeded(page: Page, sta
     expect(steps).to_have_text(["queued", "sent", "delivered", "succeeded"])
     expect(row.locator("ol.lifecycle li.done")).to_have_count(3)
     expect(row.locator("ol.lifecycle li[aria-current=step]")).to_have_class(re.compile("succeeded"))
-    command_id = row.get_attribute("data-command-id")
     api_view = stack.get(f"/api/v1/commands/{command_id}")
     assert api_view["status"] == "succeeded" and api_view["args"] == {"setpoint_c": 22.5}
     assert api_view["sent_at"] and api_view["completed_at"]
@@ -440,6 +441,40 @@ def test_rule_is_disabled_and_enabled_again(page: Page, stack: Stack) -> None:
     assert stack.get(f"/api/v1/rules/{rule_id}")["enabled"] is True
 
 
+def test_a_viewer_key_sees_why_it_cannot_send_a_command(
+    browser: Browser, stack: Stack, console: Console
+) -> None:
+    created = stack.api("POST", "/api/v1/api-keys", json={"name": "dashboard-viewer", "role": "viewer"})
+    assert created.status_code == 201, created.text
+    context = browser.new_context(viewport={"width": 1366, "height": 860})
+    try:
+        tab = context.new_page()
+        tab.on("console", console.on_console)
+        tab.on("pageerror", console.on_page_error)
+        device_id = _sim_device(stack, "smart_plug")
+        tab.goto(f"{stack.base}/devices/{device_id}")
+        tab.get_by_label("API key").fill(created.json()["key"])
+        tab.get_by_role("button", name="Sign in").click()
+        tab.wait_for_url(f"**/devices/{device_id}")
+        tab.wait_for_selector("body[data-state=ready]")
+        assert tab.locator("figure.chart[data-field=power_w]").count() == 1  # a viewer reads everything
+        with console.expect(r"status of 403.*/commands"):
+            tab.get_by_label("Command", exact=True).select_option("set_relay")
+            tab.get_by_role("button", name="Send command").click()
+            tab.wait_for_selector("#command-error:has-text('role may not')")
+    finally:
+        context.close()
+
+
+# Every visible form control has a label (or an aria-label), every button a name.
+UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, button')]
+  .filter((e) => e.offsetParent !== null)
+  .filter((e) => e.tagName === 'BUTTON'
+    ? !(e.textContent.trim() || e.getAttribute('aria-label'))
+    : !((e.labels && e.labels.length) || e.getAttribute('aria-label')))
+  .map((e) => e.outerHTML.slice(0, 120))"""
+
+
 def _fleet_numbers(page: Page) -> dict[str, int]:
     return {
         cell.get_attribute("data-metric") or "": int((cell.inner_text() or "0").replace(",", ""))
@@ -485,9 +520,11 @@ def test_fleet_counts_match_the_api_and_every_page_loads_under_a_second(page: Pa
         "/devices?type=smart_plug&online=false",
     ]
     timings: dict[str, list[float]] = {p: [] for p in paths}
-    for _round in range(3):
+    for attempt in range(3):
         for path in paths:
             timings[path].append(_ready(page, path, stack))
+            if attempt == 0:
+                assert not page.evaluate(UNLABELLED), f"{path}: controls without a label"
     report = "\n".join(
         f"  {p:<45} median {statistics.median(t):6.0f} ms   max {max(t):6.0f} ms" for p, t in timings.items()
     )

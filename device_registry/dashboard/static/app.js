@@ -385,8 +385,13 @@ const PALETTE = ["#0b5cad", "#b42318", "#1a7f37", "#8250df", "#9a6700", "#0f766e
 
 function waitForUPlot() {
   // uPlot is a deferred classic script; this module may run first.
-  return new Promise((resolve) => {
-    const check = () => (window.uPlot ? resolve(window.uPlot) : setTimeout(check, 10));
+  const started = performance.now();
+  return new Promise((resolve, reject) => {
+    const check = () => {
+      if (window.uPlot) resolve(window.uPlot);
+      else if (performance.now() - started > 10000) reject(new Error("the chart library did not load"));
+      else setTimeout(check, 10);
+    };
     check();
   });
 }
@@ -758,12 +763,13 @@ function setupCommandForm(deviceType, base) {
     button.disabled = true;
     try {
       // A fresh Idempotency-Key per submission: a retried request cannot send twice.
-      await api(`${base}/commands`, {
+      const created = await api(`${base}/commands`, {
         method: "POST",
         body: { name: nameSelect.value, args, ...(ttl ? { ttl_s: Number(ttl) } : {}) },
         headers: { "Idempotency-Key": crypto.randomUUID() },
       });
-      flash(`Command ${nameSelect.value} queued; its lifecycle is shown below.`, "info");
+      form.dataset.lastCommandId = created.id;
+      flash(`Command ${created.name} ${created.status}; its lifecycle is shown below.`, "info");
       document.dispatchEvent(new CustomEvent("iotfleet:command-sent"));
     } catch (failure) {
       error.replaceChildren(problemText(failure));
