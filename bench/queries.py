@@ -437,6 +437,11 @@ def main() -> int:
 
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     ok = all(p.latest.p99 < TARGET_LATEST_MS and p.aggregate.p99 < TARGET_AGGREGATE_MS for p in phases)
+    verdicts = "; ".join(
+        f"{p.title.split('.')[0]}: latest p99 target {'met' if p.latest.p99 < TARGET_LATEST_MS else 'NOT met'},"
+        f" aggregate p99 target {'met' if p.aggregate.p99 < TARGET_AGGREGATE_MS else 'NOT met'}"
+        for p in phases
+    )
     rows = []
     for phase in phases:
         key = phase.title.split(".")[0]
@@ -475,7 +480,7 @@ is); **B** steady state, after restarting influxd with
 |---|---|---|---|---|---|---|
 {nl.join(rows)}
 
-Targets {"met" if ok else "NOT met"} (p99, both phases). The CPU column is the processes' CPU time
+{verdicts}. The CPU column is the processes' CPU time
 divided by the requests: what one request costs the machine whatever the load, i.e. roughly its
 latency on an idle machine; the difference to p50 is time spent waiting for a core.
 
