@@ -229,10 +229,10 @@ async def _device_type(session: SessionDep, device_id: str) -> DeviceType:
 def _json(body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     """A JSON answer serialized straight by orjson.
 
-    Point lists run to thousands of rows: FastAPI would re-validate every value
-    against the response model first (most of the registry's CPU per aggregate
-    request, measured). The bodies are built here with exactly the model's keys;
-    the model still documents them in OpenAPI.
+    Point lists run to thousands of rows: FastAPI would first validate every
+    value against the response model, then serialize it (a few ms of CPU for a
+    1,441-row aggregate, measured). The bodies are built here with exactly the
+    model's keys; the model still documents them in OpenAPI.
     """
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
