@@ -60,6 +60,14 @@ StartQuery = Annotated[
 EndQuery = Annotated[str | None, Query(max_length=64, description="Exclusive end, same forms (default: now)")]
 EveryQuery = Annotated[str, Query(max_length=16, description="Bucket width: 10s, 1m, 1h, 1d, ...")]
 FnQuery = Annotated[str, Query(max_length=16, description="mean | min | max | sum | count | last")]
+TzQuery = Annotated[
+    str | None,
+    Query(
+        max_length=64,
+        description="Align buckets to this IANA zone's local time (e.g. daily buckets from local"
+        " midnight: every=1d&tz=Europe/Paris); default UTC. Times in the answer stay UTC.",
+    ),
+]
 FillQuery = Annotated[
     str,
     Query(
@@ -113,6 +121,7 @@ class AggregateSeries(BaseModel):
     fn: str
     every: str
     fill: str
+    tz: str = Field(description="Zone the buckets are aligned to")
     start: str
     end: str
     points: list[dict[str, Value]] = Field(description="One row per bucket, stamped at the bucket start")
@@ -131,6 +140,7 @@ class TypeAggregate(BaseModel):
     fill: str
     group_by: str | None
     tags: dict[str, str] = Field(description="The tag filters applied")
+    tz: str = Field(description="Zone the buckets are aligned to")
     start: str
     end: str
     groups: list[AggregateGroup]
@@ -400,6 +410,7 @@ async def aggregate_telemetry(
     every: EveryQuery = "1m",
     fn: FnQuery = "mean",
     fill: FillQuery = "none",
+    tz: TzQuery = None,
 ) -> Response:
     device_type = await _device_type(session, device_id)
     aggregate_fn = _checked(query.parse_enum, query.AggregateFn, fn, param="fn")
@@ -408,7 +419,8 @@ async def aggregate_telemetry(
     )
     fill_mode = _checked(query.parse_enum, query.Fill, fill, param="fill")
     time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
-    every_ms = _checked(query.parse_every, every, time_range)
+    zone = _checked(query.parse_tz, tz)
+    every_ms = _checked(query.parse_every, every, time_range, tz=zone)
     rows = await _guard(
         service.aggregate(
             influx,
@@ -419,6 +431,7 @@ async def aggregate_telemetry(
             every_ms=every_ms,
             fn=aggregate_fn,
             fill=fill_mode,
+            tz=zone,
         )
     )
     return _json(
@@ -429,6 +442,7 @@ async def aggregate_telemetry(
             "fn": aggregate_fn.value,
             "every": query.format_duration(every_ms),
             "fill": fill_mode.value,
+            "tz": zone or "UTC",
             "start": query.format_time(time_range.start_ms),
             "end": query.format_time(time_range.end_ms),
             "points": _points(rows),
@@ -469,6 +483,7 @@ async def type_aggregate_telemetry(
             description="Only points with this tag value: key=value, repeatable (e.g. site=paris)",
         ),
     ] = None,
+    tz: TzQuery = None,
 ) -> Response:
     device_type = _checked(query.resolve_type, type_name)
     aggregate_fn = _checked(query.parse_enum, query.AggregateFn, fn, param="fn")
@@ -479,7 +494,8 @@ async def type_aggregate_telemetry(
     group = _checked(query.parse_group_by, group_by)
     tag_filters = _checked(query.parse_tag_filters, tag)
     time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
-    every_ms = _checked(query.parse_every, every, time_range)
+    zone = _checked(query.parse_tz, tz)
+    every_ms = _checked(query.parse_every, every, time_range, tz=zone)
     groups = await _guard(
         service.type_aggregate(
             influx,
@@ -491,6 +507,7 @@ async def type_aggregate_telemetry(
             fill=fill_mode,
             group_by=group,
             tags=tag_filters,
+            tz=zone,
         )
     )
     return _json(
@@ -502,6 +519,7 @@ async def type_aggregate_telemetry(
             "fill": fill_mode.value,
             "group_by": group,
             "tags": dict(tag_filters),
+            "tz": zone or "UTC",
             "start": query.format_time(time_range.start_ms),
             "end": query.format_time(time_range.end_ms),
             "groups": [{"tags": g.tags, "points": _points(g.rows)} for g in groups],

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import math
 import re
 import time
 import types
 import typing
+import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,7 +38,7 @@ import orjson
 
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.catalogue.base import MAX_TS_MS, MIN_TS_MS
-from iotfleet.influx import quote_identifier
+from iotfleet.influx import quote_identifier, quote_string
 from iotfleet.topics import check_device_id, check_device_type
 
 # --- limits --------------------------------------------------------------------
@@ -362,11 +364,36 @@ def bucket_count(time_range: TimeRange, every_ms: int) -> int:
     return last - first + 1
 
 
-def parse_every(text: str, time_range: TimeRange, *, max_buckets: int = MAX_BUCKETS) -> int:
+@functools.cache
+def _time_zones() -> frozenset[str]:
+    return frozenset(zoneinfo.available_timezones())
+
+
+def parse_tz(value: str | None) -> str | None:
+    """An IANA time zone to align buckets to (``Europe/Paris``), or None for UTC alignment.
+
+    Only names of the tz database are accepted (the set is fixed, so the name
+    cannot carry anything else into the query; it is quoted all the same).
+    """
+    if value is None or value.strip(" ") in ("", "UTC", "Z"):
+        return None
+    name = value.strip(" ")
+    if name not in _time_zones():
+        raise QueryError(
+            f"unknown time zone {value[:40]!r}; an IANA name such as Europe/Paris or America/New_York",
+            param="tz",
+        )
+    return name
+
+
+def parse_every(
+    text: str, time_range: TimeRange, *, max_buckets: int = MAX_BUCKETS, tz: str | None = None
+) -> int:
     every_ms = parse_duration_ms(text, param="every")
     if not MIN_EVERY_MS <= every_ms <= MAX_EVERY_MS:
         raise QueryError(f"every must be between 1s and 366d, got {text!r}", param="every")
-    buckets = bucket_count(time_range, every_ms)
+    # Buckets aligned to a zone's local time are shifted by its offset: at most one more.
+    buckets = bucket_count(time_range, every_ms) + (1 if tz is not None else 0)
     if buckets > max_buckets:
         # Bucket alignment can add one bucket: suggest against the span plus one interval.
         suggestion = suggest_every(time_range.span_ms + every_ms, max_buckets)
@@ -540,16 +567,21 @@ def aggregate_statement(
     fn: AggregateFn,
     fill: Fill,
     rp: str,
+    tz: str | None = None,
 ) -> Statement:
-    """Downsampled series of one device: one row per ``every`` bucket."""
+    """Downsampled series of one device: one row per ``every`` bucket (aligned to ``tz`` if given)."""
     check_fn_fields(fn, fields, device_type)
     where, params = _device_filter(device_id)
     text = (
         f"SELECT {_aggregate_selects(fn, fields)} FROM {source(device_type.name, rp)}"
         f" WHERE {where} AND {time_range.where()}"
-        f" GROUP BY time({int(every_ms)}ms) fill({Fill(fill).value})"
+        f" GROUP BY time({int(every_ms)}ms) fill({Fill(fill).value}){_tz_clause(tz)}"
     )
     return Statement(text, params)
+
+
+def _tz_clause(tz: str | None) -> str:
+    return "" if tz is None else f" tz({quote_string(parse_tz(tz) or 'UTC')})"
 
 
 def parse_group_by(value: str | None) -> str | None:
@@ -603,6 +635,7 @@ def type_aggregate_statement(
     max_groups: int,
     rp: str,
     tags: Sequence[tuple[str, str]] = (),
+    tz: str | None = None,
 ) -> Statement:
     """Downsampled series across a whole type, optionally one series per device or tag value.
 
@@ -631,7 +664,7 @@ def type_aggregate_statement(
     )
     if group_by is not None:
         text += f" SLIMIT {int(max_groups) + 1}"
-    return Statement(text, params)
+    return Statement(text + _tz_clause(tz), params)
 
 
 def summary_field(device_type: DeviceType) -> str:

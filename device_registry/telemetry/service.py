@@ -231,6 +231,7 @@ async def aggregate(
     every_ms: int,
     fn: AggregateFn,
     fill: Fill,
+    tz: str | None = None,
 ) -> list[Row]:
     statement = query.aggregate_statement(
         device_type,
@@ -241,6 +242,7 @@ async def aggregate(
         fn=fn,
         fill=fill,
         rp=_rp(client),
+        tz=tz,
     )
     floats = _aggregate_floats(device_type, fn, fields)
     return [_restore_floats(row, floats) for row in series_rows(await _run(client, statement))]
@@ -263,8 +265,9 @@ async def type_aggregate(
     fill: Fill,
     group_by: str | None,
     tags: Sequence[tuple[str, str]] = (),
+    tz: str | None = None,
 ) -> list[Group]:
-    buckets = query.bucket_count(time_range, every_ms)
+    buckets = query.bucket_count(time_range, every_ms) + (1 if tz is not None else 0)
     max_groups = max(1, query.MAX_AGGREGATE_POINTS // buckets)
     statement = query.type_aggregate_statement(
         device_type,
@@ -277,6 +280,7 @@ async def type_aggregate(
         max_groups=max_groups,
         rp=_rp(client),
         tags=tags,
+        tz=tz,
     )
     results = await _run(client, statement)
     series = [s for result in results for s in result.get("series", [])]

@@ -288,6 +288,24 @@ async def test_aggregate_bucket_alignment_and_offsets(world: World) -> None:
     assert body["points"][0]["time"] == query.format_time(w.t(1))
 
 
+async def test_buckets_aligned_to_a_time_zone(world: World) -> None:
+    w = world
+    path = f"/api/v1/devices/{w.a}/telemetry/aggregate"
+    window = {"fields": "temperature_c", "start": w.t0, "end": w.t(10), "fn": "count", "every": "1h"}
+    # UTC: one hourly bucket from t0 (on the hour). Kolkata (+05:30): its hours start at :30 UTC.
+    body = await get(w, path, **window)
+    assert [(p["time"], p["temperature_c"]) for p in body["points"]] == [(query.format_time(w.t0), 12)]
+    assert body["tz"] == "UTC"
+    body = await get(w, path, **window, tz="Asia/Kolkata")
+    assert [(p["time"], p["temperature_c"]) for p in body["points"]] == [(query.format_time(w.t(-30)), 12)]
+    assert body["tz"] == "Asia/Kolkata"
+    typ = "/api/v1/device-types/thermostat/telemetry/aggregate"
+    body = await get(w, typ, **window, tz="Asia/Kolkata", tag=f"device_id={w.a}")
+    assert body["groups"][0]["points"][0]["time"] == query.format_time(w.t(-30))
+    await get(w, path, 422, **window, tz="Mars/Olympus")
+    await get(w, path, 422, **window, tz="Europe/Paris') fill(none); DROP DATABASE x; --")
+
+
 async def test_too_many_points_is_a_422_suggesting_a_coarser_every(world: World) -> None:
     w = world
     problem = await get(

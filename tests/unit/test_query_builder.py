@@ -330,6 +330,39 @@ def test_aggregate_statements() -> None:
     assert "SLIMIT" not in st_.text and st_.text.endswith("GROUP BY time(300000ms) fill(null)")
 
 
+def test_time_zones_for_bucket_alignment() -> None:
+    assert q.parse_tz(None) is None and q.parse_tz("UTC") is None and q.parse_tz("") is None
+    assert q.parse_tz("Europe/Paris") == "Europe/Paris"
+    for bad in [*NASTY, "Mars/Olympus", "europe/paris", "Europe/Paris'); DROP DATABASE x; --"]:
+        with pytest.raises(QueryError) as info:
+            q.parse_tz(bad)
+        assert info.value.param == "tz"
+    st_ = q.aggregate_statement(
+        THERMOSTAT, "dev-1", ["temperature_c"], RANGE, every_ms=86_400_000, fn=AggregateFn.MAX,
+        fill=Fill.NULL, rp="raw", tz="Asia/Kolkata",
+    )  # fmt: skip
+    assert st_.text.endswith("GROUP BY time(86400000ms) fill(null) tz('Asia/Kolkata')")
+    st_ = q.type_aggregate_statement(
+        THERMOSTAT, ["mode"], RANGE, every_ms=60_000, fn=AggregateFn.LAST, fill=Fill.NONE,
+        group_by="site", max_groups=5, rp="raw", tz="America/New_York",
+    )  # fmt: skip
+    assert st_.text.endswith("fill(none) SLIMIT 6 tz('America/New_York')")
+    # A zone may shift the alignment by one bucket: the bound counts it.
+    day = TimeRange(T0, T0 + 86_400_000)
+    assert q.parse_every("1m", day, max_buckets=1440) == 60_000
+    with pytest.raises(QueryError):
+        q.parse_every("1m", day, max_buckets=1440, tz="Asia/Kolkata")
+
+
+@given(nasty_text)
+def test_tz_is_refused_or_a_known_zone(text: str) -> None:
+    try:
+        zone = q.parse_tz(text)
+    except QueryError:
+        return
+    assert zone is None or re.fullmatch(r"[A-Za-z0-9_+/-]+", zone)
+
+
 def test_group_by() -> None:
     assert q.parse_group_by(None) is None and q.parse_group_by("none") is None
     assert q.parse_group_by("device") == "device_id" == q.parse_group_by("device_id")
