@@ -330,6 +330,8 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
         commander = asyncio.create_task(
             command_load(observer, scenario.commands.rate_per_s, stop_commands, random.Random(scenario.seed))
         )
+        # No new commands once the fleet starts stopping: they would arrive at departing devices.
+        asyncio.get_running_loop().call_later(max(0.0, scenario.duration - 0.5), stop_commands.set)
     with display:
         try:
             if scenario.processes > 1:

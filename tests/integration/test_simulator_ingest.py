@@ -121,7 +121,8 @@ def test_faulty_fleet_dead_letters_and_verify_with_the_ingest(  # noqa: PLR0917 
     assert commands["sent_by_simulator"] > 10
     # A few land while their device is away (disconnect fault, ramp-up): a clean-start device
     # session does not keep them.
-    assert commands["acked"] == commands["received"] >= commands["sent_by_simulator"] * 0.7
+    assert commands["received"] >= commands["sent_by_simulator"] * 0.7
+    assert commands["acked"] >= commands["received"] - 1  # one may land as its device says goodbye
     assert commands["round_trip_ms"]["n"] > 0 and commands["round_trip_ms"]["p50"] < 1_000
     assert report["published"]["broker_acked"] == report["published"]["readings"]
 
