@@ -106,6 +106,7 @@ class Run:
     published: int = 0
     probes_sent: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    engine_ms: list[float] = field(default_factory=list)
     evaluated: float = 0.0
     engine_cpu_pct: float = 0.0
     publish_s: float = 0.0
@@ -117,8 +118,9 @@ class CommandWatcher:
     """The devices' side: an admin session on every bench device's commands topic."""
 
     def __init__(self, broker: Broker) -> None:
-        self.pending: dict[str, float] = {}
+        self.pending: dict[str, tuple[float, float]] = {}
         self.latencies: list[float] = []
+        self.engine_part: list[float] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"bench-watch-{secrets.token_hex(3)}", protocol=mqtt.MQTTv5
@@ -137,18 +139,22 @@ class CommandWatcher:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         received = time.perf_counter()
         device_id = msg.topic.split("/")[2]
-        if orjson.loads(msg.payload).get("args") != {"mode": "cool"}:
+        command = orjson.loads(msg.payload)
+        if command.get("args") != {"mode": "cool"}:
             return
         with self.lock:
             sent = self.pending.pop(device_id, None)
             if sent is not None:
-                self.latencies.append((received - sent) * 1000)
+                self.latencies.append((received - sent[0]) * 1000)
+                # The command's ts is the engine's wall clock when it decided: splits the latency
+                # into reading → engine decision and engine → device (same machine, same clock).
+                self.engine_part.append(command["ts"] - sent[1] * 1000)
 
     def expect(self, device_id: str, sent: float) -> bool:
         with self.lock:
             if device_id in self.pending:
                 return False
-            self.pending[device_id] = sent
+            self.pending[device_id] = (sent, time.time())
             return True
 
     def close(self) -> None:
@@ -274,6 +280,7 @@ def run_rate(  # noqa: PLR0917
         time.sleep(0.05)
     with watcher.lock:
         run.latencies_ms, watcher.latencies = watcher.latencies, []
+        run.engine_ms, watcher.engine_part = watcher.engine_part, []
         watcher.pending.clear()
     client.disconnect()
     client.loop_stop()
@@ -318,8 +325,9 @@ def report(runs: list[Run], args: argparse.Namespace, eval_us: float) -> str:
         + " --write-docs",
         "",
         "| target readings/s | published/s | evaluated/s | drain after publishing | probes (received/sent) "
-        "| p50 ms | p99 ms | max ms | engine CPU | load avg before |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| p50 ms | p99 ms | max ms | of which reading → engine decision p50/p99 ms | engine CPU "
+        "| load avg before |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         lines.append(
@@ -327,7 +335,9 @@ def report(runs: list[Run], args: argparse.Namespace, eval_us: float) -> str:
             f"{run.evaluated / (run.publish_s + run.drain_s):,.0f} | {run.drain_s:.1f} s | "
             f"{len(run.latencies_ms)}/{run.probes_sent} | {percentile(run.latencies_ms, 0.5):.1f} | "
             f"{percentile(run.latencies_ms, 0.99):.1f} | "
-            f"{max(run.latencies_ms) if run.latencies_ms else float('nan'):.1f} | {run.engine_cpu_pct:.0f} % | "
+            f"{max(run.latencies_ms) if run.latencies_ms else float('nan'):.1f} | "
+            f"{percentile(run.engine_ms, 0.5):.0f} / {percentile(run.engine_ms, 0.99):.0f} | "
+            f"{run.engine_cpu_pct:.0f} % | "
             f"{run.load_before:.1f} |"
         )
     lines += [
@@ -412,6 +422,7 @@ def main() -> None:
                     f"rate {rate}/s: published {run.published / run.publish_s:,.0f}/s, evaluated {run.evaluated:,.0f}, "
                     f"drain {run.drain_s:.1f} s, probes {len(run.latencies_ms)}/{run.probes_sent}, "
                     f"p50 {percentile(run.latencies_ms, 0.5):.1f} ms, p99 {percentile(run.latencies_ms, 0.99):.1f} ms, "
+                    f"engine part p50 {percentile(run.engine_ms, 0.5):.0f} p99 {percentile(run.engine_ms, 0.99):.0f} ms, "
                     f"engine CPU {run.engine_cpu_pct:.0f} %",
                     flush=True,
                 )
