@@ -160,7 +160,10 @@ class TypeSummary(BaseModel):
 class FleetSummary(BaseModel):
     generated_at: str
     counts_age_s: float = Field(
-        description="Age of the InfluxDB counts: they are reused for a few seconds (dashboards poll)"
+        description="Age of the last-minute and dead-letter counts: reused for 5 s (dashboards poll)"
+    )
+    hour_counts_age_s: float = Field(
+        description="Age of the last-hour reading counts: reused for 60 s (they scan an hour of points)"
     )
     types: list[TypeSummary]
     totals: TypeSummary
@@ -552,7 +555,7 @@ async def fleet_summary(
         )
     }
     device_types = list(DEVICE_TYPES.values())
-    counts, age_s = await _guard(cache.get(influx, device_types))
+    counts, age_s, hour_age_s = await _guard(cache.get(influx, device_types))
     types = [
         TypeSummary(
             device_type=t.name,
@@ -578,6 +581,7 @@ async def fleet_summary(
     )
     return FleetSummary(
         counts_age_s=round(age_s, 3),
+        hour_counts_age_s=round(hour_age_s, 3),
         generated_at=query.format_time(_now_ms()),
         types=types,
         totals=totals,

@@ -675,17 +675,18 @@ def summary_field(device_type: DeviceType) -> str:
     return device_type.fields[0]
 
 
-def readings_count_statement(device_types: Sequence[DeviceType], rp: str) -> Statement:
-    """Readings per type in the last minute and hour: two statements per type, in that order.
+def readings_count_statement(device_types: Sequence[DeviceType], rp: str, *, window: str = "1h") -> Statement:
+    """Readings per type in the last ``window`` (``1m`` or ``1h``): one statement per type, in order.
 
     No upper time bound: readings stamped slightly ahead (device clocks) still count.
     """
+    if window not in ("1m", "1h"):
+        raise ValueError(f"unsupported window {window!r}")
     parts = []
     for device_type in device_types:
         counted = quote_identifier(summary_field(device_type))
         src = source(device_type.name, rp)
-        for window in ("1m", "1h"):
-            parts.append(f"SELECT COUNT({counted}) FROM {src} WHERE time > now() - {window}")
+        parts.append(f"SELECT COUNT({counted}) FROM {src} WHERE time > now() - {window}")
     return Statement("; ".join(parts))
 
 

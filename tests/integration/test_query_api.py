@@ -376,6 +376,7 @@ async def test_type_aggregate_refuses_too_many_groups(world: World, monkeypatch:
 def fresh_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test sees current counts (the cache itself has its own test)."""
     monkeypatch.setattr(service, "SUMMARY_TTL_S", 0.0)
+    monkeypatch.setattr(service, "HOUR_TTL_S", 0.0)
 
 
 async def _add_alerts(w: World) -> None:
@@ -440,23 +441,37 @@ async def test_fleet_summary_counts(world: World) -> None:
         assert body["totals"][key] == sum(t[key] for t in body["types"]), key
     assert body["totals"]["devices"] == 8 and body["totals"]["deadlettered_last_hour"] == 3
     assert body["totals"]["active_alerts"] == 2 and body["totals"]["open_alerts"] == 4
-    assert body["counts_age_s"] == 0
+    assert body["counts_age_s"] < 1 and body["hour_counts_age_s"] < 1  # just computed
 
 
 async def test_fleet_counts_are_reused_for_a_few_seconds(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = world
+
+    def plug_reading(ago_s: float) -> str:
+        now = time.time_ns() // 1_000_000
+        return encode_point("smart_plug", {"device_id": w.plug}, {"power_w": 1.0}, now - int(ago_s * 1000))
+
     first = await get(w, "/api/v1/fleet/summary")
+    plug = next(t for t in first["types"] if t["device_type"] == "smart_plug")
     monkeypatch.setattr(service, "SUMMARY_TTL_S", 60.0)
-    extra = encode_point("smart_plug", {"device_id": w.plug}, {"power_w": 1.0}, time.time_ns() // 1_000_000)
-    await w.influx.write(extra)
+    monkeypatch.setattr(service, "HOUR_TTL_S", 60.0)
+    await w.influx.write("\n".join([plug_reading(1), plug_reading(600)]))
     cached = await get(w, "/api/v1/fleet/summary")
-    assert cached["totals"]["readings_last_hour"] == first["totals"]["readings_last_hour"]
-    assert cached["counts_age_s"] > 0
+    assert cached["types"] == first["types"]
+    assert cached["counts_age_s"] > 0 and cached["hour_counts_age_s"] > 0
+    # Minute counts refreshed, hour counts still reused: the hour is at least the minute.
     monkeypatch.setattr(service, "SUMMARY_TTL_S", 0.0)
+    partly = await get(w, "/api/v1/fleet/summary")
+    plug_now = next(t for t in partly["types"] if t["device_type"] == "smart_plug")
+    assert plug_now["readings_last_minute"] == plug["readings_last_minute"] + 1
+    assert plug_now["readings_last_hour"] == max(plug["readings_last_hour"], plug_now["readings_last_minute"])
+    assert partly["counts_age_s"] < partly["hour_counts_age_s"]
+    monkeypatch.setattr(service, "HOUR_TTL_S", 0.0)
     fresh = await get(w, "/api/v1/fleet/summary")
-    assert fresh["totals"]["readings_last_hour"] == first["totals"]["readings_last_hour"] + 1
+    plug_fresh = next(t for t in fresh["types"] if t["device_type"] == "smart_plug")
+    assert plug_fresh["readings_last_hour"] == plug["readings_last_hour"] + 2
 
 
 # --- auth and bad parameters ------------------------------------------------------------------

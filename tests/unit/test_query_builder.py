@@ -425,13 +425,14 @@ def test_tag_filter_values_never_reach_the_query_text(values: list[str]) -> None
 
 def test_summary_statements() -> None:
     assert q.summary_field(THERMOSTAT) == "temperature_c"
-    st_ = q.readings_count_statement([THERMOSTAT, AIR], "raw")
+    st_ = q.readings_count_statement([THERMOSTAT, AIR], "raw", window="1m")
     assert st_.text.split("; ") == [
         'SELECT COUNT("temperature_c") FROM "raw"."thermostat" WHERE time > now() - 1m',
-        'SELECT COUNT("temperature_c") FROM "raw"."thermostat" WHERE time > now() - 1h',
         'SELECT COUNT("co2_ppm") FROM "raw"."air_quality" WHERE time > now() - 1m',
-        'SELECT COUNT("co2_ppm") FROM "raw"."air_quality" WHERE time > now() - 1h',
     ]
+    assert q.readings_count_statement([AIR], "raw").text.endswith("WHERE time > now() - 1h")
+    with pytest.raises(ValueError):
+        q.readings_count_statement([AIR], "raw", window="1d; DROP")
     assert q.deadletter_count_statement("raw").text == (
         'SELECT SUM("count") FROM "raw"."deadletters" WHERE time > now() - 1h GROUP BY "device_type"'
     )
