@@ -327,8 +327,8 @@ def _single_count(result: dict[str, Any]) -> int:
 SUMMARY_TTL_S = 5.0
 """How long the last-minute counts (and dead letters) are reused: dashboards poll the summary."""
 HOUR_TTL_S = 60.0
-"""How long the last-hour counts are reused: they scan an hour of every device's points (about
-1.2 s of InfluxDB time for 1,000 devices at 1 Hz, measured), and an hour moves slowly."""
+"""How long the last-hour counts are reused: they scan an hour of every device's points (0.35 to
+1.2 s for 1,000 devices at 1 Hz on 2 vCPU, measured; the last minute ~15 ms); an hour moves slowly."""
 
 
 @dataclass
