@@ -7,7 +7,9 @@ Nothing a client sends reaches InfluxQL unvalidated:
   → 422), quoted; the aggregate function and fill mode come from fixed tables;
 - the device id is validated with the topic rules *and* sent as an InfluxQL
   bind parameter (``$device_id``), so it is never spliced into the query text;
-- tag keys to group by match a strict identifier pattern and are quoted;
+- tag keys to group or filter by match a strict identifier pattern and are
+  quoted; tag filter values are bind parameters (``$tag_0``…); a time zone must
+  be a name of the tz database;
 - times are parsed here (RFC 3339 with an offset, or epoch milliseconds) into
   integers that we format ourselves (``…ms`` literals); every range is bounded
   (start < end, years 2000-2100) and every response is bounded in points.
