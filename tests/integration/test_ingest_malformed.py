@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -169,3 +170,55 @@ def test_unknown_device_type_is_dead_lettered_by_the_catch_all(
         deadletters.close()
         catch_all.terminate()
         ingest.terminate()
+
+
+def test_readings_influxdb_refuses_are_dead_lettered_and_do_not_block(
+    broker: Broker, influxd: Influxd, database: str, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """A 4xx from InfluxDB (here a real field type conflict, as after an incompatible catalogue
+    change) is not retried forever: the refused messages are dead-lettered, the rest is stored."""
+    conflicting, fine = uid("conflict"), uid("fine")
+    ingest = IngestProcess(broker, influxd, database, tmp_path).start()
+    deadletters = Subscriber(broker, "deadletter/thermostat/#")
+    try:
+        ingest.wait_healthy()  # it has created the database and its retention policy "raw"
+        # Seed the shard of the last hour with temperature_c as a *string*: InfluxDB will refuse
+        # float temperature_c points in that shard; a week ago is another shard and still fine.
+        seeded = httpx.post(
+            f"{influxd.url}/write",
+            params={"db": database, "rp": "raw", "precision": "ms"},
+            content=f'thermostat,device_id=seed temperature_c="warm" {BASE_TS_MS}\n',
+            timeout=10,
+        )
+        assert seeded.status_code == 204, seeded.text
+        user, password = provision_publisher(broker, "thermostat", [conflicting, fine])
+        publisher = Publisher(broker, user, password).connect()
+        week_ago = int(time.time() * 1000) - 7 * 86_400_000
+        for seq in range(3):
+            publisher.publish(telemetry("thermostat", conflicting), good(seq + 1))
+            publisher.publish(telemetry("thermostat", fine), good(seq, ts=week_ago + seq))
+        publisher.wait_acked(6)
+        letters = wait_for(
+            lambda: len(deadletters.messages) >= 3 and deadletters.json_messages(),
+            timeout=30,
+            what="3 storage_refused dead letters",
+        )
+        assert {topic for topic, _ in letters} == {f"deadletter/thermostat/{conflicting}"}
+        assert all(body["reason"] == "storage_refused" for _, body in letters)
+        assert "field type conflict" in letters[0][1]["errors"][0]["message"]
+        rows = wait_for(
+            lambda: (r := device_rows(influxd, database, "thermostat", fine)) and len(r) == 3 and r,
+            timeout=20,
+            what="the other device's readings stored",
+        )
+        assert [r["seq"] for r in rows] == [0, 1, 2]
+        wait_for(
+            lambda: ingest.metric("iotfleet_ingest_acked_messages_total") == 6,
+            timeout=10,
+            what="all 6 messages acked",
+        )
+        assert ingest.metric("iotfleet_ingest_write_errors_total", kind="refused") > 0
+        publisher.close()
+    finally:
+        deadletters.close()
+        assert ingest.terminate() == 0, ingest.log_tail()
