@@ -204,6 +204,14 @@ class Stack:
                         "iotfleet-ingest",
                         IOTFLEET_INGEST__DEVICE_TYPE=type_name,
                         IOTFLEET_HEALTH__PORT=str(port + offset),
+                        # One replica per type here: a plain subscription, which
+                        # Mosquitto 2.0 restores after a broker restart (shared ones
+                        # it does not, and readings published before the ingest
+                        # re-subscribes would find no subscriber). Set it true in
+                        # the environment to run several replicas.
+                        IOTFLEET_INGEST__SHARED_SUBSCRIPTION=os.environ.get(
+                            "IOTFLEET_INGEST__SHARED_SUBSCRIPTION", "false"
+                        ),
                     ),
                 )
             )
