@@ -487,6 +487,11 @@ def test_fleet_counts_match_the_api_and_every_page_loads_under_a_second(page: Pa
     assert not stack.bulk_error, stack.bulk_error
     print(f"bulk-provisioned {REGISTERED - sum(SIMULATED.values())} devices in {stack.bulk_seconds:.1f} s")
     _ready(page, "/", stack)
+    page.wait_for_selector("#live:has-text('updated')")
+    first_update = page.locator("#live").inner_text()
+    page.wait_for_function(  # the overview refreshes by itself
+        "t => document.querySelector('#live').textContent !== t", arg=first_update, timeout=12_000
+    )
     for _attempt in range(4):
         shown = _fleet_numbers(page)
         totals = stack.get("/api/v1/fleet/summary")["totals"]

@@ -400,8 +400,22 @@ function chartWidth(container) {
   return Math.max(320, Math.floor(container.clientWidth - 16));
 }
 
+// uPlot's axis templates are US-style ("11/27/26 3:06pm"); operators read 24-hour
+// clocks and ISO dates, as in the tables.
+function fmtDate(template) {
+  return window.uPlot.fmtDate(
+    template
+      .replace("{M}/{D}/{YY}", "{YYYY}-{MM}-{DD}")
+      .replace("{M}/{D}", "{MM}-{DD}")
+      .replace("{h}{aa}", "{HH}:00")
+      .replace(/\{h\}/g, "{HH}")
+      .replace(/ ?\{aa\}/g, ""),
+  );
+}
+
 function makeChart(uPlot, container, { title, unit, series, data, markers = false }) {
   const opts = {
+    fmtDate,
     width: chartWidth(container),
     height: 220,
     title: undefined,
