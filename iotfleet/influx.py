@@ -127,12 +127,12 @@ class InfluxClient:
             return False
         return response.status_code == 204
 
-    async def write(self, lines: bytes | str, *, database: str | None = None) -> None:
-        """Write line protocol (ms precision); raise InfluxError (retryable or not) on refusal."""
+    async def write(self, lines: bytes | str, *, database: str | None = None, precision: str = "ms") -> None:
+        """Write line protocol (ms precision unless told); raise InfluxError (retryable or not) on refusal."""
         params = {
             "db": database or self.settings.database,
             "rp": self.settings.retention_policy,
-            "precision": "ms",
+            "precision": precision,
         }
         body = lines.encode() if isinstance(lines, str) else lines
         try:

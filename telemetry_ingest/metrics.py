@@ -67,7 +67,8 @@ class IngestMetrics:
             registry=r,
         )
         self.write_errors = {
-            kind: self._write_errors.labels(device_type, kind) for kind in ("retryable", "refused")
+            kind: self._write_errors.labels(device_type, kind)
+            for kind in ("retryable", "refused", "deadletter_records")
         }
         self.buffer_readings = Gauge(
             "iotfleet_ingest_buffer_readings",

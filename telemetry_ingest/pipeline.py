@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.errors import TopicError
-from iotfleet.influx import InfluxError
+from iotfleet.influx import InfluxError, encode_point
 from iotfleet.settings import IngestSettings
 from iotfleet.topics import Channel, deadletter_topic, parse_device_topic
 from telemetry_ingest.lines import LineEncoder
@@ -52,6 +52,10 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 5.0
 
 
+DEADLETTER_MEASUREMENT = "deadletters"
+"""InfluxDB measurement counting dead letters: tags device_type, device_id, reason; field count=1i."""
+
+
 class Transport(Protocol):
     """What the pipeline needs from the MQTT side."""
 
@@ -70,7 +74,9 @@ class Transport(Protocol):
 
 
 class Writer(Protocol):
-    async def write(self, lines: bytes | str, *, database: str | None = None) -> None: ...
+    async def write(
+        self, lines: bytes | str, *, database: str | None = None, precision: str = "ms"
+    ) -> None: ...
 
     async def ensure_database(self) -> None: ...
 
@@ -83,6 +89,9 @@ class Batch:
     # One entry per message, in arrival order: (token, its number of lines, device id). A
     # dead-lettered message has 0 lines: it is acked with the batch, keeping the ack order.
     messages: list[tuple[int, int, str]] = field(default_factory=list)
+    # Dead-letter records (measurement ``deadletters``) written along with the readings. They
+    # are statistics, not readings: a rejected message is acked without waiting for them.
+    records: list[str] = field(default_factory=list)
     done: bool = False
     timer: asyncio.TimerHandle | None = None
 
@@ -133,6 +142,7 @@ class Pipeline:
         # Counted locally and added to the Prometheus counters per batch (see metrics.py).
         self._received_messages = 0
         self._received_readings = 0
+        self._records_written = 0
         self.messages_seen = 0  # total, never reset: lets a retiring replica see that it is idle
 
     # --- the hot path --------------------------------------------------------------------
@@ -245,7 +255,24 @@ class Pipeline:
             max_payload_chars=self.settings.deadletter_payload_chars,
         )
         self.transport.publish(deadletter_topic(dtype, dev), body)
+        # The MQTT dead letter is the authoritative record; this count in InfluxDB lets
+        # operators query dead letters per type, device and reason over time (the fleet
+        # summary's "dead-lettered in the last hour"). Best effort: lost if we crash first.
+        # Nanosecond timestamps with a counter keep two records of one millisecond apart
+        # (same series and time would overwrite each other).
+        self._records_written = (self._records_written + 1) % 1_000_000
+        batch = self._batch
+        batch.records.append(
+            encode_point(
+                DEADLETTER_MEASUREMENT,
+                {"device_type": dtype, "device_id": dev, "reason": rejected.reason},
+                {"count": 1},
+                now_ms * 1_000_000 + self._records_written,
+            )
+        )
         self._ack_in_order(token)
+        if batch.timer is None and self._batch is batch:
+            self._arm_timer(batch)
 
     def _ack_in_order(self, token: int) -> None:
         """Ack a message that needs no write, but never before the messages that arrived earlier."""
@@ -272,7 +299,7 @@ class Pipeline:
         batch = self._batch
         if batch.timer is not None:
             batch.timer.cancel()
-        if not batch.messages:
+        if not batch.messages and not batch.records:
             return
         self._batch = Batch()
         self._batch_readings = 0
@@ -281,7 +308,7 @@ class Pipeline:
         self.metrics.received_readings.inc(self._received_readings)
         self._received_messages = self._received_readings = 0
         self.metrics.buffer_readings.set(self.buffered)
-        if not batch.lines:
+        if not batch.lines and not batch.records:
             batch.done = True
             self._release()
             return
@@ -293,14 +320,18 @@ class Pipeline:
         async with self._write_slots:
             self._writing += 1
             try:
-                body = ("\n".join(batch.lines) + "\n").encode()
-                stored = await self._write_with_retry(body, len(batch.lines))
+                stored: bool | None = True
+                if batch.lines:
+                    body = ("\n".join(batch.lines) + "\n").encode()
+                    stored = await self._write_with_retry(body, len(batch.lines))
                 if stored is None:
                     return  # stopping with InfluxDB down: not acked, the broker redelivers
                 if not stored:
                     await self._write_messages_one_by_one(batch)
                 batch.done = True
                 self._release()
+                if batch.records:  # after the acks: counts never hold readings back
+                    await self._write_records(batch.records)
             finally:
                 self._writing -= 1
             if (
@@ -312,6 +343,14 @@ class Pipeline:
                 # The writer is idle and readings arrived meanwhile: write them now (the batch
                 # size follows the write latency instead of waiting for the age limit).
                 self._close_batch()
+
+    async def _write_records(self, records: list[str]) -> None:
+        """Dead-letter counts: one attempt, never blocking readings (see _reject)."""
+        try:
+            await self.writer.write(("\n".join(records) + "\n").encode(), precision="ns")
+        except InfluxError as exc:
+            self.metrics.write_errors["deadletter_records"].inc()
+            log.warning("dead-letter counts not stored (%s)", exc)
 
     async def _write_with_retry(self, body: bytes, readings: int) -> bool | None:
         """True once stored; False if InfluxDB refuses the data itself; None if stopping gave up."""

@@ -132,6 +132,25 @@ def test_each_malformed_payload_is_dead_lettered_and_the_next_reading_stored(
         for reason, count in counted.items():
             assert ingest.metric("iotfleet_ingest_rejected_messages_total", reason=reason) == count, reason
         assert ingest.metric("iotfleet_ingest_stored_readings_total") == len(MATRIX)
+
+        # Each dead letter is also counted in InfluxDB, by reason (the fleet summary reads it).
+        def recorded() -> dict[str, int]:
+            response = httpx.post(
+                f"{influxd.url}/query",
+                data={
+                    "db": database,
+                    "q": f'SELECT sum("count") FROM "deadletters" WHERE "device_id" = \'{device}\''
+                    ' GROUP BY "reason"',
+                },
+                timeout=10,
+            ).json()
+            series = response["results"][0].get("series", [])
+            return {row["tags"]["reason"]: int(row["values"][0][1]) for row in series}
+
+        try:
+            wait_for(lambda: recorded() == counted, timeout=20, what="dead letters in InfluxDB")
+        except TimeoutError:
+            raise AssertionError(f"{recorded()} != {counted}") from None
         publisher.close()
     finally:
         deadletters.close()

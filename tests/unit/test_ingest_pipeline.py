@@ -62,7 +62,7 @@ class ScriptedWriter:
         self.gates: list[asyncio.Event] = []
         self.hold = False
 
-    async def write(self, lines: bytes | str, *, database: str | None = None) -> None:
+    async def write(self, lines: bytes | str, *, database: str | None = None, precision: str = "ms") -> None:
         if self.errors:
             raise self.errors.pop(0)
         body = lines if isinstance(lines, bytes) else lines.encode()
@@ -252,5 +252,8 @@ async def test_an_unexpected_error_dead_letters_the_message_and_the_stream_goes_
     for token in (1, 2, 3):
         pipe.handle(TOPIC, reading(token), token)
     await until(lambda: transport.acked == [1, 2, 3])
-    assert writer.bodies[0].count(b"\n") == 2  # readings 1 and 3
+    assert [line.split(b",")[0] for line in writer.bodies[0].splitlines()] == [b"thermostat", b"thermostat"]
+    # readings 1 and 3 stored; the failure counted in the dead-letter records
+    [record] = writer.bodies[1].splitlines()
+    assert record.startswith(b"deadletters,") and b"reason=invalid_value" in record
     assert "internal error" in orjson.loads(transport.published[0][1])["errors"][0]["message"]
