@@ -267,8 +267,9 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
         "**Design.** Each simulated device is one MQTT connection driven by a lean asyncio MQTT 5"
         " client of our own (`simulators/mqtt.py`: an `asyncio.Protocol` per connection, no task,"
-        " no queue, no lock per device; one timer per device; counters shared per process). A fleet"
-        " of one aiomqtt client per device is measured alongside for comparison.",
+        " no queue, no lock and no timer handle per device: a fleet-wide timing wheel drives the"
+        " publishes; counters shared per process). A fleet of one aiomqtt client per device is"
+        " measured alongside for comparison.",
         "",
         "**Scale** — one simulator process, every device publishing one reading every 10 s (QoS 1)"
         " through mosquitto to the four ingest services and InfluxDB, then `--verify` reads every"
@@ -341,6 +342,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="1,000 devices for 60 s; docs untouched")
     parser.add_argument(
         "--write-docs", action="store_true", help="update docs/benchmarks.md even with --quick"
+    )
+    parser.add_argument(
+        "--reuse-scale",
+        action="store_true",
+        help="re-measure capacity only; take the scale run from bench/results/simulator.json",
     )
     args = parser.parse_args()
     if args.quick:

@@ -261,8 +261,9 @@ class SimDevice(mqtt.MqttHandler):
 
     def _connack_deadline(self, conn: mqtt.MqttConnection) -> None:
         if self.conn is conn and self.state == CONNECTING:
-            self.fleet.stats.connect_errors["CONNACK timeout"] += 1
+            conn.closed = True  # counted here, not again as "closed before CONNACK"
             conn.abort()
+            self._connect_failed("no CONNACK in time")
 
     def _connect_failed(self, reason: str) -> None:
         stats = self.fleet.stats
