@@ -150,3 +150,14 @@ def test_verify_maths() -> None:
     assert check.duplicates == [5] and check.stored_despite_fault == [3]
     result = summarize("test", [check], 0.0)
     assert not result.ok and result.samples[0]["missing"] == "7-8"
+
+
+def test_iotfleet_demo_runs_the_demo_scenario_and_simulate_takes_the_flags() -> None:
+    from iotfleet.cli import make_parser
+
+    demo = cli.build_scenario(make_parser().parse_args(["demo", "--devices", "40"]))
+    assert demo.name == "demo" and sum(demo.counts().values()) == 40 and demo.faults
+    adhoc = cli.build_scenario(
+        make_parser().parse_args(["simulate", "--devices", "100", "--duration", "60", "--verify"])
+    )
+    assert adhoc.name == "adhoc" and adhoc.duration == 60 and adhoc.verify and not adhoc.faults
