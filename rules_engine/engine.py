@@ -138,7 +138,9 @@ class RulesEngine:
             client.username_pw_set(mqtt_settings.username, password)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         client.max_queued_messages_set(0)  # never drop a command while reconnecting
-        client.max_inflight_messages_set(1000)
+        # paho rescans its in-flight messages on every PUBACK (O(in-flight)): a modest window keeps an
+        # alert storm linear; against a local broker, 100 in flight is far beyond what one engine sends.
+        client.max_inflight_messages_set(100)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
