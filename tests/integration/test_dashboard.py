@@ -9,7 +9,9 @@ order and build on each other (sign in → device → command → rule → alert
 Every console message of level error and every uncaught page error fails the
 test that caused it, except the ones a test provokes on purpose (a refused key,
 an invalid rule: Chromium logs each 4xx response as "Failed to load resource").
-Screenshots go to docs/screenshots/ (the README shows the main ones).
+Screenshots of every page go to test-artifacts/screenshots/ on each run; with
+IOTFLEET_UPDATE_SCREENSHOTS=1 they also refresh docs/screenshots/ (the ones the
+README shows), so an ordinary test run leaves the work tree clean.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ if not CHROMIUM.exists() and not os.environ.get("CI"):
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright  # noqa: E402
 
 IOTFLEET = [sys.executable, "-m", "iotfleet.cli"]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+_REPO = Path(__file__).resolve().parents[2]
+SCREENSHOTS = _REPO / "test-artifacts" / "screenshots"
+DOC_SCREENSHOTS = _REPO / "docs" / "screenshots"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-background-networking",
@@ -262,6 +266,9 @@ def _ready(page: Page, path: str, stack: Stack) -> float:
 def _shot(page: Page, name: str, full_page: bool = True) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=full_page)
+    if os.environ.get("IOTFLEET_UPDATE_SCREENSHOTS") == "1":
+        DOC_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(DOC_SCREENSHOTS / f"{name}.png"), full_page=full_page)
 
 
 def _sim_device(stack: Stack, device_type: str) -> str:
