@@ -26,6 +26,7 @@ import logging
 import socket
 import threading
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -90,6 +91,7 @@ class CommandTracker:
         self._tasks: list[asyncio.Task[None]] = []
         self._mid_lock = threading.Lock()
         self._pending: dict[int, str] = {}
+        self._early: OrderedDict[int, ReasonCode] = OrderedDict()
         self.m_events = Counter(
             "registry_command_events", "Command/alert/ack messages recorded", ["kind"], registry=registry
         )
@@ -179,7 +181,18 @@ class CommandTracker:
     def _on_publish(self, _c: mqtt.Client, _u: Any, mid: int, reason: ReasonCode, _p: Any) -> None:
         with self._mid_lock:
             command_id = self._pending.pop(mid, None)
-        if command_id is not None and self._loop is not None:
+            if command_id is None:
+                # The PUBACK beat publish_command's bookkeeping (it publishes without our lock:
+                # paho calls this holding its own lock, the other order would deadlock). Only the
+                # newest are kept, far fewer than the 65,535 mids before one is reused.
+                self._early[mid] = reason
+                if len(self._early) > 1000:
+                    self._early.popitem(last=False)
+                return
+        self._sent(command_id, reason)
+
+    def _sent(self, command_id: str, reason: ReasonCode) -> None:
+        if self._loop is not None:
             sent = _Sent(command_id, f"broker refused the command: {reason}" if reason.is_failure else None)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, sent)
 
@@ -198,11 +211,13 @@ class CommandTracker:
             id=row.id,
             ts=int(row.created_at.timestamp() * 1000),
         )
+        info = self.client.publish(command.topic, command.payload(), qos=1, properties=command.properties())
         with self._mid_lock:
-            info = self.client.publish(
-                command.topic, command.payload(), qos=1, properties=command.properties()
-            )
-            self._pending[info.mid] = row.id
+            early = self._early.pop(info.mid, None)
+            if early is None:
+                self._pending[info.mid] = row.id
+        if early is not None:
+            self._sent(row.id, early)
 
     def rules_changed(self, rule_id: str, version: int, change: str) -> None:
         payload = orjson.dumps({"rule_id": rule_id, "version": version, "change": change})

@@ -20,6 +20,7 @@ import logging
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -118,6 +119,7 @@ class RulesEngine:
         self._stopping = threading.Event()
         self._mid_lock = threading.Lock()
         self._pending_sent: dict[int, str] = {}
+        self._early_acks: OrderedDict[int, ReasonCode] = OrderedDict()
         self._was_connected = False
         self._cached: bytes | None = None
         self._connect_lock = threading.Lock()
@@ -125,14 +127,20 @@ class RulesEngine:
         self.subscribed = threading.Event()
         self._reload_thread = threading.Thread(target=self._reload_loop, name="rules-reload", daemon=True)
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.client = self._make_client()
+        self.client = self._make_client(self.settings.rules.client_id)
+        # Commands and events go out on a second connection: on the first one, the PUBACKs they wait
+        # for would queue behind every unread reading (one TCP stream), so under load a command
+        # would wait for the whole backlog before its in-flight slot frees.
+        self.out = self._make_client(f"{self.settings.rules.client_id}-out")
+        self.out.on_connect = self._on_out_connect
+        self.out.on_disconnect = None
+        self.out.on_message = None
+        self.out.on_subscribe = None
 
     # --- MQTT --------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self, client_id: str) -> mqtt.Client:
         mqtt_settings = self.settings.mqtt
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=self.settings.rules.client_id, protocol=mqtt.MQTTv5
-        )
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if mqtt_settings.username:
             password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
             client.username_pw_set(mqtt_settings.username, password)
@@ -176,6 +184,12 @@ class RulesEngine:
         )
         self._reload_wanted.set()  # changes published while we were away are not queued for us
 
+    def _on_out_connect(
+        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
+    ) -> None:
+        if reason.is_failure:
+            self.lifecycle.degraded(f"broker refused the publishing connection: {reason}")
+
     def _on_disconnect(
         self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
     ) -> None:
@@ -216,8 +230,18 @@ class RulesEngine:
     ) -> None:
         with self._mid_lock:
             command_id = self._pending_sent.pop(mid, None)
-        if command_id is None:
-            return
+            if command_id is None:
+                # The PUBACK beat send_command's bookkeeping (it publishes without holding the
+                # lock: paho calls this holding its own lock, so the other order would deadlock).
+                # Events' PUBACKs land here too: keep only the newest (far fewer than the 65,535
+                # mids before one is reused), so a stale entry can never match a later command.
+                self._early_acks[mid] = reason
+                if len(self._early_acks) > 1000:
+                    self._early_acks.popitem(last=False)
+                return
+        self._command_acked(client, command_id, reason)
+
+    def _command_acked(self, client: mqtt.Client, command_id: str, reason: ReasonCode) -> None:
         if reason.is_failure:
             self.metrics.commands.labels("refused").inc()
             detail = f"broker refused the command: {reason}"
@@ -333,7 +357,7 @@ class RulesEngine:
         self.store.save(self.evaluator.take_dirty())
 
     def _publish_event(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, qos=1)
+        self.out.publish(topic, payload, qos=1)
 
     def _send_all(self, rule: StoredRule, action: CommandAction, source_device: str | None) -> None:
         for entry in self.directory.resolve(action.target, rule.scope.device_type, source_device):
@@ -360,12 +384,14 @@ class RulesEngine:
             rule_id=rule.id,
         )
         # The registry learns of the command before the device can answer it.
-        self.client.publish(topics.COMMAND_EVENTS, command.created_event(), qos=1)
+        self.out.publish(topics.COMMAND_EVENTS, command.created_event(), qos=1)
+        info = self.out.publish(command.topic, command.payload(), qos=1, properties=command.properties())
         with self._mid_lock:
-            info = self.client.publish(
-                command.topic, command.payload(), qos=1, properties=command.properties()
-            )
-            self._pending_sent[info.mid] = command.id
+            early = self._early_acks.pop(info.mid, None)
+            if early is None:
+                self._pending_sent[info.mid] = command.id
+        if early is not None:
+            self._command_acked(self.out, command.id, early)
         self.metrics.commands.labels("published").inc()
 
     # --- rules and schedules ----------------------------------------------------------
@@ -526,6 +552,8 @@ class RulesEngine:
                 return
             self._connect_started = True
         mqtt_settings = self.settings.mqtt
+        self.out.connect_async(mqtt_settings.host, mqtt_settings.port, keepalive=mqtt_settings.keepalive_s)
+        self.out.loop_start()
         self.client.connect_async(
             mqtt_settings.host,
             mqtt_settings.port,
@@ -542,16 +570,18 @@ class RulesEngine:
         self.tick()  # flush last-seen times
         # Let in-flight commands get their PUBACK (and the registry its "sent" event), bounded.
         deadline = time.monotonic() + 2.0
-        while self._pending_sent and self.client.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.01)
         self.client.disconnect()
         self.client.loop_stop()
+        while self._pending_sent and self.out.is_connected() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.out.disconnect()
+        self.out.loop_stop()
         self._reload_thread.join(timeout=10)
         self.source.close()
         self.store.close()
 
     def health(self) -> dict[str, Any]:
-        connected = self.client.is_connected()
+        connected = self.client.is_connected() and self.out.is_connected()
         ok = connected and self.subscribed.is_set() and self.rules_loaded and self.last_reload_error is None
         return {
             "status": "ok" if ok else "degraded",
