@@ -409,9 +409,11 @@ class Evaluator:
         """
         wanted = {r.id: r for r in rules if r.enabled and r.when is not None}
         cleared: list[Firing] = []
+        changed = False
         for rule_id, program in list(self.programs.items()):
             if rule_id in wanted:
                 continue
+            changed = True
             del self.programs[rule_id]
             for device in self.devices.values():
                 state = device.states.pop(rule_id, None)
@@ -424,6 +426,7 @@ class Evaluator:
             old = self.programs.get(rule_id)
             if old is not None and old.rule.version == rule.version and old.rule == rule:
                 continue
+            changed = True
             program = Program(rule)
             self.programs[rule_id] = program
             if old is not None:
@@ -433,6 +436,8 @@ class Evaluator:
                         fresh = program.new_state()
                         fresh.active, fresh.last_fired = previous.active, previous.last_fired
                         device.states[rule_id] = fresh
+        if not changed:
+            return cleared  # the periodic re-fetch: keep every device's bound rules
         self._by_type = {}
         for program in self.programs.values():
             self._by_type.setdefault(program.rule.scope.device_type, []).append(program)
