@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import socket
 import threading
@@ -84,7 +85,10 @@ class CommandTracker:
     ) -> None:
         self.settings = settings
         self.sessions = sessions
-        self.client_id = f"{settings.rules.client_id}-registry-tracker"
+        # Stable across restarts of this deployment (its persistent session holds what arrives while
+        # the registry is down) and distinct between deployments sharing a broker: named after the DB.
+        deployment = hashlib.sha256(settings.registry_database_url().encode()).hexdigest()[:8]
+        self.client_id = f"{settings.rules.client_id}-tracker-{deployment}"
         self.connected = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Incoming | _Sent] = asyncio.Queue()

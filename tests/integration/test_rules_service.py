@@ -21,7 +21,8 @@ from rules_engine.store import StateStore
 from tests.devices import provision
 from tests.harness import Broker
 from tests.integration.test_rules_engine import OVERHEAT
-from tests.rules_support import Listener, SimThermostat, wait, write_rules
+from tests.registry_harness import ADMIN_KEY, RegistryProcess
+from tests.rules_support import Listener, SimThermostat, start_engine, wait, write_rules
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +161,56 @@ def test_kill_9_mid_scenario_neither_refires_nor_forgets(
         proc.wait(timeout=10)
         device.disconnect()
         listener.close()
+
+
+def test_registry_kill_9_loses_no_command_or_alert_event(
+    broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """kill -9 the registry process while events flow: its tracker acks to the broker only after
+    committing, so after the restart every command reaches `succeeded` and the alert is recorded once."""
+    registry = RegistryProcess(broker, tmp_path / "registry").start()
+    http = httpx.Client(base_url=registry.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    engine_settings = Settings(
+        state_dir=tmp_path / "engine",
+        mqtt=broker.settings_for("iotfleet-rules"),
+        registry=RegistrySettings(port=registry.port),
+        rules=RulesSettings(client_id=uid("rules"), api_key=ADMIN_KEY),
+    )
+    engine = None
+    devices: list[SimThermostat] = []
+    try:
+        ids = [uid(f"k{i}") for i in range(5)]
+        created = http.post(
+            "/api/v1/devices/bulk", json={"devices": [{"id": i, "type": "thermostat"} for i in ids]}
+        )
+        assert created.status_code == 201, created.text
+        devices = [
+            SimThermostat(broker, d["id"], d["credentials"]["password"]).connect()
+            for d in created.json()["devices"]
+        ]
+        rule = http.post(
+            "/api/v1/rules", json={**OVERHEAT, "scope": {"device_type": "thermostat", "device_ids": ids}}
+        )
+        assert rule.status_code == 201, rule.text
+        engine = start_engine(engine_settings, RegistrySource.from_settings(engine_settings))
+        for device in devices:
+            device.publish(35.0)  # five firings: five commands, acks and alerts in flight...
+        registry.kill()  # ...while the registry dies without any shutdown code
+        wait(lambda: all(d.commands for d in devices), "commands at the devices (acked while it is down)")
+        registry.start()
+
+        def recorded() -> bool:
+            commands = http.get("/api/v1/commands", params={"limit": 100}).json()["items"]
+            return len(commands) == 5 and all(c["status"] == "succeeded" for c in commands)
+
+        wait(recorded, "every command succeeded after the restart", timeout=20)
+        alerts = http.get("/api/v1/alerts", params={"limit": 100}).json()["items"]
+        assert sorted(a["device_id"] for a in alerts) == sorted(ids)
+        assert all(a["status"] == "active" for a in alerts)
+    finally:
+        if engine is not None:
+            engine.stop()
+        for device in devices:
+            device.disconnect()
+        http.close()
+        registry.stop()
