@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,17 @@ class ServerProcess:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def spawn_and_wait(self, ready: Callable[[], bool], what: str) -> None:
+        """Start the server and poll ``ready`` until it answers (or the process dies)."""
+        self.spawn()
+
+        def check() -> bool:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_tail()}")
+            return ready()
+
+        probes.wait_until(check, timeout=READY_TIMEOUT_S, what=what)
+
     def log_tail(self, lines: int = 60) -> str:
         try:
             text = self.log_path.read_text(errors="replace").splitlines()
@@ -70,8 +82,25 @@ class ServerProcess:
         return "\n".join(text[-lines:])
 
 
+class _Restartable:
+    """stop/restart of a server whose ``process`` we started (only we stop it)."""
+
+    process: ServerProcess | None
+
+    def start(self) -> _Restartable:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
 @dataclass
-class Broker:
+class Broker(_Restartable):
     """A mosquitto with dynamic security on a free loopback port."""
 
     state_dir: Path
@@ -90,29 +119,12 @@ class Broker:
                 [_require("mosquitto"), "-c", str(files.config)],
                 self.state_dir / "mosquitto.log",
             )
-        self.process.spawn()
         admin = dynsec.ADMIN_USER
-        probes.wait_until(
-            lambda: (
-                self._check_alive() and probes.mqtt_ok(self.host, self.port, admin, self.passwords[admin])
-            ),
-            timeout=READY_TIMEOUT_S,
-            what=f"mosquitto on port {self.port}",
+        self.process.spawn_and_wait(
+            lambda: probes.mqtt_ok(self.host, self.port, admin, self.passwords[admin]),
+            f"mosquitto on port {self.port}",
         )
         return self
-
-    def _check_alive(self) -> bool:
-        if self.process is not None and not self.process.alive():
-            raise RuntimeError(f"mosquitto exited:\n{self.process.log_tail()}")
-        return True
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def settings_for(self, username: str = dynsec.ADMIN_USER) -> MqttSettings:
         """MQTT settings for one of the bootstrap accounts (admin or a service)."""
@@ -122,7 +134,7 @@ class Broker:
 
 
 @dataclass
-class Influxd:
+class Influxd(_Restartable):
     """An influxd on free loopback ports (HTTP and RPC)."""
 
     state_dir: Path
@@ -143,26 +155,10 @@ class Influxd:
             self.process = ServerProcess(
                 "influxd", [_require("influxd"), "-config", str(config)], self.state_dir / "influxd.log"
             )
-        self.process.spawn()
-        probes.wait_until(
-            lambda: self._check_alive() and probes.http_ok(f"{self.url}/ping"),
-            timeout=READY_TIMEOUT_S,
-            what=f"influxd on port {self.port}",
+        self.process.spawn_and_wait(
+            lambda: probes.http_ok(f"{self.url}/ping"), f"influxd on port {self.port}"
         )
         return self
-
-    def _check_alive(self) -> bool:
-        if self.process is not None and not self.process.alive():
-            raise RuntimeError(f"influxd exited:\n{self.process.log_tail()}")
-        return True
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
     def settings_for(self, database: str) -> InfluxSettings:
         return InfluxSettings(url=self.url, database=database)
