@@ -28,8 +28,9 @@ from typing import Any
 from pydantic import ValidationError
 from rich.console import Console
 
+from iotfleet.cli import build_settings  # the same stack flags as `iotfleet up`
 from iotfleet.errors import ConfigError, IotfleetError
-from iotfleet.settings import Settings, load_settings
+from iotfleet.settings import Settings
 from simulators import provisioning
 from simulators.faults import FaultKind, FaultSpec
 from simulators.fleet import DeviceCredentials
@@ -145,20 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", type=Path, help="JSON report path (default <state_dir>/simulator/report-*.json)"
     )
     out.add_argument("--quiet", action="store_true", help="no live progress (the final report is printed)")
-
-
-def build_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment with the stack flags on top (same flags as ``iotfleet up``)."""
-    overrides: dict[str, Any] = {}
-    if getattr(args, "state_dir", None):
-        overrides["state_dir"] = args.state_dir
-    if getattr(args, "mqtt_port", None):
-        overrides["mqtt"] = {"port": args.mqtt_port}
-    if getattr(args, "influx_port", None):
-        overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
-    if getattr(args, "api_port", None):
-        overrides["registry"] = {"port": args.api_port}
-    return load_settings(**overrides)
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
