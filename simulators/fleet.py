@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from iotfleet import topics
 from iotfleet.catalogue import get_device_type
+from iotfleet.mqtt_wire import CONNACK_REASONS
 from iotfleet.topics import Channel
 from simulators import mqtt
 from simulators.faults import DeviceFaults, FaultKind, FaultSpec, assign_faults
@@ -295,7 +296,7 @@ class SimDevice(mqtt.MqttHandler):
             if conn is not None:
                 conn.closed = True  # this failure is counted here, not again in on_disconnect
                 conn.abort()
-            self._connect_failed(f"CONNACK 0x{reason:02x} {mqtt.CONNACK_REASONS.get(reason, '')}".strip())
+            self._connect_failed(f"CONNACK 0x{reason:02x} {CONNACK_REASONS.get(reason, '')}".strip())
             return
         stats = fleet.stats
         if self.was_online:

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from iotfleet.mqtt_wire import MalformedPacketError, decode_varint, encode_varint
+
 # Packet types (high nibble of the first byte).
 CONNECT = 0x10
 CONNACK = 0x20
@@ -57,19 +59,6 @@ PROP_WILDCARD_SUB = 0x28
 PROP_SUB_ID_AVAILABLE = 0x29
 PROP_SHARED_SUB = 0x2A
 
-CONNACK_REASONS = {
-    0x80: "unspecified error",
-    0x81: "malformed packet",
-    0x84: "unsupported protocol version",
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-    0x97: "quota exceeded",
-    0x9F: "connection rate exceeded",
-}
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -77,33 +66,6 @@ _U32 = struct.Struct("!I")
 
 class MqttError(Exception):
     """A protocol error or a refusal by the broker."""
-
-
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _decode_varint(data: bytes | bytearray | memoryview, pos: int) -> tuple[int, int]:
-    """(value, next position); raise IndexError if the data ends inside the number."""
-    value = 0
-    shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 21:
-            raise MqttError("malformed variable byte integer")
 
 
 def _str(text: str | bytes) -> bytes:
@@ -229,7 +191,7 @@ def parse_properties(data: bytes, pos: int, end: int) -> dict[int, object]:
             props[pid] = _U16.unpack_from(data, pos)[0]
             pos += 2
         elif pid == PROP_SUBSCRIPTION_ID:
-            props[pid], pos = _decode_varint(data, pos)
+            props[pid], pos = decode_varint(data, pos)
         elif pid in (PROP_CONTENT_TYPE, PROP_RESPONSE_TOPIC, PROP_ASSIGNED_CLIENT_ID, PROP_REASON_STRING):
             (n,) = _U16.unpack_from(data, pos)
             props[pid] = bytes(data[pos + 2 : pos + 2 + n]).decode("utf-8", "replace")
@@ -256,7 +218,7 @@ def parse_publish(flags: int, body: bytes) -> IncomingPublish:
     pos = 2 + tlen
     if qos:
         pos += 2
-    plen, pos = _decode_varint(body, pos)
+    plen, pos = decode_varint(body, pos)
     props = parse_properties(body, pos, pos + plen) if plen else {}
     pos += plen
     message = IncomingPublish(topic, body[pos:], qos, bool(flags & 0x01))
@@ -317,7 +279,7 @@ class MqttConnection(asyncio.Protocol):
                     pos += 4
                     continue
                 try:
-                    length, body_start = _decode_varint(buf, pos + 1)
+                    length, body_start = decode_varint(buf, pos + 1)
                 except IndexError:
                     break
                 end = body_start + length
@@ -326,9 +288,9 @@ class MqttConnection(asyncio.Protocol):
                 body = buf[body_start:end]
                 pos = end
                 self._dispatch(first, body)
-        except MqttError as exc:
+        except (MqttError, MalformedPacketError) as exc:
             self._buf = b""
-            self.abort(exc)
+            self.abort(exc if isinstance(exc, MqttError) else MqttError(str(exc)))
             return
         self._buf = buf[pos:] if pos < size else b""
 
@@ -347,7 +309,7 @@ class MqttConnection(asyncio.Protocol):
             reason = body[1]
             receive_maximum = 65_535
             if len(body) > 2:
-                plen, pos = _decode_varint(body, 2)
+                plen, pos = decode_varint(body, 2)
                 props = parse_properties(body, pos, pos + plen)
                 rm = props.get(PROP_RECEIVE_MAXIMUM)
                 if isinstance(rm, int):
@@ -355,7 +317,7 @@ class MqttConnection(asyncio.Protocol):
             handler.on_connack(reason, bool(body[0] & 0x01), receive_maximum)
         elif kind == SUBACK:
             (packet_id,) = _U16.unpack_from(body, 0)
-            plen, pos = _decode_varint(body, 2)
+            plen, pos = decode_varint(body, 2)
             handler.on_suback(packet_id, body[pos + plen :])
         elif kind == PINGRESP:
             pass

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from iotfleet.mqtt_wire import CONNACK_REASONS, encode_varint
 from iotfleet.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -53,34 +54,9 @@ _PUBACK = struct.Struct(">BBH").pack
 _U16 = struct.Struct(">H").pack
 _U32 = struct.Struct(">I").pack
 
-CONNACK_REASONS = {
-    0x80: "unspecified error",
-    0x84: "unsupported protocol version",
-    0x85: "client identifier not valid",
-    0x86: "bad user name or password",
-    0x87: "not authorized",
-    0x88: "server unavailable",
-    0x89: "server busy",
-    0x8A: "banned",
-    0x8C: "bad authentication method",
-    0x97: "quota exceeded",
-}
-
 
 class MqttProtocolError(Exception):
     """The broker sent something this client does not accept; the connection is dropped."""
-
-
-def encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _utf8(text: str) -> bytes:

@@ -30,7 +30,7 @@ class Recorder(mqtt.MqttHandler):
 def test_varint_round_trip() -> None:
     for value in (0, 1, 127, 128, 16_383, 16_384, 2_097_151, 268_435_455):
         encoded = mqtt.encode_varint(value)
-        assert mqtt._decode_varint(encoded, 0) == (value, len(encoded))
+        assert mqtt.decode_varint(encoded, 0) == (value, len(encoded))
 
 
 def test_publish_with_properties_parses_back() -> None:
@@ -41,7 +41,7 @@ def test_publish_with_properties_parses_back() -> None:
         mqtt.topic_prefix("devices/t/x/commands"), b'{"a":1}', qos=1, packet_id=7, properties=props
     )
     assert packet[0] == 0x32
-    length, start = mqtt._decode_varint(packet, 1)
+    length, start = mqtt.decode_varint(packet, 1)
     assert len(packet) == start + length
     message = mqtt.parse_publish(packet[0] & 0x0F, packet[start:])
     assert message.topic == "devices/t/x/commands"
@@ -78,7 +78,7 @@ def test_resend_gets_new_packet_id_and_dup_flag() -> None:
     packet = mqtt.encode_publish(mqtt.topic_prefix("a/b"), b"x" * 300, qos=1, packet_id=5)
     again = mqtt.with_dup_flag(_replace_pid(packet, 0x1234))
     assert again[0] == 0x3A
-    _length, start = mqtt._decode_varint(again, 1)
+    _length, start = mqtt.decode_varint(again, 1)
     assert again[start + 5 : start + 7] == b"\x12\x34"  # after the 2+3 byte topic
     assert again[-300:] == b"x" * 300
 
