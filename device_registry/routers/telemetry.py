@@ -114,6 +114,20 @@ class TelemetryPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as cursor= for the next page; null on the last one")
 
 
+class DeadLetterRecord(BaseModel):
+    time: str
+    reason: str
+
+
+class DeviceDeadLetters(BaseModel):
+    device_id: str
+    device_type: str
+    start: str
+    end: str
+    items: list[DeadLetterRecord] = Field(description="Newest first: when and why a payload was refused")
+    by_reason: dict[str, int] = Field(description="Counts of the listed items per reason")
+
+
 class AggregateSeries(BaseModel):
     device_id: str
     device_type: str
@@ -357,6 +371,41 @@ async def raw_telemetry(
     params = [("fields", ",".join(names)), ("start", str(time_range.start_ms))]
     params += [("end", str(time_range.end_ms)), ("limit", str(limit)), ("cursor", token)]
     return _json(body, headers={"Link": f'<{request.url.path}?{urlencode(params)}>; rel="next"'})
+
+
+@router.get(
+    "/api/v1/devices/{device_id}/deadletters",
+    summary="A device's recent dead letters: when and why its payloads were refused (default: last 24 h)",
+    description="The full dead letter (errors, original payload) is published on"
+    " `deadletter/{type}/{id}`; this lists the ingest's record of each one, newest first.",
+    response_model=DeviceDeadLetters,
+    responses=_QUERY_ERRORS,
+)
+async def device_deadletters(
+    *,
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    influx: InfluxDep,
+    _caller: CurrentViewer,
+    start: StartQuery = None,
+    end: EndQuery = None,
+    limit: Annotated[int, Query(ge=1, le=1_000, description="Records at most")] = 100,
+) -> DeviceDeadLetters:
+    device_type = await _device_type(session, device_id)
+    time_range = _checked(query.parse_range, start, end, now_ms=_now_ms(), default_span_ms=86_400_000)
+    rows = await _guard(service.device_deadletters(influx, device_id, time_range, limit=limit))
+    items = [DeadLetterRecord(time=query.format_time(int(r["time"])), reason=str(r["reason"])) for r in rows]
+    by_reason: dict[str, int] = {}
+    for item in items:
+        by_reason[item.reason] = by_reason.get(item.reason, 0) + 1
+    return DeviceDeadLetters(
+        device_id=device_id,
+        device_type=device_type.name,
+        start=query.format_time(time_range.start_ms),
+        end=query.format_time(time_range.end_ms),
+        items=items,
+        by_reason=by_reason,
+    )
 
 
 async def _csv_export(

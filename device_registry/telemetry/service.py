@@ -159,6 +159,14 @@ async def raw_page(
     return Page(rows, query.next_cursor(cursor, [int(row["time"]) for row in rows]))
 
 
+async def device_deadletters(
+    client: InfluxClient, device_id: str, time_range: TimeRange, *, limit: int
+) -> list[Row]:
+    """The device's newest dead-letter records (``time``, ``reason``), newest first."""
+    statement = query.device_deadletters_statement(device_id, time_range, _rp(client), limit=limit)
+    return list(series_rows(await _run(client, statement)))
+
+
 async def count_rows(
     client: InfluxClient,
     device_type: DeviceType,

@@ -542,3 +542,31 @@ async def test_no_database_yet_is_empty_and_influxdb_down_is_503(world: World) -
         await app_state.telemetry_influx.aclose()
     finally:
         app_state.telemetry_influx = original
+
+
+async def test_device_deadletters_lists_the_newest_first(world: World) -> None:
+    w = world
+    now = time.time_ns() // 1_000_000
+    tags = {"device_type": "thermostat", "device_id": w.multi}  # no other test writes its dead letters
+    await w.influx.write(
+        "\n".join(
+            [
+                encode_point("deadletters", {**tags, "reason": "out_of_range"}, {"count": 1}, now - 3 * MIN),
+                encode_point("deadletters", {**tags, "reason": "not_json"}, {"count": 1}, now - 2 * MIN),
+                encode_point("deadletters", {**tags, "reason": "out_of_range"}, {"count": 1}, now - 1 * MIN),
+                encode_point(
+                    "deadletters", {**tags, "reason": "not_json"}, {"count": 1}, now - 30 * 60 * MIN
+                ),
+            ]
+        )
+    )
+    body = await get(w, f"/api/v1/devices/{w.multi}/deadletters")
+    assert [item["reason"] for item in body["items"]] == ["out_of_range", "not_json", "out_of_range"]
+    assert body["by_reason"] == {"out_of_range": 2, "not_json": 1}
+    assert body["items"][0]["time"] == query.format_time(now - 1 * MIN)
+    limited = await get(w, f"/api/v1/devices/{w.multi}/deadletters", limit=1)
+    assert [item["reason"] for item in limited["items"]] == ["out_of_range"]
+    # a device with none, an unknown device, a bad bound
+    assert (await get(w, f"/api/v1/devices/{w.empty}/deadletters"))["items"] == []
+    await get(w, "/api/v1/devices/nope-nope/deadletters", status=404)
+    await get(w, f"/api/v1/devices/{w.multi}/deadletters", status=422, start="yesterday';DROP")
