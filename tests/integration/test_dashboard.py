@@ -328,6 +328,14 @@ def test_device_chart_gets_new_points(page: Page, stack: Stack) -> None:
     before = int(chart.get_attribute("data-points") or 0)
     assert before > 0, "the chart shows no reading of a device that reports every second"
     assert page.locator("#presence").inner_text().find("online") >= 0
+    # The device's own dead letters, as the API lists them.
+    own = stack.get(f"/api/v1/devices/{device_id}/deadletters")
+    panel = page.locator("#deadletters").inner_text()
+    assert (
+        panel.startswith(f"{len(own['items'])} in the last 24 h")
+        if own["items"]
+        else panel == ("None in the last 24 h.")
+    )
     page.wait_for_function(
         "n => Number(document.querySelector('figure.chart[data-field=temperature_c]').dataset.points) > n",
         arg=before,

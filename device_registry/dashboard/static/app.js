@@ -523,11 +523,17 @@ async function initDevice() {
     );
   };
 
-  const renderDeadLetters = (summary) => {
+  const renderDeadLetters = (summary, own) => {
     const row = summary.types.find((t) => t.device_type === device.type);
-    $("#deadletters").textContent = row
-      ? `${fmtInt(row.deadlettered_last_hour)} dead-lettered ${device.type} payload(s) in the last hour (all ${device.type} devices).`
-      : "–";
+    const reasons = Object.entries(own.by_reason)
+      .map(([reason, n]) => `${reason} ×${fmtInt(n)}`)
+      .join(", ");
+    $("#deadletters").textContent = own.items.length
+      ? `${fmtInt(own.items.length)} in the last 24 h${own.items.length >= 100 ? " (newest 100)" : ""}: ${reasons}; newest ${ago(own.items[0].time)}.`
+      : "None in the last 24 h.";
+    $("#deadletters-type").textContent = row
+      ? `All ${device.type} devices: ${fmtInt(row.deadlettered_last_hour)} in the last hour.`
+      : "";
   };
 
   // Charts: one per numeric field.
@@ -655,14 +661,15 @@ async function initDevice() {
   const commandPoller = poll(refreshCommands, () => (busy ? POLL_MS.commandsBusy : POLL_MS.device));
 
   const refresh = async () => {
-    const [d, latest, summary] = await Promise.all([
+    const [d, latest, summary, own] = await Promise.all([
       api(base),
       api(`${base}/telemetry/latest`),
       api("/api/v1/fleet/summary"),
+      api(`${base}/deadletters`),
     ]);
     renderPresence(d);
     renderLatest(latest);
-    renderDeadLetters(summary);
+    renderDeadLetters(summary, own);
     await liveCharts();
   };
   // Everything at once: the page is on screen after the slowest request, not after their sum.
