@@ -96,6 +96,13 @@ def write_mosquitto_config(
     The dynsec file is the broker's device database after the first start: it is
     never overwritten here (the registry changes it through the admin topic).
     """
+    if not MOSQUITTO_TEMPLATE.exists():
+        # The broker template lives in the repository's mosquitto/ folder, next to the
+        # packages: the stack runs from a source checkout installed with `pip install -e .`.
+        raise StackError(
+            f"broker config template not found at {MOSQUITTO_TEMPLATE}; run iotfleet from a source"
+            " checkout installed with `pip install -e .` (what `make demo` does)"
+        )
     state_dir.mkdir(parents=True, exist_ok=True)
     template = Template(MOSQUITTO_TEMPLATE.read_text())
     # As root, mosquitto drops to user 'mosquitto', which cannot write a state dir
