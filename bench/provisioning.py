@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import secrets
 import shutil
 import signal
@@ -38,6 +37,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import replace_section  # noqa: E402
 from iotfleet.stack import probes  # noqa: E402
 from tests.harness import Broker  # noqa: E402
 
@@ -259,13 +259,8 @@ large fleets ahead of time, not during peak telemetry. Presence is not a bottlen
 takes telemetry at QoS 0 on a shared subscription, counts it in memory and
 writes last-seen once per second in one executemany.
 """
-    docs = REPO / "docs" / "benchmarks.md"
-    content = docs.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if not pattern.search(content):
-        raise SystemExit(f"section {SECTION!r} not found in {docs}")
-    docs.write_text(pattern.sub(lambda _m: text + "\n", content, count=1))
-    print(f"wrote {docs} ({SECTION})")
+    replace_section(SECTION.removeprefix("## "), text.removeprefix(SECTION))
+    print(f"wrote docs/benchmarks.md ({SECTION})")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import asyncio
 import math
 import os
 import platform
-import re
 import secrets
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.report import replace_section  # noqa: E402
 from iotfleet.influx import InfluxClient, quote_identifier, series_rows  # noqa: E402
 from iotfleet.settings import InfluxSettings  # noqa: E402
 from iotfleet.stack import probes  # noqa: E402
@@ -303,19 +303,6 @@ def machine() -> str:
     )
 
 
-def replace_section(body: str) -> None:
-    """Replace only the body of ``## Telemetry queries`` in docs/benchmarks.md."""
-    text = DOC.read_text()
-    block = f"## {SECTION_TITLE}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(SECTION_TITLE)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _m: block, text, count=1)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block
-    )
-    DOC.write_text(text.rstrip() + "\n")
-
-
 @dataclass
 class Phase:
     title: str
@@ -499,7 +486,7 @@ the last hour costs one query.
 """
     print(body)
     if args.write_docs:
-        replace_section(body)
+        replace_section(SECTION_TITLE, body, DOC)
         print(f"wrote the '{SECTION_TITLE}' section of {DOC.relative_to(REPO)}")
     return 0 if ok else 2
 

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import aiomqtt  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.report import replace_section  # noqa: E402
 from simulators.fleet import DeviceCredentials  # noqa: E402
 from simulators.provisioning import save_credentials, spread  # noqa: E402
 from simulators.worker import raise_fd_limit  # noqa: E402
@@ -51,19 +51,6 @@ from tests.ingest_support import IngestProcess  # noqa: E402
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "Simulator fleet: scale and publish capacity"
 RESULTS = ROOT / "bench" / "results"
-
-
-def replace_section(title: str, body: str, doc: Path = DOC) -> None:
-    """Replace only the ``## title`` section of the benchmarks document (each benchmark owns one)."""
-    text = doc.read_text() if doc.exists() else "# iotfleet benchmarks\n"
-    block = f"## {title}\n\n{body.strip()}\n\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _m: block, text, count=1)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + block
-    )
-    doc.write_text(text.rstrip() + "\n")
 
 
 def log(message: str) -> None:
