@@ -15,7 +15,7 @@ replicas) and measures:
   time it first appears at minus its ``ts`` (set to the publish time).
 
 Publishers are separate processes with a small asyncio MQTT client (the codec of
-telemetry_ingest/mqtt.py), so they cost the 2 cores little.
+iotfleet/mqtt_client.py), so they cost the 2 cores little.
 
     .venv/bin/python -m bench.ingest --mode drained --replicas 1
     .venv/bin/python -m bench.ingest --mode live --rate 5000 --readings 100000
@@ -41,9 +41,9 @@ from typing import Any
 import httpx
 import orjson
 
+from iotfleet import mqtt_client as codec
 from iotfleet.stack import probes
 from iotfleet.topics import Channel, device_topic
-from telemetry_ingest import mqtt as codec
 from tests.harness import Broker, Influxd, env_for
 from tests.ingest_support import provision_publisher, wait_for
 

@@ -1,8 +1,8 @@
 """MQTT 5 wire primitives shared by the two hand-rolled clients.
 
-The ingest's receive path (telemetry_ingest/mqtt.py) and the simulator's
+The services' client (iotfleet/mqtt_client.py: ingest, rules engine) and the simulator's
 many-connection publisher (simulators/mqtt.py) are different clients on purpose
-(one consumer draining a backlog, ten thousand small publishers); what they
+(a few service sessions carrying whole streams, ten thousand small publishers); what they
 share is the wire format, kept here once.
 """
 

@@ -1,39 +1,42 @@
 """The rules engine service: MQTT session in, evaluator, commands and alert events out.
 
-Threads: paho's network loop runs the evaluation inline in ``on_message``
-(readings are small and evaluation is microseconds; no queue hop keeps the
-reading → command latency low), APScheduler runs the clock tick (absence,
-presence ``for``) and the cron schedules, and a reload thread fetches rules and
-devices. One lock serialises every touch of the evaluator, so a burst of
-readings for the same device can never fire twice.
+One asyncio loop in one thread does the hot path end to end: the MQTT client
+(iotfleet/mqtt_client.py) parses readings from the socket, the evaluator runs
+every rule of the reading's type inline, and a firing's command is written to
+the broker on a second connection before the next reading is read. No queue
+and no thread hop between reading and command: with paho's network threads,
+the GIL hand-overs put tens of milliseconds on the p99 (docs/benchmarks.md).
+Because everything that touches the evaluator runs on that loop (readings,
+status, the APScheduler clock tick and cron schedules, rule reloads), a burst
+of readings for one device can never fire twice and needs no lock.
 
-The MQTT session is persistent (fixed client id, clean_start=False, session
+Off the loop: fetching rules over HTTP (a worker thread; the result is applied
+on the loop), flushing last-seen times and the rules cache to SQLite (one
+store thread, so a 10,000-device flush never stalls a reading), and /healthz.
+
+The MQTT session is persistent (fixed client id, clean start off, session
 expiry), so readings published while the engine restarts are queued by the
-broker and evaluated when it is back; the firing state is restored from the
-state store, so nothing fires twice and active rules still clear.
+broker and evaluated when it is back; each reading is acked once it was
+evaluated, its commands handed to the publishing connection and any firing
+state change written to the state store, so nothing fires twice after a
+restart and active rules still clear.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import socket
 import threading
 import time
-from collections import OrderedDict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import orjson
-import paho.mqtt.client as mqtt
-from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
-from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
@@ -41,6 +44,7 @@ from iotfleet import topics
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import TopicError
 from iotfleet.lifecycle import ServiceLifecycle
+from iotfleet.mqtt_client import MqttClient, SessionConfig
 from iotfleet.settings import Settings
 from iotfleet.topics import Channel
 from rules_engine import wire
@@ -51,12 +55,10 @@ from rules_engine.store import StateStore
 
 log = logging.getLogger("rules-engine")
 
+T = TypeVar("T")
 
-def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
-    """Disable Nagle: paho leaves it on, and a command written right after a PUBACK would wait
-    for the broker's delayed TCP ACK (up to 40 ms) — the latency this service exists to keep low."""
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+STOP_TIMEOUT_S = 15.0
+DRAIN_COMMANDS_S = 2.0
 
 
 class EngineMetrics:
@@ -93,6 +95,10 @@ class EngineMetrics:
         )
 
 
+class EngineNotRunningError(RuntimeError):
+    """Raised by ``RulesEngine.call`` when the engine's loop is not running (not started, or stopped)."""
+
+
 class RulesEngine:
     def __init__(
         self,
@@ -108,148 +114,118 @@ class RulesEngine:
         self.store = store
         self.lifecycle = lifecycle or ServiceLifecycle("rules-engine")
         self.metrics = EngineMetrics(registry or CollectorRegistry())
-        self.lock = threading.RLock()
         self.evaluator = Evaluator()
         self.directory = Directory()
         self.schedules: dict[str, StoredRule] = {}
         self.rules_loaded = False
         self.last_reload_error: str | None = None
-        self._seen: dict[tuple[str, str], int] = {}
-        self._reload_wanted = threading.Event()
-        self._stopping = threading.Event()
-        self._mid_lock = threading.Lock()
-        self._pending_sent: dict[int, str] = {}
-        self._early_acks: OrderedDict[int, ReasonCode] = OrderedDict()
-        self._was_connected = False
-        self._cached: bytes | None = None
-        self._connect_lock = threading.Lock()
-        self._connect_started = False
         self.subscribed = threading.Event()
-        self._reload_thread = threading.Thread(target=self._reload_loop, name="rules-reload", daemon=True)
-        self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.client = self._make_client(self.settings.rules.client_id)
-        # Commands and events go out on a second connection: on the first one, the PUBACKs they wait
+        """Set while the receiving session is connected and subscribed (read by health and tests)."""
+        self.scheduler = AsyncIOScheduler(timezone="UTC")
+        rules, mqtt = settings.rules, settings.mqtt
+        self.inbound = MqttClient(
+            mqtt,
+            SessionConfig(
+                client_id=rules.client_id,
+                topic_filters=(
+                    topics.device_filter(Channel.TELEMETRY),
+                    topics.device_filter(Channel.STATUS),
+                    topics.RULES_CHANGED,
+                ),
+                qos=1,
+                receive_maximum=rules.receive_maximum,
+            ),
+            self._on_message,
+            self._on_inbound_state,
+        )
+        # Commands and events leave on a second session: on the first one, the PUBACKs they wait
         # for would queue behind every unread reading (one TCP stream), so under load a command
-        # would wait for the whole backlog before its in-flight slot frees.
-        self.out = self._make_client(f"{self.settings.rules.client_id}-out")
-        self.out.on_connect = self._on_out_connect
-        self.out.on_disconnect = None
-        self.out.on_message = None
-        self.out.on_subscribe = None
+        # would hold its window slot for the whole backlog.
+        self.outbound = MqttClient(
+            mqtt,
+            SessionConfig(client_id=f"{rules.client_id}-out", topic_filters=(), qos=1, receive_maximum=100),
+            lambda _topic, _payload, _token: None,
+            self._on_outbound_state,
+        )
+        self._seen: dict[tuple[str, str], int] = {}
+        self._cached: bytes | None = None
+        self._acks: list[int] = []
+        self._connected_once = False
+        self._inbound_down_logged = False
+        self._outbound_down_logged = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._reload_wanted: asyncio.Event | None = None
+        self._sessions: list[asyncio.Task[None]] = []
+        # SQLite writes that need not hold up a reading (last-seen flush, rules cache) run here,
+        # one at a time and in order.
+        self._store_writer = ThreadPoolExecutor(1, thread_name_prefix="rules-store")
 
-    # --- MQTT --------------------------------------------------------------------
-    def _make_client(self, client_id: str) -> mqtt.Client:
-        mqtt_settings = self.settings.mqtt
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        if mqtt_settings.username:
-            password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
-            client.username_pw_set(mqtt_settings.username, password)
-        client.reconnect_delay_set(min_delay=1, max_delay=5)
-        client.max_queued_messages_set(0)  # never drop a command while reconnecting
-        # paho rescans its in-flight messages on every PUBACK (O(in-flight)): a modest window keeps an
-        # alert storm linear; against a local broker, 100 in flight is far beyond what one engine sends.
-        client.max_inflight_messages_set(100)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_publish = self._on_publish
-        client.on_subscribe = lambda *_args: self.subscribed.set()
-        client.on_socket_open = _no_delay
-        return client
-
-    def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = self.settings.mqtt.session_expiry_s
-        props.ReceiveMaximum = self.settings.rules.receive_maximum
-        return props
-
-    def _on_connect(
-        self, client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            self.lifecycle.degraded(f"broker refused the connection: {reason}")
+    # --- MQTT (all on the loop) --------------------------------------------------------
+    def _on_inbound_state(self, up: bool, why: str) -> None:
+        self.metrics.connected.set(1 if up and self.outbound.connected else 0)
+        if up:
+            self.subscribed.set()
+            if self._inbound_down_logged or not self._connected_once:
+                self.lifecycle.recovered(
+                    f"connected to the broker {self.settings.mqtt.host}:{self.settings.mqtt.port}"
+                )
+            self._connected_once = True
+            self._inbound_down_logged = False
+            self._want_reload()  # changes published while we were away are not queued for us
             return
-        qos1 = SubscribeOptions(qos=1)
-        client.subscribe(
-            [
-                (topics.device_filter(Channel.TELEMETRY), qos1),
-                (topics.device_filter(Channel.STATUS), qos1),
-                (topics.RULES_CHANGED, qos1),
-            ]
-        )
-        self.metrics.connected.set(1)
-        self._was_connected = True
-        self.lifecycle.recovered(
-            f"connected to the broker {self.settings.mqtt.host}:{self.settings.mqtt.port}"
-        )
-        self._reload_wanted.set()  # changes published while we were away are not queued for us
-
-    def _on_out_connect(
-        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        if reason.is_failure:
-            self.lifecycle.degraded(f"broker refused the publishing connection: {reason}")
-
-    def _on_disconnect(
-        self, _client: mqtt.Client, _userdata: Any, _flags: Any, reason: ReasonCode, _props: Any
-    ) -> None:
-        self.metrics.connected.set(0)
         self.subscribed.clear()
-        if not self._stopping.is_set() and self._was_connected:
-            self._was_connected = False
-            self.lifecycle.degraded(f"disconnected from the broker ({reason}); reconnecting")
+        self._acks.clear()  # tokens of the lost connection: the broker redelivers those messages
+        if self._stop is not None and self._stop.is_set():
+            return
+        if not self._inbound_down_logged:
+            self._inbound_down_logged = True
+            self.lifecycle.degraded(f"no broker session ({why or 'disconnected'}); reconnecting")
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_outbound_state(self, up: bool, why: str) -> None:
+        self.metrics.connected.set(1 if up and self.inbound.connected else 0)
+        if up:
+            if self._outbound_down_logged:
+                self._outbound_down_logged = False
+                self.lifecycle.recovered("publishing session")
+        elif not self._outbound_down_logged and self._stop is not None and not self._stop.is_set():
+            self._outbound_down_logged = True
+            self.lifecycle.degraded(f"publishing session down ({why or 'disconnected'}); reconnecting")
+
+    def _on_message(self, topic: str, payload: bytes, token: int) -> None:
         try:
-            self._handle(msg)
+            self._handle(topic, payload)
         except Exception:
-            # paho re-raises callback errors and its network thread dies with them: one bad
-            # message (or a bug) must cost that message, not the engine.
+            # One bad message (or a bug) must cost that message, not the engine.
             self.metrics.skipped.labels("error").inc()
-            log.exception("error handling a message on %s", msg.topic)
+            log.exception("error handling a message on %s", topic)
+        # Acked after handling: commands handed to the publishing session, firing state stored.
+        # One write per socket read: the flush runs once the whole read is handled.
+        if not self._acks and self._loop is not None:
+            self._loop.call_soon(self._flush_acks)
+        self._acks.append(token)
 
-    def _handle(self, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic == topics.RULES_CHANGED:
-            self._reload_wanted.set()
+    def _flush_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        self.inbound.ack(acks)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == topics.RULES_CHANGED:
+            self._want_reload()
             return
         try:
-            parsed = topics.parse_device_topic(msg.topic)
+            parsed = topics.parse_device_topic(topic)
         except TopicError:
             self.metrics.skipped.labels("bad_topic").inc()
             return
         if parsed.channel is Channel.TELEMETRY:
-            self.on_telemetry(parsed.device_type, parsed.device_id, bytes(msg.payload))
-        elif parsed.channel is Channel.STATUS and msg.payload in (
-            topics.STATUS_ONLINE,
-            topics.STATUS_OFFLINE,
-        ):
-            self.on_status(parsed.device_type, parsed.device_id, msg.payload == topics.STATUS_ONLINE)
+            self.on_telemetry(parsed.device_type, parsed.device_id, payload)
+        elif parsed.channel is Channel.STATUS and payload in (topics.STATUS_ONLINE, topics.STATUS_OFFLINE):
+            self.on_status(parsed.device_type, parsed.device_id, payload == topics.STATUS_ONLINE)
 
-    def _on_publish(
-        self, client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode, _props: Any
-    ) -> None:
-        with self._mid_lock:
-            command_id = self._pending_sent.pop(mid, None)
-            if command_id is None:
-                # The PUBACK beat send_command's bookkeeping (it publishes without holding the
-                # lock: paho calls this holding its own lock, so the other order would deadlock).
-                # Events' PUBACKs land here too: keep only the newest (far fewer than the 65,535
-                # mids before one is reused), so a stale entry can never match a later command.
-                self._early_acks[mid] = reason
-                if len(self._early_acks) > 1000:
-                    self._early_acks.popitem(last=False)
-                return
-        self._command_acked(client, command_id, reason)
-
-    def _command_acked(self, client: mqtt.Client, command_id: str, reason: ReasonCode) -> None:
-        if reason.is_failure:
-            self.metrics.commands.labels("refused").inc()
-            detail = f"broker refused the command: {reason}"
-            client.publish(topics.COMMAND_EVENTS, wire.failed_event(command_id, detail), qos=1)
-        else:
-            client.publish(topics.COMMAND_EVENTS, wire.sent_event(command_id), qos=1)
-
-    # --- events in ---------------------------------------------------------------
+    # --- events in -----------------------------------------------------------------------
     def on_telemetry(self, device_type: str, device_id: str, payload: bytes) -> None:
         started = time.perf_counter()
         catalogue = DEVICE_TYPES.get(device_type)
@@ -263,17 +239,16 @@ class RulesEngine:
             return
         arrival = wire.now_ms()
         timed = sorted(((r.ts if r.ts is not None else arrival), r) for r in readings)
-        with self.lock:
-            self.directory.seen(device_type, device_id)
-            tags = self.directory.tags(device_id)
-            firings: list[Firing] = []
-            ignored_before = self.evaluator.ignored_readings
-            for ts, reading in timed:
-                firings += self.evaluator.on_reading(device_type, device_id, ts, reading.measurements(), tags)
-            stale = self.evaluator.ignored_readings - ignored_before
-            self._seen[(device_type, device_id)] = timed[-1][0]
-            if firings:
-                self._act(firings)
+        self.directory.seen(device_type, device_id)
+        tags = self.directory.tags(device_id)
+        firings: list[Firing] = []
+        ignored_before = self.evaluator.ignored_readings
+        for ts, reading in timed:
+            firings += self.evaluator.on_reading(device_type, device_id, ts, reading.measurements(), tags)
+        stale = self.evaluator.ignored_readings - ignored_before
+        self._seen[(device_type, device_id)] = timed[-1][0]
+        if firings:
+            self._act(firings)
         self.metrics.readings.inc(len(timed) - stale)
         if stale:
             self.metrics.skipped.labels("stale").inc(stale)
@@ -282,30 +257,31 @@ class RulesEngine:
     def on_status(self, device_type: str, device_id: str, online: bool) -> None:
         if device_type not in DEVICE_TYPES:
             return
-        with self.lock:
-            self.directory.seen(device_type, device_id)
-            firings = self.evaluator.on_presence(
-                device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id)
-            )
-            if firings:
-                self._act(firings)
+        self.directory.seen(device_type, device_id)
+        firings = self.evaluator.on_presence(
+            device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id)
+        )
+        if firings:
+            self._act(firings)
 
     def tick(self, now: int | None = None) -> None:
-        """Clock-driven conditions (absence, presence for), then flush last-seen times."""
-        with self.lock:
-            firings = self.evaluator.on_tick(now if now is not None else wire.now_ms())
-            if firings:
-                self._act(firings)
-            seen, self._seen = self._seen, {}
-            self.metrics.devices.set(len(self.evaluator.devices))
-        self.store.save_last_seen((t, d, ts) for (t, d), ts in seen.items())
+        """Clock-driven conditions (absence, presence for), then flush last-seen times (off the loop)."""
+        firings = self.evaluator.on_tick(now if now is not None else wire.now_ms())
+        if firings:
+            self._act(firings)
+        seen, self._seen = self._seen, {}
+        self.metrics.devices.set(len(self.evaluator.devices))
+        if seen:
+            self._store_writer.submit(self.store.save_last_seen, [(t, d, ts) for (t, d), ts in seen.items()])
 
-    # --- actions out ---------------------------------------------------------------
+    # --- actions out -----------------------------------------------------------------------
     def _act(self, firings: Iterable[Firing]) -> None:
-        """Publish the firings' commands and alert events, then persist the firing state (under the lock).
+        """Publish the firings' commands and alert events, then persist the firing state.
 
         Publish first, persist second: a crash in between re-fires after the
-        restart (at least once) rather than forgetting a firing.
+        restart (at least once) rather than forgetting a firing. The write is
+        inline (one small SQLite transaction, no fsync) because the reading is
+        acked right after: its firing must be on disk by then.
         """
         for firing in firings:
             self.metrics.firings.labels(firing.kind).inc()
@@ -325,7 +301,7 @@ class RulesEngine:
                         self._send_all(rule, action, firing.device_id)
                 alert = rule.alert
                 if alert is not None:
-                    self._publish_event(
+                    self.outbound.publish(
                         topics.ALERT_EVENTS,
                         wire.alert_raised_event(
                             rule_id=rule.id,
@@ -341,7 +317,7 @@ class RulesEngine:
                     self.metrics.alerts.labels("raised").inc()
             elif firing.kind == "clear":
                 if rule is None or rule.alert is not None:
-                    self._publish_event(
+                    self.outbound.publish(
                         topics.ALERT_EVENTS,
                         wire.alert_cleared_event(
                             rule_id=firing.rule_id,
@@ -355,9 +331,6 @@ class RulesEngine:
                     for command in rule.on_clear:
                         self._send_all(rule, command, firing.device_id)
         self.store.save(self.evaluator.take_dirty())
-
-    def _publish_event(self, topic: str, payload: bytes) -> None:
-        self.out.publish(topic, payload, qos=1)
 
     def _send_all(self, rule: StoredRule, action: CommandAction, source_device: str | None) -> None:
         for entry in self.directory.resolve(action.target, rule.scope.device_type, source_device):
@@ -383,23 +356,34 @@ class RulesEngine:
             source=f"rule:{rule.name}",
             rule_id=rule.id,
         )
-        # The registry learns of the command before the device can answer it.
-        self.out.publish(topics.COMMAND_EVENTS, command.created_event(), qos=1)
-        info = self.out.publish(command.topic, command.payload(), qos=1, properties=command.properties())
-        with self._mid_lock:
-            early = self._early_acks.pop(info.mid, None)
-            if early is None:
-                self._pending_sent[info.mid] = command.id
-        if early is not None:
-            self._command_acked(self.out, command.id, early)
+        # The registry learns of the command before the device can answer it (one session: in order).
+        self.outbound.publish(topics.COMMAND_EVENTS, command.created_event())
+        self.outbound.publish(
+            command.topic,
+            command.payload(),
+            properties=command.property_block(),
+            on_ack=lambda reason: self._command_acked(command.id, reason),
+        )
         self.metrics.commands.labels("published").inc()
 
-    # --- rules and schedules ----------------------------------------------------------
-    def reload(self) -> bool:
-        """Fetch rules and devices and apply them; False (and the old set kept) if the source failed."""
+    def _command_acked(self, command_id: str, reason: int) -> None:
+        if reason >= 0x80:
+            self.metrics.commands.labels("refused").inc()
+            detail = f"broker refused the command (reason 0x{reason:02x})"
+            self.outbound.publish(topics.COMMAND_EVENTS, wire.failed_event(command_id, detail))
+        else:
+            self.outbound.publish(topics.COMMAND_EVENTS, wire.sent_event(command_id))
+
+    # --- rules and schedules ------------------------------------------------------------------
+    def _want_reload(self) -> None:
+        if self._reload_wanted is not None:
+            self._reload_wanted.set()
+
+    async def reload(self) -> bool:
+        """Fetch rules and devices (in a worker thread) and apply them; False (the old set kept) if
+        the source failed."""
         try:
-            rules = self.source.fetch_rules()
-            devices = self.source.fetch_devices()
+            rules, devices = await asyncio.to_thread(self._fetch)
         except SourceError as exc:
             self.metrics.reloads.labels("failed").inc()
             if self.last_reload_error is None:
@@ -415,6 +399,9 @@ class RulesEngine:
         self.last_reload_error = None
         return True
 
+    def _fetch(self) -> tuple[list[StoredRule], list[DeviceEntry] | None]:
+        return self.source.fetch_rules(), self.source.fetch_devices()
+
     def _cache(self, rules: list[StoredRule], devices: list[DeviceEntry] | None) -> None:
         body = orjson.dumps(
             {
@@ -425,7 +412,7 @@ class RulesEngine:
             }
         )
         if body != self._cached:
-            self.store.save_rules(body)
+            self._store_writer.submit(self.store.save_rules, body)
             self._cached = body
 
     def _load_cache(self) -> None:
@@ -446,17 +433,16 @@ class RulesEngine:
     def apply(self, rules: list[StoredRule], devices: list[DeviceEntry] | None) -> None:
         conditions = [r for r in rules if r.when is not None]
         schedules = {r.id: r for r in rules if r.schedule is not None and r.enabled}
-        with self.lock:
-            if devices is not None:
-                known = {d.device_id for d in devices}
-                heard = [e for e in self.directory.devices.values() if e.device_id not in known]
-                self.directory.replace([*devices, *heard])
-            cleared = self.evaluator.set_rules(conditions, now=wire.now_ms())
-            if cleared:
-                self._act(cleared)
-            changed = self._apply_schedules(schedules)
-            first = not self.rules_loaded
-            self.rules_loaded = True
+        if devices is not None:
+            known = {d.device_id for d in devices}
+            heard = [e for e in self.directory.devices.values() if e.device_id not in known]
+            self.directory.replace([*devices, *heard])
+        cleared = self.evaluator.set_rules(conditions, now=wire.now_ms())
+        if cleared:
+            self._act(cleared)
+        changed = self._apply_schedules(schedules)
+        first = not self.rules_loaded
+        self.rules_loaded = True
         enabled = sum(1 for r in conditions if r.enabled)
         self.metrics.rules.labels("condition").set(enabled)
         self.metrics.rules.labels("schedule").set(len(schedules))
@@ -482,7 +468,7 @@ class RulesEngine:
             assert rule.schedule is not None
             trigger = CronTrigger.from_crontab(rule.schedule.cron, timezone=ZoneInfo(rule.schedule.tz))
             self.scheduler.add_job(
-                self.run_schedule,
+                self._scheduled,
                 trigger,
                 args=[rule_id],
                 id=f"schedule:{rule_id}",
@@ -494,94 +480,132 @@ class RulesEngine:
             changed = True
         return changed
 
+    async def _scheduled(self, rule_id: str) -> None:
+        # A coroutine job: APScheduler's asyncio executor runs it on the loop (a plain function
+        # would go to a thread pool, off the loop that owns the evaluator and the sessions).
+        self.run_schedule(rule_id)
+
+    async def _ticked(self) -> None:
+        self.tick()
+
     def run_schedule(self, rule_id: str) -> None:
-        with self.lock:
-            rule = self.schedules.get(rule_id)
-            if rule is None:
-                return
-            sent = 0
-            for action in rule.commands:
-                if action.target is not None:
-                    targets = self.directory.resolve(action.target, rule.scope.device_type, None)
-                else:
-                    scope = rule.scope
-                    targets = self.directory.of_type(scope.device_type, scope.device_ids, scope.tags)
-                for entry in targets:
-                    self.send_command(rule, action, entry)
-                    sent += 1
+        rule = self.schedules.get(rule_id)
+        if rule is None:
+            return
+        sent = 0
+        for action in rule.commands:
+            if action.target is not None:
+                targets = self.directory.resolve(action.target, rule.scope.device_type, None)
+            else:
+                scope = rule.scope
+                targets = self.directory.of_type(scope.device_type, scope.device_ids, scope.tags)
+            for entry in targets:
+                self.send_command(rule, action, entry)
+                sent += 1
         log.info("schedule %s ran: %d commands", rule.name, sent)
 
-    def _reload_loop(self) -> None:
+    async def _reload_loop(self, wanted: asyncio.Event, stop: asyncio.Event) -> None:
         poll = self.settings.rules.reload_poll_s
-        while not self._stopping.is_set():
-            self._reload_wanted.wait(
-                timeout=poll if self.rules_loaded and not self.last_reload_error else 2.0
-            )
-            if self._stopping.is_set():
+        while not stop.is_set():
+            timeout = poll if self.rules_loaded and not self.last_reload_error else 2.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wanted.wait(), timeout)
+            if stop.is_set():
                 return
-            self._reload_wanted.clear()
+            wanted.clear()
             try:
-                self.reload()
+                await self.reload()
             except Exception:  # a bug in one reload must not end reloading forever
                 log.exception("rule reload failed")
 
-    # --- lifecycle ---------------------------------------------------------------------
+    # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        saved, last_seen = self.store.load()
-        self.evaluator.restore(saved, last_seen)
-        self._load_cache()
-        self.scheduler.start()
-        self.scheduler.add_job(
-            self.tick,
-            "interval",
-            seconds=self.settings.rules.tick_s,
-            id="tick",
-            coalesce=True,
-            max_instances=1,
+        """Run the engine on its own thread; returns once its loop is up (rules may still load)."""
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._main(),), name="rules-engine", daemon=True
         )
-        self._reload_wanted.set()
-        self._reload_thread.start()
-        if self.rules_loaded:
-            self._connect()
-        # else: the first successful reload connects. Until then, readings wait in the broker
-        # (persistent session) rather than being evaluated against no rules at all.
-
-    def _connect(self) -> None:
-        with self._connect_lock:
-            if self._connect_started:
-                return
-            self._connect_started = True
-        mqtt_settings = self.settings.mqtt
-        self.out.connect_async(mqtt_settings.host, mqtt_settings.port, keepalive=mqtt_settings.keepalive_s)
-        self.out.loop_start()
-        self.client.connect_async(
-            mqtt_settings.host,
-            mqtt_settings.port,
-            keepalive=mqtt_settings.keepalive_s,
-            clean_start=False,
-            properties=self._connect_properties(),
-        )
-        self.client.loop_start()
+        self._thread.start()
+        if not self._running.wait(STOP_TIMEOUT_S) and self._thread.is_alive():
+            raise EngineNotRunningError("the engine's loop did not start")
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._reload_wanted.set()
-        self.scheduler.shutdown(wait=True)
+        """Stop and wait: in-flight commands get their PUBACK (bounded), state is flushed."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and self._running.is_set():
+            loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(STOP_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.error("the engine did not stop within %.0f s", STOP_TIMEOUT_S)
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the engine's loop and return its result (for embedding and tests:
+        everything that touches the evaluator and the sessions runs there)."""
+        loop = self._loop
+        if loop is None or not self._running.is_set():
+            raise EngineNotRunningError("the engine is not running")
+
+        async def run() -> T:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(STOP_TIMEOUT_S)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        stop = self._stop = asyncio.Event()
+        wanted = self._reload_wanted = asyncio.Event()
+        try:
+            saved, last_seen = self.store.load()
+            self.evaluator.restore(saved, last_seen)
+            self._load_cache()
+            self.scheduler.start()
+            self.scheduler.add_job(
+                self._ticked,
+                "interval",
+                seconds=self.settings.rules.tick_s,
+                id="tick",
+                coalesce=True,
+                max_instances=1,
+            )
+            if self.rules_loaded:
+                self._connect()
+            # else: the first successful reload connects. Until then, readings wait in the broker
+            # (persistent session) rather than being evaluated against no rules at all.
+            wanted.set()
+            reloading = asyncio.create_task(self._reload_loop(wanted, stop))
+            self._running.set()
+            await stop.wait()
+            await self._shutdown(reloading)
+        finally:
+            self._running.clear()
+            self._store_writer.shutdown(wait=True)
+            self.source.close()
+            self.store.close()
+
+    def _connect(self) -> None:
+        if self._sessions or self._stop is None:
+            return
+        stop = self._stop
+        self._sessions = [
+            asyncio.create_task(self.outbound.run(stop)),
+            asyncio.create_task(self.inbound.run(stop)),
+        ]
+
+    async def _shutdown(self, reloading: asyncio.Task[None]) -> None:
+        self.scheduler.shutdown(wait=False)
         self.tick()  # flush last-seen times
-        # Let in-flight commands get their PUBACK (and the registry its "sent" event), bounded.
-        deadline = time.monotonic() + 2.0
-        self.client.disconnect()
-        self.client.loop_stop()
-        while self._pending_sent and self.out.is_connected() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.out.disconnect()
-        self.out.loop_stop()
-        self._reload_thread.join(timeout=10)
-        self.source.close()
-        self.store.close()
+        self._flush_acks()
+        await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
+        # Let in-flight commands and events get their PUBACK (and the registry its "sent" event).
+        if self.outbound.connected and not await self.outbound.flush(DRAIN_COMMANDS_S):
+            log.warning("%d commands/events not acked by the broker at stop", self.outbound.unacked)
+        await self.outbound.disconnect()
+        for task in (*self._sessions, reloading):
+            task.cancel()
+        await asyncio.gather(*self._sessions, reloading, return_exceptions=True)
 
     def health(self) -> dict[str, Any]:
-        connected = self.client.is_connected() and self.out.is_connected()
+        connected = self.inbound.connected and self.outbound.connected
         ok = connected and self.subscribed.is_set() and self.rules_loaded and self.last_reload_error is None
         return {
             "status": "ok" if ok else "degraded",

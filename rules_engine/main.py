@@ -7,8 +7,6 @@ says ``degraded`` meanwhile.
 
 from __future__ import annotations
 
-import sys
-
 from prometheus_client import CollectorRegistry
 
 from iotfleet.errors import ConfigError
@@ -36,9 +34,6 @@ def state_path(settings: Settings) -> StateStore:
 
 
 def run(settings: Settings) -> None:
-    # Commands leave on the publishing connection's thread while the MQTT thread evaluates the
-    # stream: a 1 ms GIL hand-over instead of the default 5 ms keeps that hop off the latency.
-    sys.setswitchinterval(0.001)
     lifecycle = ServiceLifecycle(SERVICE)
     lifecycle.install_signal_handlers()
     source = make_source(settings)

@@ -32,8 +32,8 @@ CREATE TABLE IF NOT EXISTS last_seen (
 class StateStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by the engine's threads (MQTT, tick, reload): its own lock
-        # serialises them, or two threads would interleave their transactions.
+        # One connection shared by the engine's loop and its store writer thread: its own lock
+        # serialises them, or the two would interleave their transactions.
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -75,9 +75,9 @@ class StateStore:
 
     def save_rules(self, body: bytes) -> None:
         """The last rule set and directory fetched: a restart while the registry is down uses them."""
-        self._db.execute(
+        self._many(
             "INSERT INTO rules_cache VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            (body,),
+            [(body,)],
         )
 
     def load_rules(self) -> bytes | None:

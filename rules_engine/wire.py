@@ -31,6 +31,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
 from iotfleet import topics
+from iotfleet.mqtt_client import publish_properties
 from iotfleet.topics import Channel
 
 
@@ -63,7 +64,17 @@ class OutgoingCommand:
     def payload(self) -> bytes:
         return orjson.dumps({"id": self.id, "name": self.name, "args": self.args, "ts": self.ts})
 
+    def property_block(self) -> bytes:
+        """The same properties as ``properties()``, encoded for iotfleet.mqtt_client."""
+        return publish_properties(
+            correlation_data=self.id.encode(),
+            response_topic=self.ack_topic,
+            message_expiry_s=self.ttl_s,
+            content_type="application/json",
+        )
+
     def properties(self) -> Properties:
+        """For a paho-mqtt publisher (the registry's operator commands)."""
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.CorrelationData = self.id.encode()
         props.ResponseTopic = self.ack_topic

@@ -19,8 +19,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from iotfleet.mqtt_client import SessionConfig, Sink, StateCallback
 from iotfleet.settings import MqttSettings
-from telemetry_ingest.mqtt import SessionConfig, Sink, StateCallback
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,12 @@ class PahoClient:
         with self._lock:
             self._epoch = (self._epoch + 1) & 0x7FFF_FFFF
         if self.session.retire:
-            client.unsubscribe(self.session.topic_filter)
+            client.unsubscribe(list(self.session.topic_filters))
             self._connected = True
             self._post_state(True, "")
             return
-        client.subscribe(self.session.topic_filter, options=SubscribeOptions(qos=self.session.qos))
+        options = SubscribeOptions(qos=self.session.qos)
+        client.subscribe([(f, options) for f in self.session.topic_filters])
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, _mid: int, reasons: list[Any], _p: Any) -> None:
         if reasons and reasons[0].is_failure:

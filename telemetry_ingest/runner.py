@@ -31,11 +31,11 @@ from iotfleet.catalogue import DeviceType, get_device_type
 from iotfleet.errors import ConfigError, UnknownDeviceTypeError
 from iotfleet.influx import InfluxClient, InfluxError
 from iotfleet.lifecycle import HealthServer, ServiceLifecycle, configure_logging, fail_fast
+from iotfleet.mqtt_client import MqttClient, SessionConfig
 from iotfleet.settings import Settings, load_settings
 from iotfleet.topics import Channel, device_filter, ingest_group, shared_filter
 from telemetry_ingest.lines import LineEncoder
 from telemetry_ingest.metrics import IngestMetrics
-from telemetry_ingest.mqtt import MqttClient, SessionConfig
 from telemetry_ingest.paho_transport import PahoClient
 from telemetry_ingest.pipeline import Pipeline
 
@@ -69,7 +69,7 @@ class IngestService:
             qos = 0
         session = SessionConfig(
             client_id=settings.ingest.client_id or f"{group}-{settings.ingest.replica}",
-            topic_filter=topic_filter,
+            topic_filters=(topic_filter,),
             qos=qos,
             receive_maximum=settings.ingest.receive_maximum,
             retire=retire,
@@ -134,7 +134,7 @@ class IngestService:
         ):
             self._ready_logged = True
             self.lifecycle.ready(
-                subscription=self.mqtt.session.topic_filter,
+                subscription=", ".join(self.mqtt.session.topic_filters),
                 client_id=self.mqtt.session.client_id,
                 transport=self.settings.ingest.transport,
             )

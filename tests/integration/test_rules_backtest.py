@@ -152,7 +152,7 @@ def test_backtest_of_a_stored_day_matches_the_live_engine(
         wait(
             lambda: engine.metrics.readings._value.get() >= total, "live engine evaluated the day", timeout=60
         )
-        engine.tick(end_ms)  # the end of the day, as the backtest evaluates it
+        engine.call(engine.tick, end_ms)  # the end of the day, as the backtest evaluates it
         wait(
             lambda: stored_count(influxd, database, "thermostat") >= total,
             "ingest stored the day",

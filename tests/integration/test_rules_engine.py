@@ -125,7 +125,7 @@ def test_absence_fires_once_and_clears_on_the_next_reading(
         assert raised["device_id"] == thermostat.device_id and raised["severity"] == "warning"
         # Later ticks (an hour of silence, without waiting an hour) do not fire again.
         for minutes in (1, 10, 60):
-            engine.tick(now_ms() + minutes * 60_000)
+            engine.call(engine.tick, now_ms() + minutes * 60_000)
         thermostat.publish(21.0)
         wait(lambda: listener.events(topics.ALERT_EVENTS, "cleared"), "cleared on the next reading")
         assert len(listener.events(topics.ALERT_EVENTS, "raised")) == 1
@@ -194,10 +194,34 @@ def test_schedule_rule_is_scheduled_in_its_time_zone_and_sends_to_named_devices(
         assert job is not None
         local = job.next_run_time.astimezone(ZoneInfo("Europe/Paris"))
         assert (local.hour, local.minute) == (7, 0)
-        engine.run_schedule("morning-heat")  # what APScheduler calls at 07:00 Paris time
+        engine.call(engine.run_schedule, "morning-heat")  # what APScheduler calls at 07:00 Paris time
         wait(lambda: thermostat.commands, "scheduled command")
         assert thermostat.commands[0].payload["args"] == {"mode": "heat"}
         wait(lambda: listener.events(topics.COMMAND_EVENTS, "created"), "created event")
         assert listener.events(topics.COMMAND_EVENTS, "created")[0]["source"] == "rule:morning-heat"
     finally:
         engine.stop()
+
+
+def test_engine_sessions_come_back_after_a_broker_restart(
+    fresh_broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    device_id = uid("th")
+    passwords = provision(fresh_broker, [("thermostat", device_id)])
+    device = SimThermostat(fresh_broker, device_id, passwords[device_id]).connect()
+    settings = engine_settings(
+        fresh_broker, tmp_path, rules_file=write_rules(tmp_path / "rules.json", [OVERHEAT])
+    )
+    engine = start_engine(settings)
+    try:
+        device.publish(35.0)
+        wait(lambda: device.commands, "the cooling command before the restart")
+        fresh_broker.restart()  # both engine sessions drop; the broker keeps their sessions on disk
+        wait(lambda: engine.health()["status"] == "ok", "the engine reconnected", timeout=20)
+        wait(lambda: device.client.is_connected(), "the device reconnected", timeout=20)
+        device.publish(20.0)  # below the clear threshold: the on_clear command goes out
+        wait(lambda: len(device.commands) >= 2, "the on_clear command after the restart", timeout=20)
+        assert [c.payload["args"]["mode"] for c in device.commands] == ["cool", "auto"]
+    finally:
+        engine.stop()
+        device.disconnect()

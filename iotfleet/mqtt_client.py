@@ -1,17 +1,21 @@
-"""The ingest's MQTT 5 session: a small asyncio client for the receive hot path.
+"""A small asyncio MQTT 5 client for the services' hot paths: the ingest and the rules engine.
 
 Why not paho-mqtt here: paho reads the socket one byte at a time for each
 packet header, builds an ``MQTTMessage`` and parses MQTT 5 properties per
 message, and runs in its own thread, so every message crosses the GIL twice.
 Measured on the 2-core reference machine (docs/benchmarks.md) that caps a paho
-consumer below the 15,000 readings/s target. This client does only what a
-telemetry consumer needs — CONNECT with a persistent session, one SUBSCRIBE,
-PUBLISH in, PUBACK out (manual, in order), QoS 1 PUBLISH of dead letters,
-keepalive, reconnect — and parses packets from 256 KiB socket reads on the same
-event loop as the InfluxDB writes. ``paho_transport.py`` keeps the paho-mqtt
-implementation of the same interface (``IOTFLEET_INGEST__TRANSPORT=paho``).
+consumer below the ingest's 15,000 readings/s target, and the thread hops put
+tens of milliseconds on the rules engine's reading → command p99. This client
+does only what those services need — CONNECT with a persistent session, one
+SUBSCRIBE to a few filters, PUBLISH in, PUBACK out (manual, in order), tracked
+QoS 1 PUBLISH out (with MQTT 5 properties, an ack callback, the broker's
+receive maximum honoured, queued while disconnected and re-sent after a
+reconnect), keepalive, reconnect — and parses packets from 256 KiB socket reads
+on the caller's event loop. ``telemetry_ingest/paho_transport.py`` keeps a
+paho-mqtt implementation of the ingest's interface
+(``IOTFLEET_INGEST__TRANSPORT=paho``).
 
-Tokens handed to the pipeline are ``connection epoch << 16 | packet id``: after a
+Tokens handed to the sink are ``connection epoch << 16 | packet id``: after a
 reconnect the broker redelivers every unacked message with its own packet ids,
 so acks of an older connection are dropped, never sent on the new one.
 """
@@ -23,6 +27,7 @@ import contextlib
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +41,8 @@ Sink = Callable[[str, bytes, int], None]
 """Receives (topic, payload, token) for each PUBLISH, in arrival order."""
 StateCallback = Callable[[bool, str], None]
 """Called with (connected, reason) on every connection state change."""
+AckCallback = Callable[[int], None]
+"""Called with the broker's PUBACK reason code (0 = accepted, >= 0x80 = refused) of a tracked publish."""
 
 CONNECT_TIMEOUT_S = 10.0
 RECONNECT_FIRST_S = 0.2
@@ -92,12 +99,13 @@ def connect_packet(
     return packet(0x10, body)
 
 
-def subscribe_packet(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    return packet(0x82, _U16(packet_id) + b"\x00" + _utf8(topic_filter) + bytes([qos]))
+def subscribe_packet(packet_id: int, topic_filters: tuple[str, ...], qos: int) -> bytes:
+    entries = b"".join(_utf8(f) + bytes([qos]) for f in topic_filters)
+    return packet(0x82, _U16(packet_id) + b"\x00" + entries)
 
 
-def unsubscribe_packet(packet_id: int, topic_filter: str) -> bytes:
-    return packet(0xA2, _U16(packet_id) + b"\x00" + _utf8(topic_filter))
+def unsubscribe_packet(packet_id: int, topic_filters: tuple[str, ...]) -> bytes:
+    return packet(0xA2, _U16(packet_id) + b"\x00" + b"".join(_utf8(f) for f in topic_filters))
 
 
 def disconnect_packet(*, end_session: bool = False) -> bytes:
@@ -107,9 +115,79 @@ def disconnect_packet(*, end_session: bool = False) -> bytes:
     return b"\xe0\x00"
 
 
-def publish_packet(topic: str, payload: bytes, *, qos: int, packet_id: int = 0) -> bytes:
-    body = _utf8(topic) + (_U16(packet_id) if qos else b"") + b"\x00" + payload
-    return packet(PUBLISH | (qos << 1), body)
+def publish_properties(
+    *,
+    correlation_data: bytes | None = None,
+    response_topic: str | None = None,
+    message_expiry_s: int | None = None,
+    content_type: str | None = None,
+) -> bytes:
+    """The PUBLISH properties a command carries (MQTT 5, 3.3.2.3), encoded without their length."""
+    out = b""
+    if message_expiry_s is not None:
+        out += b"\x02" + _U32(message_expiry_s)
+    if content_type is not None:
+        out += b"\x03" + _utf8(content_type)
+    if response_topic is not None:
+        out += b"\x08" + _utf8(response_topic)
+    if correlation_data is not None:
+        out += b"\x09" + _U16(len(correlation_data)) + correlation_data
+    return out
+
+
+def publish_packet(
+    topic: str, payload: bytes, *, qos: int, packet_id: int = 0, properties: bytes = b"", dup: bool = False
+) -> bytes:
+    body = (
+        _utf8(topic)
+        + (_U16(packet_id) if qos else b"")
+        + encode_varint(len(properties))
+        + properties
+        + payload
+    )
+    return packet(PUBLISH | (0x08 if dup else 0) | (qos << 1), body)
+
+
+def _connack_receive_maximum(body: bytes) -> int:
+    """The broker's Receive Maximum from a CONNACK body (65,535 when absent): our QoS 1 send window."""
+    parsed = _read_varint(body, 2)
+    if parsed is None:
+        return 0xFFFF
+    length, pos = parsed
+    end = min(len(body), pos + length)
+    while pos < end:
+        prop = body[pos]
+        pos += 1
+        if prop == 0x21:
+            return max(1, (body[pos] << 8) | body[pos + 1])
+        size = _PROPERTY_SIZES.get(prop)
+        if size is None:  # strings and binary data: 2-byte length prefix
+            pos += 2 + ((body[pos] << 8) | body[pos + 1])
+            if prop == 0x26:  # user property: a second string
+                pos += 2 + ((body[pos] << 8) | body[pos + 1])
+        else:
+            pos += size
+    return 0xFFFF
+
+
+_PROPERTY_SIZES = {
+    0x01: 1,
+    0x02: 4,
+    0x11: 4,
+    0x13: 2,
+    0x17: 1,
+    0x19: 1,
+    0x21: 2,
+    0x22: 2,
+    0x23: 2,
+    0x24: 1,
+    0x25: 1,
+    0x27: 4,
+    0x28: 1,
+    0x29: 1,
+    0x2A: 1,
+}
+"""Fixed-size MQTT 5 property types by identifier (the others are length-prefixed)."""
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
@@ -132,11 +210,22 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
 @dataclass
 class SessionConfig:
     client_id: str
-    topic_filter: str
+    topic_filters: tuple[str, ...]
+    """Subscribed together on every connection; empty for a session that only publishes."""
     qos: int
     receive_maximum: int
     retire: bool = False
     """Resume the session but UNSUBSCRIBE instead of SUBSCRIBE: only the queued backlog arrives."""
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    """A tracked QoS 1 publish: kept until the broker's PUBACK."""
+
+    topic: str
+    payload: bytes
+    properties: bytes
+    on_ack: AckCallback | None
 
 
 class _Connection(asyncio.Protocol):
@@ -147,8 +236,9 @@ class _Connection(asyncio.Protocol):
         self.epoch_bits = epoch << 16
         self.transport: asyncio.Transport | None = None
         self.rest = b""
-        self.connack: asyncio.Future[tuple[int, bool]] = asyncio.get_running_loop().create_future()
-        self.suback: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.connack: asyncio.Future[tuple[int, bool, int]] = asyncio.get_running_loop().create_future()
+        self.suback: asyncio.Future[int] | None = None
+        """Created when a (UN)SUBSCRIBE is sent: a publishing-only session never waits for one."""
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.last_rx = time.monotonic()
 
@@ -158,7 +248,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = repr(exc) if exc else "closed by the broker"
-        for fut in (self.connack, self.suback):
+        for fut in (self.connack, self.suback) if self.suback is not None else (self.connack,):
             if not fut.done():
                 fut.set_exception(ConnectionError(reason))
         if not self.closed.done():
@@ -223,15 +313,19 @@ class _Connection(asyncio.Protocol):
 
     def _control(self, first: int, body: bytes) -> None:
         kind = first & 0xF0
-        if kind in (PUBACK, PINGRESP):
+        if kind == PUBACK:
+            if len(body) < 2:
+                raise MqttProtocolError("short PUBACK")
+            self.client._acked((body[0] << 8) | body[1], body[2] if len(body) > 2 else 0)
+        elif kind == PINGRESP:
             return
-        if kind == CONNACK:
+        elif kind == CONNACK:
             if len(body) < 2:
                 raise MqttProtocolError("short CONNACK")
             if not self.connack.done():
-                self.connack.set_result((body[1], bool(body[0] & 1)))
+                self.connack.set_result((body[1], bool(body[0] & 1), _connack_receive_maximum(body)))
         elif kind == UNSUBACK:
-            if not self.suback.done():
+            if self.suback is not None and not self.suback.done():
                 self.suback.set_result(0)  # no new messages are routed to this session any more
         elif kind == SUBACK:
             # packet id (2), properties (varint + bytes), one reason code per filter
@@ -239,9 +333,9 @@ class _Connection(asyncio.Protocol):
             if parsed is None:
                 raise MqttProtocolError("short SUBACK")
             plen, at = parsed
-            code = body[at + plen] if len(body) > at + plen else 0x80
-            if not self.suback.done():
-                self.suback.set_result(code)
+            codes = body[at + plen :] or b"\x80"
+            if self.suback is not None and not self.suback.done():
+                self.suback.set_result(max(codes))  # the worst: any refused filter refuses the session
         elif kind == DISCONNECT:
             code = body[0] if body else 0
             self.abort(f"broker sent DISCONNECT (reason 0x{code:02x})")
@@ -269,6 +363,11 @@ class MqttClient:
         self._paused = False
         self._was_up = False
         self._next_id = 0
+        self._inflight: dict[int, _Outgoing] = {}
+        self._backlog: deque[_Outgoing] = deque()
+        self._send_window = 0xFFFF
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
         self.session_present = False
 
     @property
@@ -286,14 +385,79 @@ class MqttClient:
         if acks:
             conn.transport.write(b"".join(acks))
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """QoS 1 publish (dead letters); dropped while disconnected (counted by the caller)."""
+    def publish(
+        self, topic: str, payload: bytes, *, properties: bytes = b"", on_ack: AckCallback | None = None
+    ) -> None:
+        """QoS 1 publish, kept until the broker acks it: written now if connected and the broker's
+        receive maximum allows, else queued (in order) and written on the next connection; one
+        written but not acked when a connection drops is written again on the next. ``on_ack``
+        gets the PUBACK reason code."""
+        self._backlog.append(_Outgoing(topic, payload, properties, on_ack))
+        self._all_acked.clear()
+        if self._connected:
+            self._pump()
+
+    @property
+    def unacked(self) -> int:
+        """Tracked publishes not acked yet (written or queued)."""
+        return len(self._inflight) + len(self._backlog)
+
+    def _pump(self) -> None:
         conn = self._conn
-        if conn is None or not self._connected or conn.transport is None:
-            log.warning("not connected: dead letter for %s not published", topic)
+        if conn is None or conn.transport is None:
             return
-        self._next_id = self._next_id % 0xFFFF + 1
-        conn.transport.write(publish_packet(topic, payload, qos=1, packet_id=self._next_id))
+        chunks = []
+        while self._backlog and len(self._inflight) < self._send_window:
+            item = self._backlog.popleft()
+            packet_id = self._next_id
+            for _ in range(0xFFFF):  # the window (at most 65,535) leaves a free id
+                packet_id = packet_id % 0xFFFF + 1
+                if packet_id not in self._inflight:
+                    break
+            self._next_id = packet_id
+            self._inflight[packet_id] = item
+            chunks.append(
+                publish_packet(
+                    item.topic, item.payload, qos=1, packet_id=packet_id, properties=item.properties
+                )
+            )
+        if chunks:
+            conn.transport.write(b"".join(chunks))
+
+    def _resend(self) -> None:
+        """On a new connection: the unacked publishes again, in their order, then the queue."""
+        conn = self._conn
+        if self._inflight and conn is not None and conn.transport is not None:
+            dup = self.session_present  # a new session never saw these packet ids: send them as new
+            conn.transport.write(
+                b"".join(
+                    publish_packet(i.topic, i.payload, qos=1, packet_id=pid, properties=i.properties, dup=dup)
+                    for pid, i in self._inflight.items()
+                )
+            )
+        self._pump()
+
+    def _acked(self, packet_id: int, reason: int) -> None:
+        item = self._inflight.pop(packet_id, None)
+        if item is None:
+            return  # a PUBACK for an id we no longer track (a duplicate after a resend)
+        if item.on_ack is not None:
+            try:
+                item.on_ack(reason)
+            except Exception:  # the caller's bug must not take the connection down
+                log.exception("publish ack callback failed for %s", item.topic)
+        if self._backlog:
+            self._pump()
+        elif not self._inflight:
+            self._all_acked.set()
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Wait until the broker acked every tracked publish; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._all_acked.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     def pause_reading(self) -> None:
         self._paused = True
@@ -348,20 +512,24 @@ class MqttClient:
                     receive_maximum=self.session.receive_maximum,
                 )
             )
-            code, self.session_present = await asyncio.wait_for(conn.connack, CONNECT_TIMEOUT_S)
+            code, self.session_present, self._send_window = await asyncio.wait_for(
+                conn.connack, CONNECT_TIMEOUT_S
+            )
             if code >= 0x80:
                 conn.abort("refused")
                 return f"broker refused the connection: {CONNACK_REASONS.get(code, hex(code))}"
-            if self.session.retire:
-                conn.transport.write(unsubscribe_packet(1, self.session.topic_filter))
-            else:
-                conn.transport.write(subscribe_packet(1, self.session.topic_filter, self.session.qos))
-            granted = await asyncio.wait_for(conn.suback, CONNECT_TIMEOUT_S)
-            if granted >= 0x80:
-                conn.abort("subscribe refused")
-                return (
-                    f"broker refused the subscription to {self.session.topic_filter} (reason 0x{granted:02x})"
-                )
+            filters = self.session.topic_filters
+            if filters:
+                conn.suback = loop.create_future()
+                if self.session.retire:
+                    conn.transport.write(unsubscribe_packet(1, filters))
+                else:
+                    conn.transport.write(subscribe_packet(1, filters, self.session.qos))
+                granted = await asyncio.wait_for(conn.suback, CONNECT_TIMEOUT_S)
+                if granted >= 0x80:
+                    conn.abort("subscribe refused")
+                    return f"broker refused the subscription to {', '.join(filters)} (reason 0x{granted:02x})"
+            self._resend()
             if self._paused:
                 conn.transport.pause_reading()
             self._connected = True
