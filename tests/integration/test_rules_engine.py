@@ -218,7 +218,7 @@ def test_engine_sessions_come_back_after_a_broker_restart(
         wait(lambda: device.commands, "the cooling command before the restart")
         fresh_broker.restart()  # both engine sessions drop; the broker keeps their sessions on disk
         wait(lambda: engine.health()["status"] == "ok", "the engine reconnected", timeout=20)
-        wait(lambda: device.client.is_connected(), "the device reconnected", timeout=20)
+        wait(device.client.is_connected, "the device reconnected", timeout=20)
         device.publish(20.0)  # below the clear threshold: the on_clear command goes out
         wait(lambda: len(device.commands) >= 2, "the on_clear command after the restart", timeout=20)
         assert [c.payload["args"]["mode"] for c in device.commands] == ["cool", "auto"]
