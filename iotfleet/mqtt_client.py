@@ -32,7 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from iotfleet.mqtt_wire import CONNACK_REASONS, encode_varint
+from iotfleet.mqtt_wire import (
+    CONNACK_REASONS,
+    PROP_RECEIVE_MAXIMUM,
+    encode_utf8,
+    encode_varint,
+    parse_properties,
+)
 from iotfleet.settings import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -66,11 +72,6 @@ class MqttProtocolError(Exception):
     """The broker sent something this client does not accept; the connection is dropped."""
 
 
-def _utf8(text: str) -> bytes:
-    raw = text.encode()
-    return _U16(len(raw)) + raw
-
-
 def packet(first_byte: int, body: bytes) -> bytes:
     return bytes([first_byte]) + encode_varint(len(body)) + body
 
@@ -91,21 +92,21 @@ def connect_packet(
         flags |= 0x40
     props = b"\x11" + _U32(session_expiry_s) + b"\x21" + _U16(receive_maximum)
     body = b"\x00\x04MQTT\x05" + bytes([flags]) + _U16(keepalive_s) + encode_varint(len(props)) + props
-    body += _utf8(client_id)
+    body += encode_utf8(client_id)
     if username is not None:
-        body += _utf8(username)
+        body += encode_utf8(username)
     if password is not None:
-        body += _utf8(password)
+        body += encode_utf8(password)
     return packet(0x10, body)
 
 
 def subscribe_packet(packet_id: int, topic_filters: tuple[str, ...], qos: int) -> bytes:
-    entries = b"".join(_utf8(f) + bytes([qos]) for f in topic_filters)
+    entries = b"".join(encode_utf8(f) + bytes([qos]) for f in topic_filters)
     return packet(0x82, _U16(packet_id) + b"\x00" + entries)
 
 
 def unsubscribe_packet(packet_id: int, topic_filters: tuple[str, ...]) -> bytes:
-    return packet(0xA2, _U16(packet_id) + b"\x00" + b"".join(_utf8(f) for f in topic_filters))
+    return packet(0xA2, _U16(packet_id) + b"\x00" + b"".join(encode_utf8(f) for f in topic_filters))
 
 
 def disconnect_packet(*, end_session: bool = False) -> bytes:
@@ -115,31 +116,11 @@ def disconnect_packet(*, end_session: bool = False) -> bytes:
     return b"\xe0\x00"
 
 
-def publish_properties(
-    *,
-    correlation_data: bytes | None = None,
-    response_topic: str | None = None,
-    message_expiry_s: int | None = None,
-    content_type: str | None = None,
-) -> bytes:
-    """The PUBLISH properties a command carries (MQTT 5, 3.3.2.3), encoded without their length."""
-    out = b""
-    if message_expiry_s is not None:
-        out += b"\x02" + _U32(message_expiry_s)
-    if content_type is not None:
-        out += b"\x03" + _utf8(content_type)
-    if response_topic is not None:
-        out += b"\x08" + _utf8(response_topic)
-    if correlation_data is not None:
-        out += b"\x09" + _U16(len(correlation_data)) + correlation_data
-    return out
-
-
 def publish_packet(
     topic: str, payload: bytes, *, qos: int, packet_id: int = 0, properties: bytes = b"", dup: bool = False
 ) -> bytes:
     body = (
-        _utf8(topic)
+        encode_utf8(topic)
         + (_U16(packet_id) if qos else b"")
         + encode_varint(len(properties))
         + properties
@@ -154,40 +135,8 @@ def _connack_receive_maximum(body: bytes) -> int:
     if parsed is None:
         return 0xFFFF
     length, pos = parsed
-    end = min(len(body), pos + length)
-    while pos < end:
-        prop = body[pos]
-        pos += 1
-        if prop == 0x21:
-            return max(1, (body[pos] << 8) | body[pos + 1])
-        size = _PROPERTY_SIZES.get(prop)
-        if size is None:  # strings and binary data: 2-byte length prefix
-            pos += 2 + ((body[pos] << 8) | body[pos + 1])
-            if prop == 0x26:  # user property: a second string
-                pos += 2 + ((body[pos] << 8) | body[pos + 1])
-        else:
-            pos += size
-    return 0xFFFF
-
-
-_PROPERTY_SIZES = {
-    0x01: 1,
-    0x02: 4,
-    0x11: 4,
-    0x13: 2,
-    0x17: 1,
-    0x19: 1,
-    0x21: 2,
-    0x22: 2,
-    0x23: 2,
-    0x24: 1,
-    0x25: 1,
-    0x27: 4,
-    0x28: 1,
-    0x29: 1,
-    0x2A: 1,
-}
-"""Fixed-size MQTT 5 property types by identifier (the others are length-prefixed)."""
+    value = parse_properties(body, pos, min(len(body), pos + length)).get(PROP_RECEIVE_MAXIMUM)
+    return max(1, value) if isinstance(value, int) else 0xFFFF
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int] | None:
@@ -344,7 +293,7 @@ class _Connection(asyncio.Protocol):
 
 
 class MqttClient:
-    """A persistent MQTT 5 session subscribed to one filter; reconnects until stopped."""
+    """A persistent MQTT 5 session subscribed to its filters (none: publishing only); reconnects until stopped."""
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
 from iotfleet import topics
-from iotfleet.mqtt_client import publish_properties
+from iotfleet.mqtt_wire import publish_properties
 from iotfleet.topics import Channel
 
 
@@ -69,7 +69,7 @@ class OutgoingCommand:
         return publish_properties(
             correlation_data=self.id.encode(),
             response_topic=self.ack_topic,
-            message_expiry_s=self.ttl_s,
+            message_expiry=self.ttl_s,
             content_type="application/json",
         )
 

@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from iotfleet import topics
 from iotfleet.catalogue import get_device_type
-from iotfleet.mqtt_wire import CONNACK_REASONS
+from iotfleet.mqtt_wire import CONNACK_REASONS, publish_properties
 from iotfleet.topics import Channel
 from simulators import mqtt
 from simulators.faults import DeviceFaults, FaultKind, FaultSpec, assign_faults
@@ -593,7 +593,7 @@ class SimDevice(mqtt.MqttHandler):
         command_id, status, detail = self._execute(message.payload)
         body = orjson.dumps({"id": command_id, "status": status, "detail": detail})
         topic = mqtt.topic_prefix(message.response_topic) if message.response_topic else self.topic_acks
-        props = mqtt.publish_properties(correlation_data=message.correlation_data)
+        props = publish_properties(correlation_data=message.correlation_data)
         delay = self.faults.slow_ack_s if self.faults is not None else 0.0
         if delay:
             fleet.loop.call_later(delay, self._send_ack, topic, body, props)

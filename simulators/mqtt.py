@@ -21,7 +21,18 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from iotfleet.mqtt_wire import MalformedPacketError, decode_varint, encode_varint
+from iotfleet.mqtt_wire import (
+    PROP_CORRELATION_DATA,
+    PROP_MESSAGE_EXPIRY,
+    PROP_RECEIVE_MAXIMUM,
+    PROP_RESPONSE_TOPIC,
+    PROP_SESSION_EXPIRY,
+    MalformedPacketError,
+    decode_varint,
+    encode_utf8,
+    encode_varint,
+    parse_properties,
+)
 
 # Packet types (high nibble of the first byte).
 CONNECT = 0x10
@@ -37,28 +48,6 @@ DISCONNECT_NORMAL = b"\xe0\x00"
 # Normal disconnection that also ends the session (session expiry interval property = 0).
 DISCONNECT_END_SESSION = b"\xe0\x07\x00\x05\x11\x00\x00\x00\x00"
 
-# MQTT 5 property identifiers used here.
-PROP_PAYLOAD_FORMAT = 0x01
-PROP_MESSAGE_EXPIRY = 0x02
-PROP_CONTENT_TYPE = 0x03
-PROP_RESPONSE_TOPIC = 0x08
-PROP_CORRELATION_DATA = 0x09
-PROP_SUBSCRIPTION_ID = 0x0B
-PROP_SESSION_EXPIRY = 0x11
-PROP_ASSIGNED_CLIENT_ID = 0x12
-PROP_SERVER_KEEPALIVE = 0x13
-PROP_REASON_STRING = 0x1F
-PROP_RECEIVE_MAXIMUM = 0x21
-PROP_TOPIC_ALIAS_MAXIMUM = 0x22
-PROP_TOPIC_ALIAS = 0x23
-PROP_MAXIMUM_QOS = 0x24
-PROP_RETAIN_AVAILABLE = 0x25
-PROP_USER_PROPERTY = 0x26
-PROP_MAXIMUM_PACKET_SIZE = 0x27
-PROP_WILDCARD_SUB = 0x28
-PROP_SUB_ID_AVAILABLE = 0x29
-PROP_SHARED_SUB = 0x2A
-
 
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -66,11 +55,6 @@ _U32 = struct.Struct("!I")
 
 class MqttError(Exception):
     """A protocol error or a refusal by the broker."""
-
-
-def _str(text: str | bytes) -> bytes:
-    raw = text.encode() if isinstance(text, str) else text
-    return _U16.pack(len(raw)) + raw
 
 
 def _packet(first_byte: int, body: bytes) -> bytes:
@@ -103,31 +87,15 @@ def encode_connect(
         props += bytes((PROP_SESSION_EXPIRY,)) + _U32.pack(session_expiry)
     if receive_maximum:
         props += bytes((PROP_RECEIVE_MAXIMUM,)) + _U16.pack(receive_maximum)
-    body = _str("MQTT") + bytes((5, flags)) + _U16.pack(keepalive) + encode_varint(len(props)) + props
-    body += _str(client_id)
+    body = encode_utf8("MQTT") + bytes((5, flags)) + _U16.pack(keepalive) + encode_varint(len(props)) + props
+    body += encode_utf8(client_id)
     if will_topic is not None:
-        body += b"\x00" + _str(will_topic) + _str(will_payload)
+        body += b"\x00" + encode_utf8(will_topic) + encode_utf8(will_payload)
     if username is not None:
-        body += _str(username)
+        body += encode_utf8(username)
     if password is not None:
-        body += _str(password)
+        body += encode_utf8(password)
     return _packet(CONNECT, body)
-
-
-def publish_properties(
-    *,
-    response_topic: str | None = None,
-    correlation_data: bytes | None = None,
-    message_expiry: int | None = None,
-) -> bytes:
-    props = b""
-    if message_expiry is not None:
-        props += bytes((PROP_MESSAGE_EXPIRY,)) + _U32.pack(message_expiry)
-    if response_topic is not None:
-        props += bytes((PROP_RESPONSE_TOPIC,)) + _str(response_topic)
-    if correlation_data is not None:
-        props += bytes((PROP_CORRELATION_DATA,)) + _str(correlation_data)
-    return props
 
 
 def encode_publish(
@@ -148,11 +116,11 @@ def encode_publish(
 
 def topic_prefix(topic: str) -> bytes:
     """A topic encoded once as an MQTT string, reused for every publish of a device."""
-    return _str(topic)
+    return encode_utf8(topic)
 
 
 def encode_subscribe(packet_id: int, topic_filter: str, qos: int = 1) -> bytes:
-    return _packet(SUBSCRIBE, _U16.pack(packet_id) + b"\x00" + _str(topic_filter) + bytes((qos,)))
+    return _packet(SUBSCRIBE, _U16.pack(packet_id) + b"\x00" + encode_utf8(topic_filter) + bytes((qos,)))
 
 
 def with_dup_flag(packet: bytes) -> bytes:
@@ -169,46 +137,6 @@ class IncomingPublish:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     message_expiry: int | None = None
-
-
-def parse_properties(data: bytes, pos: int, end: int) -> dict[int, object]:
-    """MQTT 5 properties between ``pos`` and ``end``; user properties are skipped."""
-    props: dict[int, object] = {}
-    while pos < end:
-        pid = data[pos]
-        pos += 1
-        if pid in (PROP_PAYLOAD_FORMAT, PROP_MAXIMUM_QOS, PROP_RETAIN_AVAILABLE) or pid in (
-            PROP_WILDCARD_SUB,
-            PROP_SUB_ID_AVAILABLE,
-            PROP_SHARED_SUB,
-        ):
-            props[pid] = data[pos]
-            pos += 1
-        elif pid in (PROP_MESSAGE_EXPIRY, PROP_SESSION_EXPIRY, PROP_MAXIMUM_PACKET_SIZE):
-            props[pid] = _U32.unpack_from(data, pos)[0]
-            pos += 4
-        elif pid in (PROP_RECEIVE_MAXIMUM, PROP_TOPIC_ALIAS_MAXIMUM, PROP_TOPIC_ALIAS, PROP_SERVER_KEEPALIVE):
-            props[pid] = _U16.unpack_from(data, pos)[0]
-            pos += 2
-        elif pid == PROP_SUBSCRIPTION_ID:
-            props[pid], pos = decode_varint(data, pos)
-        elif pid in (PROP_CONTENT_TYPE, PROP_RESPONSE_TOPIC, PROP_ASSIGNED_CLIENT_ID, PROP_REASON_STRING):
-            (n,) = _U16.unpack_from(data, pos)
-            props[pid] = bytes(data[pos + 2 : pos + 2 + n]).decode("utf-8", "replace")
-            pos += 2 + n
-        elif pid == PROP_CORRELATION_DATA:
-            (n,) = _U16.unpack_from(data, pos)
-            props[pid] = bytes(data[pos + 2 : pos + 2 + n])
-            pos += 2 + n
-        elif pid == PROP_USER_PROPERTY:
-            for _ in range(2):
-                (n,) = _U16.unpack_from(data, pos)
-                pos += 2 + n
-        else:
-            # Other properties (auth method/data, server reference...) are never sent to a
-            # plain client here; stop rather than misparse.
-            break
-    return props
 
 
 def parse_publish(flags: int, body: bytes) -> IncomingPublish:

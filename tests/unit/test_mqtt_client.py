@@ -8,11 +8,12 @@ import struct
 import pytest
 
 from iotfleet import mqtt_client as m
+from iotfleet.mqtt_wire import publish_properties
 from iotfleet.settings import MqttSettings
 
 
 def publish_from_broker(topic: str, payload: bytes, packet_id: int, props: bytes = b"") -> bytes:
-    body = m._utf8(topic) + struct.pack(">H", packet_id) + m.encode_varint(len(props)) + props + payload
+    body = m.encode_utf8(topic) + struct.pack(">H", packet_id) + m.encode_varint(len(props)) + props + payload
     return m.packet(0x32, body)
 
 
@@ -186,8 +187,8 @@ async def test_publishes_survive_a_lost_connection_and_are_sent_again_in_order()
 
 
 def test_connack_receive_maximum_is_read_past_other_properties() -> None:
-    user = b"\x26" + m._utf8("k") + m._utf8("v")
-    props = b"\x22\x00\x0a" + user + b"\x21\x00\x14" + b"\x12" + m._utf8("assigned")
+    user = b"\x26" + m.encode_utf8("k") + m.encode_utf8("v")
+    props = b"\x22\x00\x0a" + user + b"\x21\x00\x14" + b"\x12" + m.encode_utf8("assigned")
     assert m._connack_receive_maximum(b"\x00\x00" + m.encode_varint(len(props)) + props) == 20
     assert m._connack_receive_maximum(b"\x00\x00\x00") == 0xFFFF
 
@@ -196,8 +197,8 @@ def test_command_properties_decode_as_paho_reads_them() -> None:
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    block = m.publish_properties(
-        correlation_data=b"id-1", response_topic="devices/t/d/acks", message_expiry_s=30, content_type="a/b"
+    block = publish_properties(
+        correlation_data=b"id-1", response_topic="devices/t/d/acks", message_expiry=30, content_type="a/b"
     )
     props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
     props.unpack(m.encode_varint(len(block)) + block)  # type: ignore[no-untyped-call]
@@ -209,4 +210,4 @@ def test_command_properties_decode_as_paho_reads_them() -> None:
 
 def test_subscribe_packet_carries_every_filter() -> None:
     raw = m.subscribe_packet(1, ("a/+", "b/#"), 1)
-    assert raw == b"\x82\x0f\x00\x01\x00" + m._utf8("a/+") + b"\x01" + m._utf8("b/#") + b"\x01"
+    assert raw == b"\x82\x0f\x00\x01\x00" + m.encode_utf8("a/+") + b"\x01" + m.encode_utf8("b/#") + b"\x01"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from iotfleet.mqtt_wire import publish_properties
 from simulators import mqtt
 
 
@@ -34,9 +35,7 @@ def test_varint_round_trip() -> None:
 
 
 def test_publish_with_properties_parses_back() -> None:
-    props = mqtt.publish_properties(
-        response_topic="devices/t/x/acks", correlation_data=b"abc", message_expiry=60
-    )
+    props = publish_properties(response_topic="devices/t/x/acks", correlation_data=b"abc", message_expiry=60)
     packet = mqtt.encode_publish(
         mqtt.topic_prefix("devices/t/x/commands"), b'{"a":1}', qos=1, packet_id=7, properties=props
     )
@@ -84,7 +83,7 @@ def test_resend_gets_new_packet_id_and_dup_flag() -> None:
 
 
 async def test_stream_parser_handles_any_split() -> None:
-    props = mqtt.publish_properties(correlation_data=b"id-1")
+    props = publish_properties(correlation_data=b"id-1")
     stream = (
         b"\x20\x03\x00\x00\x00"  # CONNACK success, no properties
         + b"\x40\x02\x00\x01"  # PUBACK 1
