@@ -16,10 +16,11 @@ store thread, so a 10,000-device flush never stalls a reading), and /healthz.
 
 The MQTT session is persistent (fixed client id, clean start off, session
 expiry), so readings published while the engine restarts are queued by the
-broker and evaluated when it is back; each reading is acked once it was
-evaluated, its commands handed to the publishing connection and any firing
-state change written to the state store, so nothing fires twice after a
-restart and active rules still clear.
+broker and evaluated when it is back. A reading is acked once it was
+evaluated, any firing state change it caused is in the state store and the
+broker acked every command and event it caused: a crash before that
+redelivers the reading instead of losing a command, and the stored state
+keeps it from firing twice; active rules still clear after a restart.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -149,7 +151,12 @@ class RulesEngine:
         )
         self._seen: dict[tuple[str, str], int] = {}
         self._cached: bytes | None = None
-        self._acks: list[int] = []
+        # Readings handled, in arrival order, waiting for their PUBACK to the broker; the second item
+        # counts the publishes the reading caused that the broker has not acked yet (None: none).
+        self._acks: deque[tuple[int, list[int] | None]] = deque()
+        self._ack_flush_due = False
+        self._hold: list[int] | None = None
+        self._handling = False
         self._connected_once = False
         self._inbound_down_logged = False
         self._outbound_down_logged = False
@@ -177,7 +184,7 @@ class RulesEngine:
             self._want_reload()  # changes published while we were away are not queued for us
             return
         self.subscribed.clear()
-        self._acks.clear()  # tokens of the lost connection: the broker redelivers those messages
+        self._acks.clear()  # messages of the lost connection: the broker redelivers them
         if self._stop is not None and self._stop.is_set():
             return
         if not self._inbound_down_logged:
@@ -195,21 +202,59 @@ class RulesEngine:
             self.lifecycle.degraded(f"publishing session down ({why or 'disconnected'}); reconnecting")
 
     def _on_message(self, topic: str, payload: bytes, token: int) -> None:
+        self._hold = None
+        self._handling = True
         try:
             self._handle(topic, payload)
         except Exception:
             # One bad message (or a bug) must cost that message, not the engine.
             self.metrics.skipped.labels("error").inc()
             log.exception("error handling a message on %s", topic)
-        # Acked after handling: commands handed to the publishing session, firing state stored.
-        # One write per socket read: the flush runs once the whole read is handled.
-        if not self._acks and self._loop is not None:
+        finally:
+            self._handling = False
+        # Acked once handled (firing state stored) and once the broker acked every command and
+        # event it caused: a crash before that redelivers the reading rather than losing a
+        # command. One write per socket read: the flush runs after the whole read is handled.
+        self._acks.append((token, self._hold))
+        if not self._ack_flush_due and self._loop is not None:
+            self._ack_flush_due = True
             self._loop.call_soon(self._flush_acks)
-        self._acks.append(token)
 
     def _flush_acks(self) -> None:
-        acks, self._acks = self._acks, []
-        self.inbound.ack(acks)
+        self._ack_flush_due = False
+        acks = self._acks
+        ready = []
+        # In order (MQTT 4.6): a reading whose commands are not acked yet holds back later ones.
+        while acks and (acks[0][1] is None or acks[0][1][0] == 0):
+            ready.append(acks.popleft()[0])
+        if ready:
+            self.inbound.ack(ready)
+
+    def _publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        properties: bytes = b"",
+        on_ack: Callable[[int], None] | None = None,
+    ) -> None:
+        """Publish on the outbound session; while a reading is handled, its ack waits for this one's."""
+        if not self._handling:
+            self.outbound.publish(topic, payload, properties=properties, on_ack=on_ack)
+            return
+        hold = self._hold
+        if hold is None:
+            hold = self._hold = [0]
+        hold[0] += 1
+
+        def acked(reason: int) -> None:
+            hold[0] -= 1
+            if on_ack is not None:
+                on_ack(reason)
+            if hold[0] == 0:
+                self._flush_acks()
+
+        self.outbound.publish(topic, payload, properties=properties, on_ack=acked)
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == topics.RULES_CHANGED:
@@ -301,7 +346,7 @@ class RulesEngine:
                         self._send_all(rule, action, firing.device_id)
                 alert = rule.alert
                 if alert is not None:
-                    self.outbound.publish(
+                    self._publish(
                         topics.ALERT_EVENTS,
                         wire.alert_raised_event(
                             rule_id=rule.id,
@@ -317,7 +362,7 @@ class RulesEngine:
                     self.metrics.alerts.labels("raised").inc()
             elif firing.kind == "clear":
                 if rule is None or rule.alert is not None:
-                    self.outbound.publish(
+                    self._publish(
                         topics.ALERT_EVENTS,
                         wire.alert_cleared_event(
                             rule_id=firing.rule_id,
@@ -357,8 +402,8 @@ class RulesEngine:
             rule_id=rule.id,
         )
         # The registry learns of the command before the device can answer it (one session: in order).
-        self.outbound.publish(topics.COMMAND_EVENTS, command.created_event())
-        self.outbound.publish(
+        self._publish(topics.COMMAND_EVENTS, command.created_event())
+        self._publish(
             command.topic,
             command.payload(),
             properties=command.property_block(),
@@ -370,9 +415,9 @@ class RulesEngine:
         if reason >= 0x80:
             self.metrics.commands.labels("refused").inc()
             detail = f"broker refused the command (reason 0x{reason:02x})"
-            self.outbound.publish(topics.COMMAND_EVENTS, wire.failed_event(command_id, detail))
+            self._publish(topics.COMMAND_EVENTS, wire.failed_event(command_id, detail))
         else:
-            self.outbound.publish(topics.COMMAND_EVENTS, wire.sent_event(command_id))
+            self._publish(topics.COMMAND_EVENTS, wire.sent_event(command_id))
 
     # --- rules and schedules ------------------------------------------------------------------
     def _want_reload(self) -> None:
@@ -593,12 +638,14 @@ class RulesEngine:
 
     async def _shutdown(self, reloading: asyncio.Task[None]) -> None:
         self.scheduler.shutdown(wait=False)
+        self.inbound.pause_reading()  # no new readings: what was handled gets its commands out
         self.tick()  # flush last-seen times
-        self._flush_acks()
-        await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
-        # Let in-flight commands and events get their PUBACK (and the registry its "sent" event).
+        # Let in-flight commands and events get their PUBACK (and the registry its "sent" event),
+        # then ack the readings they came from.
         if self.outbound.connected and not await self.outbound.flush(DRAIN_COMMANDS_S):
             log.warning("%d commands/events not acked by the broker at stop", self.outbound.unacked)
+        self._flush_acks()
+        await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
         await self.outbound.disconnect()
         for task in (*self._sessions, reloading):
             task.cancel()
