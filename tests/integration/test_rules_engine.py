@@ -220,8 +220,15 @@ def test_engine_sessions_come_back_after_a_broker_restart(
         wait(lambda: engine.health()["status"] == "ok", "the engine reconnected", timeout=20)
         wait(device.client.is_connected, "the device reconnected", timeout=20)
         device.publish(20.0)  # below the clear threshold: the on_clear command goes out
-        wait(lambda: len(device.commands) >= 2, "the on_clear command after the restart", timeout=20)
-        assert [c.payload["args"]["mode"] for c in device.commands] == ["cool", "auto"]
+        wait(
+            lambda: any(c.payload["args"]["mode"] == "auto" for c in device.commands),
+            "the on_clear command after the restart",
+            timeout=20,
+        )
+        # QoS 1 is at least once: a command in flight when the broker stopped may come twice
+        # (the same id: devices dedupe by it), never a new command for the same firing.
+        by_id = {c.payload["id"]: c.payload["args"]["mode"] for c in device.commands}
+        assert sorted(by_id.values()) == ["auto", "cool"]
     finally:
         engine.stop()
         device.disconnect()
