@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field
 
 from iotfleet import topics
-from iotfleet.mqtt_wire import publish_properties
+from iotfleet.mqtt_wire import encode_varint, publish_properties
 from iotfleet.topics import Channel
 
 
@@ -65,7 +65,7 @@ class OutgoingCommand:
         return orjson.dumps({"id": self.id, "name": self.name, "args": self.args, "ts": self.ts})
 
     def property_block(self) -> bytes:
-        """The same properties as ``properties()``, encoded for iotfleet.mqtt_client."""
+        """Correlation data = id, response topic = the acks topic, expiry = TTL, JSON content type."""
         return publish_properties(
             correlation_data=self.id.encode(),
             response_topic=self.ack_topic,
@@ -74,12 +74,10 @@ class OutgoingCommand:
         )
 
     def properties(self) -> Properties:
-        """For a paho-mqtt publisher (the registry's operator commands)."""
+        """The same properties for a paho-mqtt publisher (the registry's operator commands)."""
+        block = self.property_block()
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.CorrelationData = self.id.encode()
-        props.ResponseTopic = self.ack_topic
-        props.MessageExpiryInterval = self.ttl_s
-        props.ContentType = "application/json"
+        props.unpack(encode_varint(len(block)) + block)  # type: ignore[no-untyped-call]
         return props
 
     def created_event(self) -> bytes:
