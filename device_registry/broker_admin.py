@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from iotfleet import dynsec
+from iotfleet.reserved_names import is_reserved
 from iotfleet.settings import MqttSettings
 
 log = logging.getLogger("registry.broker")
@@ -55,6 +56,25 @@ class DynsecCommandError(Exception):
         super().__init__(f"{command}: {error}")
         self.command = command
         self.error = error
+
+
+class ForeignEntryError(Exception):
+    """A command would change a broker entry the registry did not create (a platform account, another tool's)."""
+
+    def __init__(self, device_ids: Sequence[str], detail: str) -> None:
+        super().__init__(detail)
+        self.device_ids = set(device_ids)
+
+
+def refuse_reserved(commands: Sequence[dict[str, Any]]) -> None:
+    """Raise ForeignEntryError if a command names a reserved account or role (the last wall, no round trip)."""
+    for command in commands:
+        for key in ("username", "rolename"):
+            name = command.get(key)
+            if isinstance(name, str) and is_reserved(name):
+                raise ForeignEntryError(
+                    [name], f"refused: {command.get('command')} on the platform's own broker entry {name!r}"
+                )
 
 
 @dataclass
@@ -207,6 +227,7 @@ class BrokerAdmin:
     async def execute(self, commands: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run commands in as few control messages as the broker bears; one response per command."""
         pending = list(commands)
+        refuse_reserved(pending)
         out: list[dict[str, Any]] = []
         # One batch at a time: dynsec applies a message's commands in order, and
         # interleaving two requests' batches would make failures hard to undo.
@@ -239,6 +260,26 @@ class BrokerAdmin:
         [response] = await self.execute([{"command": "listClients", "verbose": True, "count": -1}])
         _raise_for(response)
         return list(response["data"]["clients"])
+
+    async def foreign_entries(self, device_ids: Sequence[str]) -> dict[str, str]:
+        """The ids among these whose client or role exists without the registry's marker: id → what."""
+        commands: list[dict[str, Any]] = []
+        for device_id in device_ids:
+            commands.append({"command": "getClient", "username": device_id})
+            commands.append({"command": "getRole", "rolename": dynsec.device_role_name(device_id)})
+        foreign: dict[str, str] = {}
+        for i, response in enumerate(await self.execute(commands)):
+            device_id = device_ids[i // 2]
+            if response.get("error"):
+                if response["error"] in NOT_FOUND_ERRORS:
+                    continue
+                raise DynsecCommandError(response.get("command", "?"), response["error"])
+            data = response.get("data") or {}
+            entry = data.get("client") if i % 2 == 0 else data.get("role")
+            if isinstance(entry, dict) and entry.get("textname") != DEVICE_TEXTNAME:
+                what = "client" if i % 2 == 0 else "role"
+                foreign[device_id] = f"{foreign[device_id]} and {what}" if device_id in foreign else what
+        return foreign
 
     async def list_roles(self) -> list[dict[str, Any]]:
         [response] = await self.execute([{"command": "listRoles", "verbose": True, "count": -1}])

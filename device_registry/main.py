@@ -22,9 +22,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
 from device_registry import auth, db, routers
+from device_registry.body_limits import BodyLimits
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.dashboard import mount_dashboard
 from device_registry.metrics import RegistryMetrics
+from device_registry.openapi import install_openapi
 from device_registry.presence import Presence
 from device_registry.problems import install_problem_handlers
 from device_registry.reconcile import Reconciler, ReconcileReport
@@ -40,7 +42,9 @@ device types, operator API keys.
 
 Authenticate with `Authorization: Bearer <API key>`. Roles: **viewer** (read),
 **operator** (read + commands + alerts), **admin** (everything, incl. devices and keys).
-Errors are RFC 9457 `application/problem+json`.
+Errors are RFC 9457 `application/problem+json`. Request bodies are bounded:
+at most `IOTFLEET_REGISTRY__MAX_BODY_BYTES` (8 MiB, else 413) and 32 levels of
+JSON nesting (else 422).
 """
 
 
@@ -157,6 +161,9 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(router)
     mount_dashboard(app)  # the operator web dashboard at / (pages) and /static
     _install_request_metrics(app)
+    # Outermost (added last): bodies are bounded before anything else reads them.
+    app.add_middleware(BodyLimits, max_bytes=settings.registry.max_body_bytes)
+    install_openapi(app)
     return app
 
 

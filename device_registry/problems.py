@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("registry.problems")
 
@@ -121,13 +122,18 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         status = exc.status_code
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).description
+        headers = getattr(exc, "headers", None)
+        if status == 405:
+            # Starlette's Allow names the methods of the first route matching the path
+            # only; a path served by several routes (GET, PATCH, DELETE) has them all.
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
         return problem_response(
             status,
             HTTPStatus(status).phrase,
             detail,
             TYPE_BASE + HTTPStatus(status).phrase.lower().replace(" ", "-"),
             instance=request.url.path,
-            headers=getattr(exc, "headers", None),
+            headers=headers,
         )
 
     @app.exception_handler(Exception)
@@ -140,6 +146,16 @@ def install_problem_handlers(app: FastAPI) -> None:
             TYPE_BASE + "internal",
             instance=request.url.path,
         )
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] != Match.NONE:
+            methods.update(route_methods)
+    return sorted(methods)
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from device_registry import broker_admin
-from device_registry.broker_admin import BrokerError, DynsecCommandError
+from device_registry.broker_admin import BrokerError, DynsecCommandError, ForeignEntryError
 from device_registry.models import Device
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
 from device_registry.schemas import (
@@ -39,6 +39,7 @@ from device_registry.schemas import (
 )
 from device_registry.state import RegistryState
 from iotfleet import topics
+from iotfleet.reserved_names import is_reserved
 from iotfleet.topics import Channel
 
 log = logging.getLogger("registry.devices")
@@ -99,6 +100,16 @@ def _unavailable(exc: Exception) -> Problem:
         f"the broker refused the change, nothing was changed: {exc}",
         slug="broker-refused",
         title="Broker refused the change",
+    )
+
+
+def _not_managed(exc: ForeignEntryError) -> Problem:
+    return Problem(
+        409,
+        f"{exc}; the registry changes only broker entries it created (pick another device id)",
+        slug="broker-entry-not-managed",
+        title="Broker entry not made by the registry",
+        device_ids=sorted(exc.device_ids)[:100],
     )
 
 
@@ -195,11 +206,21 @@ async def _create_on_broker(state: RegistryState, ids: Sequence[str], commands: 
                 raise
             # Leftovers of a crash between a broker change and the DB commit (not
             # yet reconciled): these ids have no device and no request working on
-            # them, so the entries belong to nobody. Replace them.
+            # them, so the entries belong to nobody. Replace them, but only if the
+            # registry made them: another tool's (or the platform's) are never touched.
+            foreign = await state.broker.foreign_entries(ids)
+            if foreign:
+                some = ", ".join(f"{i} ({what})" for i, what in sorted(foreign.items())[:20])
+                raise ForeignEntryError(
+                    list(foreign), f"the broker holds entries not made by the registry: {some}"
+                ) from None
             log.warning("replacing stale broker entries for %d device id(s)", len(ids))
             cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
             await _apply(state, cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
             await _apply(state, commands)
+    except ForeignEntryError as exc:
+        await _undo(state, [i for i in ids if i not in exc.device_ids])
+        raise _not_managed(exc) from None
     except (BrokerError, DynsecCommandError) as exc:
         await _undo(state, ids)
         raise _unavailable(exc) from None
@@ -231,7 +252,15 @@ async def _broker_change(
     await session.rollback()  # end the read transaction: the broker may take a while
     state.reconciler.touch([device_id])
     try:
+        foreign = await state.broker.foreign_entries([device_id])
+        if foreign:
+            raise ForeignEntryError(
+                [device_id], f"the broker {foreign[device_id]} {device_id!r} was not made by the registry"
+            )
         await _apply(state, commands, tolerate=tolerate)
+    except ForeignEntryError as exc:
+        state.reconciler.release([device_id])
+        raise _not_managed(exc) from None
     except (BrokerError, DynsecCommandError) as exc:
         state.reconciler.release([device_id])
         raise _unavailable(exc) from None
@@ -285,7 +314,16 @@ async def rotate_credentials(
 
 
 async def delete_device(state: RegistryState, session: AsyncSession, device_id: str) -> None:
-    await get_device(session, device_id)
+    device = await get_device(session, device_id)
+    if is_reserved(device_id):
+        # A row an older registry let in under a platform name: its broker entry is
+        # the platform's, not the device's. Drop the row, leave the broker alone.
+        await session.delete(device)
+        await session.commit()
+        log.warning(
+            "device %s (reserved name) deleted from the DB only; its broker entry was left alone", device_id
+        )
+        return
     await _broker_change(
         state,
         session,
@@ -294,9 +332,9 @@ async def delete_device(state: RegistryState, session: AsyncSession, device_id: 
         tolerate=broker_admin.NOT_FOUND_ERRORS,
     )
     try:
-        device = await session.get(Device, device_id)
-        if device is not None:
-            await session.delete(device)
+        current = await session.get(Device, device_id)
+        if current is not None:
+            await session.delete(current)
             await session.commit()
     finally:
         state.reconciler.release([device_id])

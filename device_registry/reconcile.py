@@ -12,6 +12,9 @@ a fresh password nobody knows — rotate the credentials to use it),
 (entries the registry made — marked with its textname — for devices it no
 longer has: deleted, they are credentials nobody manages). Device-like entries
 without the marker (made by another tool) are listed as ``unmanaged``, not touched.
+``foreign_entry``: a device whose id is reserved for the platform, or whose
+broker client or role exists without the marker (a platform account, another
+tool's entry): reported and left alone, never rewritten.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from device_registry import broker_admin
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.models import Device
 from iotfleet import dynsec
+from iotfleet.reserved_names import is_reserved
 
 log = logging.getLogger("registry.reconcile")
 
@@ -137,9 +141,10 @@ class Reconciler:
             return report
 
     async def _reconcile(self, report: ReconcileReport) -> None:
+        every_client = {c["username"]: c for c in await self.broker.list_clients()}
         clients = {
-            c["username"]: c
-            for c in await self.broker.list_clients()
+            username: c
+            for username, c in every_client.items()
             if c.get("textname") == broker_admin.DEVICE_TEXTNAME
             or any(str(r.get("rolename", "")).startswith(ROLE_PREFIX) for r in c.get("roles", []))
         }
@@ -167,6 +172,21 @@ class Reconciler:
             role_name = dynsec.device_role_name(device_id)
             expected = dynsec.device_acls(device_type, device_id)
             role = roles.get(role_name)
+            foreign = [
+                what
+                for what, entry in (("client", every_client.get(device_id)), ("role", role))
+                if entry is not None and entry.get("textname") != broker_admin.DEVICE_TEXTNAME
+            ]
+            if foreign or is_reserved(device_id):
+                # Never rewrite what the registry did not create: a platform account
+                # (a device row an older registry let in) or another tool's entry.
+                what = " and ".join(foreign) or "name"
+                drift(
+                    device_id,
+                    "foreign_entry",
+                    f"left alone: broker {what} not the registry's; delete the device",
+                )
+                continue
             if role is None:
                 drift(
                     device_id,
@@ -226,7 +246,9 @@ class Reconciler:
         # Broker entries without a device: deleted if the registry made them (its
         # marker), reported otherwise (another tool's clients are not ours to delete).
         for username in sorted(clients.keys() - known - skip):
-            if clients[username].get("textname") == broker_admin.DEVICE_TEXTNAME:
+            if clients[username].get("textname") == broker_admin.DEVICE_TEXTNAME and not is_reserved(
+                username
+            ):
                 drift(username, "orphan_client", "deleted", {"command": "deleteClient", "username": username})
             else:
                 report.unmanaged.append(f"client {username}")

@@ -10,11 +10,14 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 
 from device_registry.models import Role
 from iotfleet import topics
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import TopicError
+from iotfleet.json_limits import MAX_METADATA_DEPTH, json_depth
+from iotfleet.reserved_names import reserved_reason
 
 MAX_BULK = 10_000
 TAG_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -22,9 +25,16 @@ TAG_KEY_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 def _device_id(value: str) -> str:
     try:
-        return topics.check_device_id(value)
+        topics.check_device_id(value)
     except TopicError as exc:
         raise ValueError(str(exc)) from None
+    reason = reserved_reason(value)
+    if reason is not None:
+        # Its own error type, so scripts can tell "pick another id" from a typo.
+        raise PydanticCustomError(
+            "reserved_name", "reserved device id {id!r}: {reason}", {"id": value, "reason": reason}
+        )
+    return value
 
 
 def _device_type(value: str) -> str:
@@ -33,8 +43,22 @@ def _device_type(value: str) -> str:
     return value
 
 
-DeviceId = Annotated[str, Field(max_length=64, examples=["thermostat-0001"]), AfterValidator(_device_id)]
-DeviceTypeName = Annotated[str, Field(max_length=32, examples=["thermostat"]), AfterValidator(_device_type)]
+DeviceId = Annotated[
+    str,
+    Field(
+        max_length=64,
+        json_schema_extra={"pattern": topics.DEVICE_ID_PATTERN},
+        examples=["thermostat-0001"],
+        description="Letters, digits, '_', '.', '-'. Reserved for the platform (422 reserved_name): ids"
+        " starting with 'iotfleet', 'ingest-' or 'svc-' (any case) and admin, root, mosquitto, …",
+    ),
+    AfterValidator(_device_id),
+]
+DeviceTypeName = Annotated[
+    str,
+    Field(max_length=32, examples=["thermostat"], json_schema_extra={"enum": list(DEVICE_TYPES)}),
+    AfterValidator(_device_type),
+]
 TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
 Tags = Annotated[dict[TagKey, TagValue], Field(max_length=64)]
@@ -52,6 +76,9 @@ class _Metadata(_Input):
         # Free-form, but bounded: the registry DB is not a document store.
         if value is not None and len(repr(value)) > 16_384:
             raise ValueError("metadata is limited to 16 KiB")
+        if value is not None and json_depth(value) > MAX_METADATA_DEPTH:
+            # Deeper documents could not be served back (serializers stop at a depth).
+            raise ValueError(f"metadata is limited to {MAX_METADATA_DEPTH} levels of nesting")
         return value
 
 

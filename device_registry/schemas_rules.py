@@ -9,9 +9,11 @@ from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from device_registry.models_rules import AlertRow, CommandRow, RuleRow
 from device_registry.problems import Problem
+from rules_engine.models import check_rule_bounds
 
 # --- cursors ---------------------------------------------------------------------------------
 
@@ -39,16 +41,35 @@ def decode_cursor(cursor: str, arity: int) -> list[str]:
 # --- rules -----------------------------------------------------------------------------------
 
 
+def stored_rule_problem(definition: Any) -> str | None:
+    """Why a stored definition cannot be served as a rule (rows written before the bounds), or None."""
+    if not isinstance(definition, dict):
+        return "stored definition is not a JSON object"
+    try:
+        check_rule_bounds(definition)
+    except PydanticCustomError as exc:
+        return str(exc)
+    return None
+
+
 def rule_read(row: RuleRow) -> dict[str, Any]:
-    """A rule as served: its definition in the public shape plus id, version and timestamps."""
-    return {
-        **row.definition,
+    """A rule as served: its definition in the public shape plus id, version and timestamps.
+
+    A row an older registry stored past today's bounds is served flagged, without
+    its definition (which could not be serialized): ``invalid`` says why; the
+    engine skips it; replace it (PUT) or delete it.
+    """
+    server = {
         "id": row.id,
         "enabled": row.enabled,
         "version": row.version,
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }
+    problem = stored_rule_problem(row.definition)
+    if problem is not None:
+        return {"name": row.name, "scope": {"device_type": row.device_type}, **server, "invalid": problem}
+    return {**row.definition, **server}
 
 
 class RulePage(BaseModel):

@@ -61,6 +61,12 @@ class RegistrySettings(BaseModel):
     bootstrap_admin_key: SecretStr | None = Field(
         None, description="An admin API key ensured at start (the stack passes the one it created)"
     )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=256 * 1024 * 1024,
+        description="Largest request body (413 beyond): a 10,000-device bulk with names and tags is ~2 MB",
+    )
 
 
 class IngestSettings(BaseModel):

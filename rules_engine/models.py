@@ -29,6 +29,7 @@ import typing
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -43,9 +44,11 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType, get_device_type
 from iotfleet.errors import UnknownDeviceTypeError
+from iotfleet.json_limits import json_depth
 from iotfleet.topics import DEVICE_ID_PATTERN
 
 # --- durations -----------------------------------------------------------------
@@ -313,6 +316,69 @@ class Schedule(_Model):
 
 RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 
+# Bounds of a rule definition, checked on the raw input before pydantic walks it:
+# what passes them can always be stored, served back and loaded by the engine
+# (serializers stop at a depth; evaluation cost grows with the condition tree).
+MAX_CONDITION_DEPTH = 8
+"""Levels of conditions: a field condition alone is 1, ``{"all": [field]}`` is 2."""
+MAX_CONDITIONS = 256
+"""Conditions in one ``when`` or ``clear_when``, counting ``all``/``any`` nodes."""
+MAX_RULE_JSON_DEPTH = 24
+"""JSON nesting of the whole definition (command ``args`` included)."""
+MAX_RULE_BYTES = 64 * 1024
+"""Size of the definition as compact JSON."""
+
+
+def _condition_shape(node: Any, where: str) -> tuple[int, int]:
+    """(depth, count) of a raw condition tree; raises once past the bounds (no recursion)."""
+    deepest, count = 0, 0
+    stack: list[tuple[Any, int]] = [(node, 1)]
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        deepest = max(deepest, depth)
+        if depth > MAX_CONDITION_DEPTH:
+            raise PydanticCustomError(
+                "rule_too_deep",
+                "{where}: conditions nested deeper than {limit} levels",
+                {"where": where, "limit": MAX_CONDITION_DEPTH},
+            )
+        if count > MAX_CONDITIONS:
+            raise PydanticCustomError(
+                "rule_too_large",
+                "{where}: more than {limit} conditions",
+                {"where": where, "limit": MAX_CONDITIONS},
+            )
+        if isinstance(item, dict):
+            for key in ("all", "any"):
+                children = item.get(key)
+                if isinstance(children, list):
+                    stack.extend((child, depth + 1) for child in children)
+    return deepest, count
+
+
+def check_rule_bounds(data: Any) -> None:
+    """Raise PydanticCustomError if a raw rule definition is too deep or too large."""
+    if not isinstance(data, dict):
+        return  # pydantic reports the wrong type
+    if json_depth(data, limit=MAX_RULE_JSON_DEPTH) > MAX_RULE_JSON_DEPTH:
+        raise PydanticCustomError(
+            "rule_too_deep", "rule nested deeper than {limit} JSON levels", {"limit": MAX_RULE_JSON_DEPTH}
+        )
+    try:
+        size = len(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))
+    except (TypeError, orjson.JSONEncodeError):
+        size = 0  # not JSON data (a model instance): its fields are checked one by one
+    if size > MAX_RULE_BYTES:
+        raise PydanticCustomError(
+            "rule_too_large",
+            "rule definition is {size} bytes as JSON; the limit is {limit}",
+            {"size": size, "limit": MAX_RULE_BYTES},
+        )
+    for where in ("when", "clear_when"):
+        if data.get(where) is not None:
+            _condition_shape(data[where], where)
+
 
 class Rule(_Model):
     """A rule: scope + (``when`` [+ ``clear_when``] | ``schedule``) + actions."""
@@ -329,6 +395,12 @@ class Rule(_Model):
     then: list[Action] = Field(min_length=1, max_length=32)
     on_clear: list[CommandAction] = Field(default_factory=list, max_length=32)
     cooldown: Duration | None = Field(None, description="Minimum time between two firings per device")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded(cls, data: Any) -> Any:
+        check_rule_bounds(data)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> Rule:

@@ -31,6 +31,7 @@ from device_registry.schemas_rules import (
     decode_cursor,
     encode_cursor,
     rule_read,
+    stored_rule_problem,
 )
 from device_registry.telemetry.deps import InfluxDep
 from iotfleet.influx import InfluxError
@@ -213,7 +214,12 @@ def _utc(moment: datetime) -> datetime:
 @router.post(
     "/{rule_id}/backtest",
     summary="Evaluate a rule over stored readings: when it would have fired and what it would have sent",
-    responses={404: {}, 413: {"description": "Too many readings in the range"}, 503: {}},
+    responses={
+        404: {},
+        409: {"description": "The stored rule is invalid (replace it)"},
+        413: {"description": "Too many readings in the range"},
+        503: {},
+    },
 )
 async def backtest_rule(
     rule_id: RuleIdPath,
@@ -239,9 +245,16 @@ async def backtest_rule(
             errors=[{"field": "query.end", "message": "range too long", "type": "value_error"}],
         )
     row = await _get(session, rule_id)
-    rule = StoredRule.model_validate(
-        {**row.definition, "id": row.id, "version": row.version, "enabled": True}
-    )
+    problem = stored_rule_problem(row.definition)
+    if problem is not None:
+        raise Conflict(f"stored rule {rule_id!r} is invalid ({problem}); replace it (PUT) or delete it")
+    try:
+        rule = StoredRule.model_validate(
+            {**row.definition, "id": row.id, "version": row.version, "enabled": True}
+        )
+    except ValidationError as exc:
+        # E.g. a device type's fields changed since the rule was stored.
+        raise Conflict(f"stored rule {rule_id!r} no longer validates: {exc.errors()[0]['msg']}") from None
     devices = [
         DeviceEntry(d.type, d.id, d.tags or {})
         for d in (await session.scalars(select(Device).where(Device.type == rule.scope.device_type))).all()
