@@ -8,6 +8,8 @@ logged with its traceback) so clients never get an HTML or plain-text error.
 from __future__ import annotations
 
 import logging
+import re
+from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
 
@@ -15,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 log = logging.getLogger("registry.problems")
 
@@ -126,7 +127,9 @@ def install_problem_handlers(app: FastAPI) -> None:
         if status == 405:
             # Starlette's Allow names the methods of the first route matching the path
             # only; a path served by several routes (GET, PATCH, DELETE) has them all.
-            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+            methods = allowed_methods(request)
+            if methods:
+                headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return problem_response(
             status,
             HTTPStatus(status).phrase,
@@ -148,14 +151,20 @@ def install_problem_handlers(app: FastAPI) -> None:
         )
 
 
-def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves on this request's path."""
+def allowed_methods(request: Request) -> list[str] | None:
+    """The methods the OpenAPI document lists for this request's path (None: not an API path)."""
+    path = request.url.path
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] != Match.NONE:
-            methods.update(route_methods)
-    return sorted(methods)
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _template_re(template).fullmatch(path):
+            methods.update(m.upper() for m in operations)
+    return sorted(methods) or None
+
+
+@lru_cache(maxsize=512)
+def _template_re(template: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return re.compile("".join("[^/]+" if p.startswith("{") else re.escape(p) for p in parts))
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
