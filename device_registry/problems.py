@@ -154,11 +154,16 @@ def install_problem_handlers(app: FastAPI) -> None:
 def allowed_methods(request: Request) -> list[str] | None:
     """The methods the OpenAPI document lists for this request's path (None: not an API path)."""
     path = request.url.path
-    methods: set[str] = set()
-    for template, operations in request.app.openapi().get("paths", {}).items():
-        if _template_re(template).fullmatch(path):
-            methods.update(m.upper() for m in operations)
-    return sorted(methods) or None
+    matching = [
+        (template.count("{"), operations)
+        for template, operations in request.app.openapi().get("paths", {}).items()
+        if _template_re(template).fullmatch(path)
+    ]
+    if not matching:
+        return None
+    # The most literal templates win, as in routing: /devices/bulk is not /devices/{device_id}.
+    fewest = min(params for params, _ in matching)
+    return sorted({m.upper() for params, ops in matching if params == fewest for m in ops})
 
 
 @lru_cache(maxsize=512)

@@ -61,7 +61,11 @@ DeviceTypeName = Annotated[
 ]
 TagKey = Annotated[str, StringConstraints(pattern=TAG_KEY_PATTERN)]
 TagValue = Annotated[str, StringConstraints(max_length=256)]
-Tags = Annotated[dict[TagKey, TagValue], Field(max_length=64)]
+Tags = Annotated[
+    dict[TagKey, TagValue],
+    # additionalProperties: false makes the schema say what validation does (keys match the pattern).
+    Field(max_length=64, json_schema_extra={"additionalProperties": False}),
+]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 

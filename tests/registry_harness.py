@@ -296,6 +296,7 @@ class RegistryProcess:
     database_url: str | None = None
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    extra_env: dict[str, str] | None = None
 
     @property
     def url(self) -> str:
@@ -317,6 +318,7 @@ class RegistryProcess:
         )
         if self.database_url:
             env["IOTFLEET_REGISTRY__DATABASE_URL"] = self.database_url
+        env.update(self.extra_env or {})
         return env
 
     def start(self) -> RegistryProcess:
