@@ -40,8 +40,9 @@ PLATFORM_ROLES = ("admin", "svc-registry", "svc-ingest", "svc-rules")
 def reserved_reason(name: str, *, extra: Iterable[str] = ()) -> str | None:
     """Why ``name`` may not be a device id, or None if it may.
 
-    ``extra``: further names to refuse exactly (case-insensitively), e.g. the
-    client ids a deployment configured for its services.
+    ``extra``: further prefixes to refuse (case-insensitively), e.g. the client
+    ids a deployment configured for its services (which derive ``-out``,
+    ``-tracker-…`` ids from them).
     """
     folded = name.casefold()
     for prefix in RESERVED_PREFIXES:
@@ -51,8 +52,9 @@ def reserved_reason(name: str, *, extra: Iterable[str] = ()) -> str | None:
             )
     if folded in RESERVED_EXACT:
         return f"{name!r} is reserved for the platform's broker roles and superusers"
-    if folded in {e.casefold() for e in extra}:
-        return f"{name!r} is the MQTT client id of a platform service"
+    for prefix in extra:
+        if prefix and folded.startswith(prefix.casefold()):
+            return f"ids starting with {prefix!r} (any case) are the MQTT client ids of a platform service"
     return None
 
 

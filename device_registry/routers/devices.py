@@ -25,6 +25,8 @@ from device_registry.schemas import (
     DeviceRead,
     DeviceUpdate,
 )
+from device_registry.state import RegistryState
+from iotfleet.reserved_names import reserved_reason
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"], responses=PROBLEM_RESPONSES)
 
@@ -67,6 +69,27 @@ def _tag_filter(raw: str) -> tuple[str, str]:
     return key, value
 
 
+def _refuse_service_client_ids(state: RegistryState, items: list[DeviceCreate], field: str) -> None:
+    """422 for ids starting with a service client id this deployment configured (beyond the fixed list)."""
+    configured = [state.settings.rules.client_id, state.settings.ingest.client_id or ""]
+    errors = []
+    for index, item in enumerate(items):
+        reason = reserved_reason(item.id, extra=configured) if item.id else None
+        if reason is not None:
+            where = field.format(index=index)
+            errors.append(
+                {"field": where, "message": f"reserved device id: {reason}", "type": "reserved_name"}
+            )
+    if errors:
+        raise Problem(
+            422,
+            "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5]),
+            slug="validation",
+            title="Request validation failed",
+            errors=errors[:100],
+        )
+
+
 def _like(text: str) -> str:
     escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return f"%{escaped}%"
@@ -81,6 +104,7 @@ def _like(text: str) -> str:
 async def create_device(
     body: DeviceCreate, state: StateDep, session: SessionDep, _caller: CurrentAdmin
 ) -> DeviceProvisioned:
+    _refuse_service_client_ids(state, [body], "body.id")
     [created] = await provisioning.create_devices(state, session, [body])
     return created
 
@@ -94,6 +118,7 @@ async def create_device(
 async def create_devices_bulk(
     body: DeviceBulkCreate, state: StateDep, session: SessionDep, _caller: CurrentAdmin
 ) -> DeviceBulkProvisioned:
+    _refuse_service_client_ids(state, body.devices, "body.devices.{index}.id")
     return DeviceBulkProvisioned(devices=await provisioning.create_devices(state, session, body.devices))
 
 

@@ -23,6 +23,7 @@ from device_registry.models import Device
 from device_registry.models_rules import RuleRow
 from iotfleet import dynsec
 from iotfleet.reserved_names import PLATFORM_ROLES, PLATFORM_USERS
+from iotfleet.settings import RulesSettings
 from iotfleet.stack import probes
 from iotfleet.topics import Channel, device_topic
 from rules_engine.sources import parse_rules
@@ -171,6 +172,33 @@ async def test_reserved_and_malformed_ids_are_refused(
             assert resp.status_code in (404, 422), resp.text
             assert resp.headers["content-type"].startswith(PROBLEM)
         await assert_platform_intact(api, broker)
+
+
+async def test_configured_service_client_ids_are_reserved_too(broker: Broker, registry_root: Path) -> None:
+    # A deployment may give the rules engine another client id; the engine derives -out, -tracker-… from it.
+    settings = registry_settings(broker, registry_root).model_copy(
+        update={"rules": RulesSettings(client_id="fleet-rules")}
+    )
+    async with running_registry(settings) as api:
+        for device_id in ("fleet-rules", "Fleet-Rules-out", "fleet-rules-tracker-x"):
+            body = assert_problem(
+                await api.http.post("/api/v1/devices", json={"id": device_id, "type": "thermostat"}),
+                422,
+                error_type="reserved_name",
+            )
+            assert body["errors"][0]["field"] == "body.id", body
+        body = assert_problem(
+            await api.http.post(
+                "/api/v1/devices/bulk",
+                json={"devices": [{"type": "thermostat"}, {"id": "fleet-rules-out", "type": "thermostat"}]},
+            ),
+            422,
+            error_type="reserved_name",
+        )
+        assert body["errors"][0]["field"] == "body.devices.1.id", body
+        created = await api.http.post("/api/v1/devices", json={"id": "fleet-rule", "type": "thermostat"})
+        assert created.status_code == 201, created.text
+        assert (await api.http.delete("/api/v1/devices/fleet-rule")).status_code == 204
 
 
 async def test_bodies_too_large_or_too_deep_on_every_endpoint(

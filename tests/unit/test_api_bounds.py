@@ -46,8 +46,9 @@ def test_ordinary_ids_are_free(name: str) -> None:
 
 
 def test_configured_client_ids_can_be_reserved_too() -> None:
-    assert reserved_reason("reg-tracker") is None
-    assert "client id" in (reserved_reason("REG-tracker", extra=["reg-tracker"]) or "")
+    assert reserved_reason("reg-tracker-1") is None
+    assert "client id" in (reserved_reason("REG-tracker-1", extra=["reg-tracker"]) or "")
+    assert reserved_reason("reg-x", extra=["", "reg-tracker"]) is None
 
 
 def test_device_create_refuses_reserved_ids_with_their_own_error_type() -> None:
