@@ -35,6 +35,14 @@ _BROKER_ERRORS: dict[int | str, dict[str, Any]] = {
     502: {"description": "The broker refused"},
     503: {"description": "The broker is unreachable"},
 }
+_CHANGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {},
+    409: {
+        "description": "Being changed by another request, or its broker entry was not made by the registry"
+        " (broker-entry-not-managed: nothing changed)"
+    },
+    **_BROKER_ERRORS,
+}
 
 
 def _encode_cursor(device_id: str) -> str:
@@ -99,7 +107,10 @@ def _like(text: str) -> str:
     "",
     status_code=status.HTTP_201_CREATED,
     summary="Provision a device: broker credentials (shown once) and ACLs",
-    responses={409: {"description": "The id exists"}, **_BROKER_ERRORS},
+    responses={
+        409: {"description": "The id exists, or a broker entry under it was not made by the registry"},
+        **_BROKER_ERRORS,
+    },
 )
 async def create_device(
     body: DeviceCreate, state: StateDep, session: SessionDep, _caller: CurrentAdmin
@@ -113,7 +124,10 @@ async def create_device(
     "/bulk",
     status_code=status.HTTP_201_CREATED,
     summary="Provision up to 10,000 devices in one request (all or none)",
-    responses={409: {"description": "Some ids exist or repeat"}, **_BROKER_ERRORS},
+    responses={
+        409: {"description": "Some ids exist or repeat, or have broker entries not made by the registry"},
+        **_BROKER_ERRORS,
+    },
 )
 async def create_devices_bulk(
     body: DeviceBulkCreate, state: StateDep, session: SessionDep, _caller: CurrentAdmin
@@ -189,7 +203,7 @@ async def update_device(
     "/{device_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a device: its broker credentials go and its connection is closed",
-    responses={404: {}, **_BROKER_ERRORS},
+    responses=_CHANGE_ERRORS,
 )
 async def delete_device(
     device_id: DeviceIdPath, state: StateDep, session: SessionDep, _caller: CurrentAdmin
@@ -200,7 +214,7 @@ async def delete_device(
 @router.post(
     "/{device_id}/disable",
     summary="Disable: the live connection is closed and reconnects are refused",
-    responses={404: {}, **_BROKER_ERRORS},
+    responses=_CHANGE_ERRORS,
 )
 async def disable_device(
     device_id: DeviceIdPath, state: StateDep, session: SessionDep, _caller: CurrentAdmin
@@ -208,7 +222,7 @@ async def disable_device(
     return provisioning.device_read(await provisioning.set_enabled(state, session, device_id, False))
 
 
-@router.post("/{device_id}/enable", summary="Enable again", responses={404: {}, **_BROKER_ERRORS})
+@router.post("/{device_id}/enable", summary="Enable again", responses=_CHANGE_ERRORS)
 async def enable_device(
     device_id: DeviceIdPath, state: StateDep, session: SessionDep, _caller: CurrentAdmin
 ) -> DeviceRead:
@@ -218,7 +232,7 @@ async def enable_device(
 @router.post(
     "/{device_id}/rotate-credentials",
     summary="New password (shown once); the old one stops working and the connection is closed",
-    responses={404: {}, **_BROKER_ERRORS},
+    responses=_CHANGE_ERRORS,
 )
 async def rotate_credentials(
     device_id: DeviceIdPath, state: StateDep, session: SessionDep, _caller: CurrentAdmin

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,12 +117,20 @@ def _dynsec(broker: Broker, commands: list[dict[str, Any]]) -> list[dict[str, An
     answer: list[list[dict[str, Any]]] = []
     subscribed = threading.Event()
     client.on_subscribe = lambda *_a: subscribed.set()
-    client.on_message = lambda _c, _u, m: answer.append(json.loads(m.payload)["responses"])
+    # Responses go to every subscriber (the registry's own batches too): keep ours, by correlation data.
+    tag = secrets.token_hex(6)
+    client.on_message = lambda _c, _u, m: answer.extend(
+        [responses]
+        if (responses := json.loads(m.payload)["responses"])
+        and str(responses[0].get("correlationData", "")).startswith(tag)
+        else []
+    )
     client.connect(broker.host, broker.port)
     client.loop_start()
     client.subscribe(dynsec.RESPONSE_TOPIC, qos=1)
     assert subscribed.wait(5)
-    client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
+    tagged = [{**c, "correlationData": f"{tag}:{i}"} for i, c in enumerate(commands)]
+    client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
     probes.wait_until(lambda: bool(answer), timeout=10, what="dynsec answer")
     client.disconnect()
     client.loop_stop()
