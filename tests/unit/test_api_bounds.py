@@ -99,6 +99,12 @@ def test_raw_depth_bounds_hostile_text() -> None:
     assert raw_depth(b'["\\"[[[[", "\\\\", [[]]]', limit=32) == 3
     assert raw_depth(b'"' + b'\\"' * 100_000, limit=32) == 0
     assert json_depth([[[[1]]]], limit=2) == 3
+    # Shapes that defeat one method or the other: sawtooth, flat, wrapped, unbalanced.
+    for k in (1, 3, 5, 9, 12, 31):
+        saw = b"[" + b",".join([b"[" * k + b"]" * k] * 1000) + b"]"
+        assert raw_depth(saw, limit=32) == k + 1, k
+    assert raw_depth(b"[" * 9 + b"[[],[]]," * 1000 + b"]" * 9, limit=32) == 11
+    assert raw_depth(b"]" * 100 + b"[" * 10, limit=32) == 0
 
 
 # --- rules ------------------------------------------------------------------------------------
