@@ -1,6 +1,7 @@
 """Request-body bounds, applied before anything parses a body: size (413) and JSON nesting (422).
 
-A pure ASGI middleware: it reads the body (refusing past the size limit, from
+A pure ASGI middleware: an API request without a key is answered 401 before
+its body is read; otherwise it reads the body (refusing past the size limit, from
 ``Content-Length`` at once or while a chunked body arrives), measures its
 nesting depth without parsing it (``iotfleet.json_limits.raw_depth``) and
 hands the same bytes on. Without it, a few KiB of ``[[[[…`` reached FastAPI's
@@ -33,6 +34,11 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        if path.startswith("/api/") and _header(scope, b"authorization") is None:
+            # Every API operation needs a key, and FastAPI parses a body before it checks
+            # one: without a key, nothing is read (the same 401 the API gives).
+            await self._unauthenticated(scope, path)(scope, receive, send)
+            return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             await self._too_large(path)(scope, receive, send)
@@ -72,6 +78,20 @@ class BodyLimits:
                 break
         return b"".join(chunks)
 
+    def _unauthenticated(self, scope: Scope, path: str) -> ASGIApp:
+        state = getattr(scope.get("app"), "state", None)
+        registry = getattr(state, "registry", None)
+        if registry is not None:
+            registry.metrics.auth_failures.labels("missing").inc()
+        return problem_response(
+            401,
+            "Unauthorized",
+            "an API key is required: send `Authorization: Bearer <key>`",
+            TYPE_BASE + "unauthenticated",
+            instance=path,
+            headers={"WWW-Authenticate": 'Bearer realm="iotfleet"'},
+        )
+
     def _too_large(self, path: str) -> ASGIApp:
         return problem_response(
             413,
@@ -83,14 +103,19 @@ class BodyLimits:
         )
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

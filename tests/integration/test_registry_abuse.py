@@ -256,6 +256,14 @@ async def test_bodies_too_large_or_too_deep_on_every_endpoint(
             ),
             413,
         )
+        # Without a key, nothing is read: 401 before any parsing, whatever the body.
+        async with api.as_(None) as anonymous:
+            for content in (big, b"[" * 100_000, b'{"type": "thermostat"}'):
+                resp = await anonymous.post(
+                    "/api/v1/devices/bulk", content=content, headers={"content-type": "application/json"}
+                )
+                assert_problem(resp, 401)
+                assert resp.headers["www-authenticate"].startswith("Bearer")
         # Bulk past its item bound, huge tags and metadata: 422.
         too_many = {"devices": [{"type": "thermostat"}] * 10_001}
         assert_problem(await api.http.post("/api/v1/devices/bulk", json=too_many), 422)
