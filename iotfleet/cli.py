@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from iotfleet.errors import ConfigError, StackError
@@ -52,16 +53,18 @@ def build_settings(args: argparse.Namespace) -> Settings:
 
 
 def _progress(message: str) -> None:
-    console.print(f"[bold cyan]iotfleet[/]: {message}")
+    # Messages carry paths, settings and error text: escaped, so rich cannot read
+    # a bracketed part (a regex like [mhdw], a path) as markup and drop it.
+    console.print(f"[bold cyan]iotfleet[/]: {escape(message)}")
 
 
 def _status_table(stack: Stack, parts: list[PartStatus]) -> Table:
-    table = Table(title=f"iotfleet stack — {stack.layout.root}")
+    table = Table(title=escape(f"iotfleet stack — {stack.layout.root}"))
     for column in ("part", "pid", "port", "state", "health"):
         table.add_column(column)
     for part in parts:
-        health = "[green]healthy[/]" if part.healthy else f"[red]unhealthy[/] ({part.detail})"
-        table.add_row(part.name, str(part.pid or "-"), str(part.port), part.state, health)
+        health = "[green]healthy[/]" if part.healthy else f"[red]unhealthy[/] ({escape(part.detail)})"
+        table.add_row(escape(part.name), str(part.pid or "-"), str(part.port), escape(part.state), health)
     return table
 
 
@@ -69,8 +72,8 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out = Console()
     out.print(_status_table(stack, parts))
     info = status_as_json(stack, parts)
-    out.print(f"API: {info['api']}   OpenAPI docs: {info['docs']}")
-    out.print(f"Admin API key: {info['admin_api_key_file']} (mode 0600)")
+    out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
+    out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -97,7 +100,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status_as_json(stack, parts), indent=2))
     elif not parts:
-        Console().print(f"iotfleet is not running from {stack.layout.root}")
+        Console(soft_wrap=True).print(escape(f"iotfleet is not running from {stack.layout.root}"))
     else:
         _print_status(stack, parts)
     if not parts:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.handler(args)
     except (ConfigError, StackError) as error:
-        console.print(f"[bold red]error[/]: {error}")
+        console.print(f"[bold red]error[/]: {escape(str(error))}")
         code = 2
     sys.exit(code)
 

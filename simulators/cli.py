@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from iotfleet.cli import build_settings  # the same stack flags as `iotfleet up`
 from iotfleet.errors import ConfigError, IotfleetError
@@ -203,7 +204,7 @@ def resolve_devices(
             f" but no registry API key: start the stack with `iotfleet up` (it writes"
             f" {settings.state_dir / 'admin-api-key'}), pass --api-key, or pass --credentials FILE"
         )
-    console.print(f"provisioning {sum(missing.values()):,} device(s) through {api_url} …")
+    console.print(escape(f"provisioning {sum(missing.values()):,} device(s) through {api_url} …"))
     started = time.monotonic()
     new = provisioning.RegistryProvisioner(api_url, api_key).provision(
         missing, on_progress=lambda done, total: console.print(f"  {done:,}/{total:,} provisioned")
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         devices, credentials_note, credentials_path = resolve_devices(args, settings, counts, console)
         observer, observer_note = resolve_observer(args, settings)
         if observer is None and (scenario.commands.rate_per_s > 0):
-            console.print(f"[yellow]note[/]: no commands will be sent: {observer_note}")
+            console.print(f"[yellow]note[/]: no commands will be sent: {escape(observer_note)}")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         report_path = (
             getattr(args, "report", None) or settings.state_dir / "simulator" / f"report-{stamp}.json"
@@ -273,16 +274,18 @@ def run(args: argparse.Namespace) -> int:
             credentials_path=credentials_path,
         )
         console.print(
-            f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
-            f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
-            f" — {credentials_note}"
+            escape(
+                f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
+                f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
+                f" — {credentials_note}"
+            )
         )
         report = asyncio.run(run_plan(plan, console))
     except (ConfigError, IotfleetError) as exc:
-        console.print(f"[bold red]error[/]: {exc}")
+        console.print(f"[bold red]error[/]: {escape(str(exc))}")
         return 2
     render_report(report, Console())
-    console.print(f"report written to {report_path}")
+    console.print(escape(f"report written to {report_path}"))
     verify = report.get("verify")
     if verify is not None and not verify.get("ok", False):
         return 1
