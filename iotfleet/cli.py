@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +39,42 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, with the command-line flags on top."""
+# The settings a running stack's file can provide, and the env vars that would set them instead.
+_STACK_SETTINGS = {
+    ("mqtt", "host"): "IOTFLEET_MQTT__HOST",
+    ("mqtt", "port"): "IOTFLEET_MQTT__PORT",
+    ("influx", "url"): "IOTFLEET_INFLUX__URL",
+    ("registry", "host"): "IOTFLEET_REGISTRY__HOST",
+    ("registry", "port"): "IOTFLEET_REGISTRY__PORT",
+}
+
+
+def build_settings(args: argparse.Namespace, *, running_stack: bool = False) -> Settings:
+    """Settings from the environment, with the command-line flags on top.
+
+    With ``running_stack`` (clients of a stack: ``simulate``), the broker, InfluxDB and API
+    addresses of the stack running from the state dir fill what neither a flag nor an env
+    var sets: flags > environment > the running stack > defaults.
+    """
+    overrides = _flag_overrides(args)
+    settings = load_settings(**overrides)
+    if not running_stack:
+        return settings
+    found = Stack(settings).running_endpoints()
+    environ = {name.upper() for name in os.environ}
+    merged = {section: dict(values) for section, values in overrides.items() if isinstance(values, dict)}
+    changed = False
+    for (section, key), env_var in _STACK_SETTINGS.items():
+        if key in merged.get(section, {}) or env_var in environ or key not in found.get(section, {}):
+            continue
+        merged.setdefault(section, {})[key] = found[section][key]
+        changed = True
+    if not changed:
+        return settings
+    return load_settings(**{**overrides, **merged})
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
@@ -49,7 +84,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
         overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
     if getattr(args, "api_port", None):
         overrides["registry"] = {"port": args.api_port}
-    return load_settings(**overrides)
+    return overrides
 
 
 def _progress(message: str) -> None:
@@ -72,6 +107,7 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out = Console()
     out.print(_status_table(stack, parts))
     info = status_as_json(stack, parts)
+    out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
     out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
     out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
 

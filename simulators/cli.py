@@ -1,7 +1,9 @@
 """``iotfleet simulate`` (and ``python -m simulators``): run a simulated device fleet against the stack.
 
 With no flag but ``--devices N``, ``--duration`` and ``--verify`` it works
-against a stack started by ``iotfleet up`` from the same state dir: devices
+against a stack started by ``iotfleet up`` from the same state dir, whatever
+ports it was started with (read from ``<state_dir>/stack.json`` while it runs;
+a flag or an ``IOTFLEET_*`` variable still overrides them): devices
 are provisioned through the registry API with the admin key in
 ``<state_dir>/admin-api-key`` and their credentials saved to
 ``<state_dir>/simulator/credentials.json`` for reuse; the observer uses the
@@ -120,7 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument(
         "--reprovision", action="store_true", help="provision new devices even if the file has enough"
     )
-    access.add_argument("--api-url", help="registry API base URL (default from IOTFLEET_REGISTRY__HOST/PORT)")
+    access.add_argument(
+        "--api-url",
+        help="registry API base URL (default: the running stack's, else IOTFLEET_REGISTRY__HOST/PORT)",
+    )
     access.add_argument("--api-key", help="registry admin API key (default <state_dir>/admin-api-key)")
     access.add_argument(
         "--observer-user", help=f"MQTT account for dead letters/acks (default {OBSERVER_ACCOUNT})"
@@ -245,7 +250,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = build_settings(args)
+        # The running stack's ports and addresses unless a flag or env var says otherwise.
+        settings = build_settings(args, running_stack=True)
         scenario = build_scenario(args)
         counts = scenario.counts()
         devices, credentials_note, credentials_path = resolve_devices(args, settings, counts, console)

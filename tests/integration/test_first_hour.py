@@ -1,0 +1,110 @@
+"""A new user's first hour against a real stack started with `iotfleet up` on free ports.
+
+The stack is started once for the module (like a user would) and every test is
+a client of it: what `up`/`status` print, `iotfleet simulate` without repeating
+the ports, the README's "Connect a device" commands run literally, `iotfleet demo`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from iotfleet.stack import probes
+
+pytestmark = pytest.mark.integration
+
+IOTFLEET = [sys.executable, "-m", "iotfleet.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunningStack:
+    state_dir: Path
+    env: dict[str, str]  # the environment `up` ran with (ports as IOTFLEET_* variables)
+    client_env: dict[str, str]  # the same without any IOTFLEET_* variable: what a user's shell has
+    mqtt_port: int
+    api_port: int
+    up_output: str
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def admin_key(self) -> str:
+        return (self.state_dir / "admin-api-key").read_text().strip()
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*IOTFLEET, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    tmp = tmp_path_factory.mktemp("first-hour")
+    mqtt_port, influx_port, api_port, rpc_port, base = probes.free_ports(4, block=8)
+    client_env = {k: v for k, v in os.environ.items() if not k.upper().startswith("IOTFLEET_")}
+    client_env["COLUMNS"] = "200"
+    env = {
+        **client_env,
+        "IOTFLEET_STATE_DIR": str(tmp / "state"),
+        "IOTFLEET_MQTT__PORT": str(mqtt_port),
+        "IOTFLEET_INFLUX__URL": f"http://127.0.0.1:{influx_port}",
+        "IOTFLEET_REGISTRY__PORT": str(api_port),
+        "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc_port),
+        "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
+    }
+    up = run(env, "up", "--detach")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield RunningStack(tmp / "state", env, client_env, mqtt_port, api_port, up.stdout + up.stderr)
+    finally:
+        run(env, "down", timeout=90)
+
+
+def test_up_and_status_print_the_dashboard_url(stack: RunningStack) -> None:
+    dashboard = f"http://127.0.0.1:{stack.api_port}/"
+    assert f"Dashboard: {dashboard}" in stack.up_output
+    status = run(stack.env, "status")
+    assert status.returncode == 0, status.stderr
+    assert f"Dashboard: {dashboard}" in status.stdout
+    info = json.loads(run(stack.env, "status", "--json").stdout)
+    assert info["dashboard"] == dashboard
+    assert httpx.get(dashboard, timeout=10).status_code == 200
+
+
+def test_simulate_finds_the_running_stack_from_the_state_dir(stack: RunningStack) -> None:
+    # Only the state dir: no port flag, no IOTFLEET_* variable (the stack is on non-default ports).
+    done = run(
+        stack.client_env,
+        "simulate",
+        "--state-dir",
+        str(stack.state_dir),
+        "--devices",
+        "4",
+        "--duration",
+        "3",
+        "--interval",
+        "1s",
+        "--verify",
+        "--quiet",
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"against 127.0.0.1:{stack.mqtt_port}" in done.stderr
+    report_path = re.search(r"report written to (\S+)", done.stderr)
+    assert report_path is not None, done.stderr
+    report = json.loads(Path(report_path.group(1)).read_text())
+    assert report["verify"]["ok"] and report["verify"]["stored"] >= 4, report["verify"]
