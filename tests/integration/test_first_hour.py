@@ -108,3 +108,48 @@ def test_simulate_finds_the_running_stack_from_the_state_dir(stack: RunningStack
     assert report_path is not None, done.stderr
     report = json.loads(Path(report_path.group(1)).read_text())
     assert report["verify"]["ok"] and report["verify"]["stored"] >= 4, report["verify"]
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+def test_api_docs_render_in_a_browser_with_no_outside_network(stack: RunningStack) -> None:
+    from playwright.sync_api import Route, expect, sync_playwright
+
+    # Every request that leaves the page is recorded (and refused, as if offline). The pages' policy
+    # (default-src 'self') keeps ReDoc's decorative cdn.redoc.ly logo from being requested at all.
+    outside: list[str] = []
+
+    def only_loopback(route: Route) -> None:
+        if httpx.URL(route.request.url).host == "127.0.0.1":
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.route("**/*", only_loopback)
+            page.goto(f"{stack.api}/docs")
+            # Swagger UI rendered the operations from /openapi.json.
+            expect(page.locator(".opblock-summary-path", has_text="/api/v1/devices").first).to_be_visible(
+                timeout=20_000
+            )
+            page.goto(f"{stack.api}/redoc")
+            expect(page.get_by_text("iotfleet registry", exact=False).first).to_be_visible(timeout=20_000)
+            expect(page.locator("[data-section-id]").first).to_be_attached(timeout=20_000)
+        finally:
+            browser.close()
+    assert outside == [], f"the docs pages asked for outside resources: {outside}"
