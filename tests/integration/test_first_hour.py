@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,3 +154,67 @@ def test_api_docs_render_in_a_browser_with_no_outside_network(stack: RunningStac
         finally:
             browser.close()
     assert outside == [], f"the docs pages asked for outside resources: {outside}"
+
+
+def readme_walkthrough() -> list[str]:
+    """The ```sh blocks of README.md's "Connect a device" section, in order, as written."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("## Connect a device\n")
+    end = text.index("\n## ", start + 1)
+    return re.findall(r"```sh\n(.*?)```", text[start:end], flags=re.DOTALL)
+
+
+def _for_this_stack(block: str, stack: RunningStack) -> str:
+    # Only the ports and the state dir differ from what a user types.
+    return (
+        block.replace("http://127.0.0.1:8000/", f"http://127.0.0.1:{stack.api_port}/")
+        .replace("-p 1883 ", f"-p {stack.mqtt_port} ")
+        .replace("cat .iotfleet/", f"cat {stack.state_dir}/")
+    )
+
+
+def test_readme_connect_a_device_runs_as_written(stack: RunningStack, tmp_path: Path) -> None:
+    blocks = readme_walkthrough()
+    assert len(blocks) == 5, blocks
+    substituted = [_for_this_stack(block, stack) for block in blocks]
+    for original, block in zip(blocks, substituted, strict=True):
+        assert (block != original) == ("8000" in original or "1883" in original or ".iotfleet" in original)
+    # What each step must show; read-backs are repeated until they do (the ingest writes within ms,
+    # a person typing the next command never sees the difference).
+    expected = [
+        ('"telemetry":"devices/thermostat/kitchen-1/telemetry"', False),
+        ("", False),
+        ('"temperature_c":{"value":21.5', True),
+        ('"name":"set_setpoint"', False),
+        ('"status":"succeeded"', True),
+    ]
+    variables = tmp_path / "variables.sh"
+    variables.write_text("")
+    for number, (block, (wanted, retried)) in enumerate(zip(substituted, expected, strict=True), start=1):
+        # One shell session across blocks, as in a terminal: variables of a block reach the next.
+        script = f"set -eo pipefail\nset -a\nsource {variables}\n{block}\nexport -p > {variables}\n"
+        deadline = time.monotonic() + 20
+        while True:
+            done = subprocess.run(
+                ["bash", "-c", script],
+                cwd=tmp_path,
+                env=stack.client_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            compact = re.sub(r"\s+", "", done.stdout)
+            if (done.returncode == 0 and wanted.replace(" ", "") in compact) or not retried:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert done.returncode == 0, f"block {number} failed:\n{block}\n{done.stdout}\n{done.stderr}"
+        assert wanted.replace(" ", "") in compact, f"block {number}:\n{block}\n{done.stdout}\n{done.stderr}"
+    # The operator's command is on record with its author, and the device's reading is stored.
+    headers = {"Authorization": f"Bearer {stack.admin_key}"}
+    commands = httpx.get(f"{stack.api}/api/v1/devices/kitchen-1/commands", headers=headers, timeout=10).json()
+    (command,) = commands["items"]
+    assert command["source"] == "operator:bootstrap-admin", command
+    assert command["args"] == {"setpoint_c": 22.5} and command["completed_at"]
