@@ -25,6 +25,7 @@ from rich.table import Table
 
 from iotfleet.errors import ConfigError, StackError
 from iotfleet.settings import Settings, load_settings
+from iotfleet.stack import demo
 from iotfleet.stack.supervisor import PartStatus, Stack, status_as_json
 
 console = Console(stderr=True, soft_wrap=True)
@@ -174,13 +175,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         _progress("using the stack already running from this state dir")
     _print_status(stack, stack.status())
+    operator = _demo_operator(stack, args, simulator_cli)
     try:
         return int(simulator_cli.run(args))
     except KeyboardInterrupt:
         return 0
     finally:
+        operator.stop()
+        _progress(f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}")
         if started_here:
             stack.down(on_progress=_progress)
+
+
+def _demo_operator(
+    stack: Stack, args: argparse.Namespace, simulator_cli: ModuleType
+) -> demo.OperatorCommands:
+    """Example rules, and the scenario's commands sent by an operator through the API (not over MQTT)."""
+    api_url = str(status_as_json(stack, [])["api"]).removesuffix("/api/v1")
+    admin_key = stack.admin_api_key()
+    created = demo.ensure_rules(api_url, admin_key)
+    if created:
+        _progress(f"example rules created: {', '.join(created)}")
+    rate = float(simulator_cli.build_scenario(args).commands.rate_per_s)
+    args.commands_rate = 0.0  # the simulator publishes none itself: each command is an operator's
+    key = demo.operator_key(api_url, admin_key, stack.layout.root)
+    _progress(f"an operator ({demo.OPERATOR_KEY_NAME!r}) sends ~{rate:g} command(s)/s through the API")
+    return demo.OperatorCommands(api_url, key, rate, seed=getattr(args, "seed", None)).start()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

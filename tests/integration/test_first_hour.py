@@ -218,3 +218,45 @@ def test_readme_connect_a_device_runs_as_written(stack: RunningStack, tmp_path: 
     (command,) = commands["items"]
     assert command["source"] == "operator:bootstrap-admin", command
     assert command["args"] == {"setpoint_c": 22.5} and command["completed_at"]
+
+
+def test_demo_creates_example_rules_and_sends_operator_commands_through_the_api(stack: RunningStack) -> None:
+    from iotfleet.stack.demo import DEMO_RULES
+
+    done = run(
+        stack.env,
+        "demo",
+        "--devices",
+        "8",
+        "--duration",
+        "12",
+        "--interval",
+        "1s",
+        "--commands-rate",
+        "3",
+        "--quiet",
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "using the stack already running" in done.stderr  # and leaves it running
+    assert f"Dashboard: http://127.0.0.1:{stack.api_port}/" in done.stdout
+    headers = {"Authorization": f"Bearer {stack.admin_key}"}
+    rules = httpx.get(f"{stack.api}/api/v1/rules", params={"limit": 100}, headers=headers, timeout=10).json()
+    names = {rule["name"] for rule in rules["items"] if rule["enabled"]}
+    assert {rule["name"] for rule in DEMO_RULES} <= names
+    # Every command the demo sent is an operator's, on record with its author and lifecycle.
+    commands = httpx.get(f"{stack.api}/api/v1/commands", params={"limit": 1000}, headers=headers, timeout=10)
+    demo_commands = [c for c in commands.json()["items"] if c["source"] == "operator:demo-operator"]
+    sent = int(re.search(r"(\d+) operator command\(s\) sent through the API", done.stderr).group(1))  # type: ignore[union-attr]
+    assert sent >= 10 and len(demo_commands) == sent, (sent, len(demo_commands))
+    assert any(c["status"] == "succeeded" and c["completed_at"] for c in demo_commands), demo_commands
+    # The simulator itself published no command over MQTT: its devices received only the operator's
+    # (and the example rules'), each of which the registry tracks.
+    report_path = re.search(r"report written to (\S+)", done.stderr)
+    assert report_path is not None
+    report = json.loads(Path(report_path.group(1)).read_text())
+    tracked = httpx.get(f"{stack.api}/api/v1/commands", params={"limit": 1000}, headers=headers, timeout=10)
+    assert report["commands"]["received"] <= len(tracked.json()["items"])
+    # A second demo on the same stack keeps the rules (no duplicates, no failure).
+    again = run(stack.env, "demo", "--devices", "8", "--duration", "2", "--quiet", timeout=240)
+    assert again.returncode == 0, again.stdout + again.stderr
