@@ -260,3 +260,76 @@ def test_demo_creates_example_rules_and_sends_operator_commands_through_the_api(
     # A second demo on the same stack keeps the rules (no duplicates, no failure).
     again = run(stack.env, "demo", "--devices", "8", "--duration", "2", "--quiet", timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+def test_dashboard_iso_dates_gaps_and_friendly_not_found_pages(stack: RunningStack) -> None:
+    import asyncio
+
+    from playwright.sync_api import expect, sync_playwright
+
+    from iotfleet.influx import InfluxClient, encode_point
+    from iotfleet.settings import InfluxSettings
+
+    headers = {"Authorization": f"Bearer {stack.admin_key}"}
+    created = httpx.post(
+        f"{stack.api}/api/v1/devices",
+        json={"id": "gappy-1", "type": "thermostat"},
+        headers=headers,
+        timeout=10,
+    )
+    assert created.status_code == 201, created.text
+    # 20 readings 10 s apart, 10 minutes without any, 20 more: the chart must break, not bridge.
+    now_ms = int(time.time() * 1000)
+    first = now_ms - 20 * 60_000
+    times = [first + i * 10_000 for i in range(20)] + [
+        first + 200_000 + 600_000 + i * 10_000 for i in range(20)
+    ]
+    fields = {"temperature_c": 21.0, "humidity_pct": 40.0, "setpoint_c": 21.0, "mode": "auto"}
+    lines = [encode_point("thermostat", {"device_id": "gappy-1"}, fields, t) for t in times]
+
+    async def write() -> None:
+        settings = InfluxSettings(url=stack.env["IOTFLEET_INFLUX__URL"], database="iotfleet")
+        async with InfluxClient(settings) as client:
+            await client.write("\n".join(lines))
+
+    asyncio.run(write())
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{stack.api}/signin")
+            page.fill("#api-key", stack.admin_key)
+            page.keyboard.press("Enter")
+            page.wait_for_selector("body[data-state=ready]")
+
+            page.goto(f"{stack.api}/devices/gappy-1")
+            chart = page.locator("figure.chart[data-field=temperature_c]")
+            expect(chart).to_have_attribute("data-points", "40", timeout=20_000)
+            assert int(chart.get_attribute("data-gaps") or "0") >= 1
+            # Dates in ISO order (YYYY-MM-DD HH:MM:SS), never 01/12/2026 vs 12/01/2026.
+            reported = page.locator("#latest-table tbody tr").first.locator("td").nth(1)
+            iso = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
+            expect(reported).to_have_attribute("title", iso, timeout=10_000)
+            assert not re.search(r"\d{1,2}/\d{1,2}/\d{2,4}", page.locator("main").inner_text())
+
+            page.goto(f"{stack.api}/devices/no-such-device")
+            expect(page.get_by_role("heading", name="Device not found")).to_be_visible(timeout=10_000)
+            expect(page.get_by_role("link", name="Search the device list")).to_have_attribute(
+                "href", "/devices?q=no-such-device"
+            )
+
+            response = page.goto(f"{stack.api}/no/such/page")
+            assert response is not None and response.status == 404
+            expect(page.get_by_role("heading", name="Page not found")).to_be_visible()
+            expect(page.get_by_role("link", name="device list")).to_have_attribute("href", "/devices")
+        finally:
+            browser.close()
+    # Machines still get the API's problem+json for unknown API paths.
+    api_404 = httpx.get(f"{stack.api}/api/v1/no-such-thing", headers=headers, timeout=10)
+    assert api_404.status_code == 404 and api_404.headers["content-type"].startswith(
+        "application/problem+json"
+    )
