@@ -239,8 +239,8 @@ Each figure: median of {RUNS} sequential runs after a warm-up; the aggregate is 
 InfluxDB plans the 10,000 bound ids before it scans. A flat `OR` chain grows quadratically (InfluxDB
 1.6 evaluates the left-deep tree recursively): hence the balanced tree; 10,000 ids in a flat chain
 exceeded influxd's 60 s query timeout in a manual run. One request resolves to at most
-{query.MAX_RESOLVED_DEVICES:,} devices (a 422 beyond); larger fleets that filter whole sites stamp the tag at
-ingest (`IOTFLEET_INGEST__EXTRA_TAGS`, one ingest per site) and query it as a point tag.
+{query.MAX_RESOLVED_DEVICES:,} devices (a 422 beyond, asking for a narrower filter), which bounds that
+planning cost whatever the fleet size.
 """
 
 
