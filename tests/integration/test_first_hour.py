@@ -333,3 +333,90 @@ def test_dashboard_iso_dates_gaps_and_friendly_not_found_pages(stack: RunningSta
     assert api_404.status_code == 404 and api_404.headers["content-type"].startswith(
         "application/problem+json"
     )
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists() and not os.environ.get("CI"), reason="Debian's chromium is not installed"
+)
+def test_dashboard_manages_devices_and_disables_what_a_role_cannot_do(stack: RunningStack) -> None:
+    from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+    admin = {"Authorization": f"Bearer {stack.admin_key}"}
+    keys = {}
+    for role in ("viewer", "operator"):
+        made = httpx.post(
+            f"{stack.api}/api/v1/api-keys",
+            json={"name": f"dash {role}", "role": role},
+            headers=admin,
+            timeout=10,
+        )
+        assert made.status_code == 201, made.text
+        keys[role] = made.json()["key"]
+    me = httpx.get(f"{stack.api}/api/v1/api-keys/me", headers={"Authorization": f"Bearer {keys['viewer']}"})
+    assert me.status_code == 200 and me.json()["role"] == "viewer" and me.json()["name"] == "dash viewer"
+    assert "key" not in me.json()
+    httpx.post(f"{stack.api}/api/v1/devices", json={"id": "dash-seen-1", "type": "thermostat"}, headers=admin)
+
+    def signed_in(browser: Browser, key: str) -> Page:
+        page = browser.new_page()
+        page.on("dialog", lambda dialog: dialog.accept())  # the confirmations of rotate and delete
+        page.goto(f"{stack.api}/signin")
+        page.fill("#api-key", key)
+        page.keyboard.press("Enter")
+        page.wait_for_selector("body[data-state=ready]")
+        return page
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = signed_in(browser, stack.admin_key)
+            # Provision from the device list: the credentials are shown once.
+            page.goto(f"{stack.api}/devices")
+            page.wait_for_selector("body[data-state=ready]")
+            page.fill("#p-id", "dash-new-1")
+            page.select_option("#p-type", "smart_plug")
+            page.fill("#p-tags", "site=lyon, floor=2")
+            page.click("#provision-form button[type=submit]")
+            expect(page.locator("#provision-result code.secret")).to_have_text(re.compile(r".{16,}"))
+            device = httpx.get(f"{stack.api}/api/v1/devices/dash-new-1", headers=admin, timeout=10).json()
+            assert device["type"] == "smart_plug" and device["tags"] == {"site": "lyon", "floor": "2"}
+
+            # Disable, enable, rotate, delete from the device page.
+            page.goto(f"{stack.api}/devices/dash-new-1")
+            page.wait_for_selector("body[data-state=ready]")
+            page.click("#device-toggle")
+            expect(page.locator("#device-toggle")).to_have_text("Enable")
+            assert not httpx.get(f"{stack.api}/api/v1/devices/dash-new-1", headers=admin).json()["enabled"]
+            page.click("#device-toggle")
+            expect(page.locator("#device-toggle")).to_have_text("Disable")
+            before = httpx.get(f"{stack.api}/api/v1/devices/dash-new-1", headers=admin).json()
+            page.click("#device-rotate")
+            expect(page.locator("#manage-result code.secret")).to_have_text(re.compile(r".{16,}"))
+            after = httpx.get(f"{stack.api}/api/v1/devices/dash-new-1", headers=admin).json()
+            assert after["enabled"] and after["credentials_rotated_at"] != before["credentials_rotated_at"]
+            page.click("#device-delete")
+            page.wait_for_url(re.compile(r"/devices\?deleted=dash-new-1$"))
+            expect(page.locator("#devices-note")).to_contain_text("dash-new-1 was deleted")
+            assert httpx.get(f"{stack.api}/api/v1/devices/dash-new-1", headers=admin).status_code == 404
+
+            # A viewer is not offered what it may not do; an operator may send commands only.
+            viewer = signed_in(browser, keys["viewer"])
+            viewer.goto(f"{stack.api}/devices/dash-seen-1")
+            viewer.wait_for_selector("body[data-state=ready]")
+            for control in ("#command-send", "#device-toggle", "#device-rotate", "#device-delete"):
+                expect(viewer.locator(control)).to_be_disabled()
+            assert "admin" in (viewer.get_attribute("#device-delete", "title") or "")
+            viewer.goto(f"{stack.api}/rules")
+            viewer.wait_for_selector("body[data-state=ready]")
+            expect(viewer.locator("#rule-form button[type=submit]")).to_be_disabled()
+            viewer.goto(f"{stack.api}/devices")
+            viewer.wait_for_selector("body[data-state=ready]")
+            expect(viewer.locator("#provision-form button[type=submit]")).to_be_disabled()
+
+            operator = signed_in(browser, keys["operator"])
+            operator.goto(f"{stack.api}/devices/dash-seen-1")
+            operator.wait_for_selector("body[data-state=ready]")
+            expect(operator.locator("#device-delete")).to_be_disabled()
+            expect(operator.locator("#command-send")).to_be_enabled()
+        finally:
+            browser.close()

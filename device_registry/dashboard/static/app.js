@@ -308,10 +308,13 @@ async function initDevices() {
 
   const params = new URLSearchParams(location.search);
   const typeSelect = $("#f-type");
-  for (const t of await loadTypes()) typeSelect.append(el("option", { value: t.name, text: t.name }));
+  const types = await loadTypes();
+  for (const t of types) typeSelect.append(el("option", { value: t.name, text: t.name }));
   for (const name of ["q", "type", "online", "enabled", "tag"]) {
     if (params.has(name)) form.elements[name].value = params.get(name);
   }
+  if (params.has("deleted")) $("#devices-note").textContent = `Device ${params.get("deleted")} was deleted.`;
+  setupProvision(types, () => poller.now());
 
   const filters = () => {
     const tag = form.elements.tag.value.trim();
@@ -557,6 +560,7 @@ async function initDevice() {
     $("#presence").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
   };
   renderPresence(device);
+  setupManage(device, base, renderPresence);
 
   const units = deviceType.units || {};
   const renderLatest = (latest) => {
@@ -806,6 +810,108 @@ function argInput(name, prop, required, root) {
   return el("div", {}, el("label", { for: id, text: `${schema.title || name}${required ? "" : " (optional)"}` }), input);
 }
 
+function credentialsBox(title, credentials) {
+  // Shown once: the registry keeps no password. Selectable text, never put in a URL or storage.
+  return el(
+    "div",
+    { class: "credentials", "aria-label": title },
+    el("p", { text: `${title} — copy the password now, it is not shown again:` }),
+    el(
+      "dl",
+      { class: "facts" },
+      el("dt", { text: "Username / client id" }),
+      el("dd", {}, el("code", { text: credentials.username })),
+      el("dt", { text: "Password" }),
+      el("dd", {}, el("code", { class: "secret", text: credentials.password })),
+    ),
+  );
+}
+
+function setupManage(device, base, renderPresence) {
+  const toggle = $("#device-toggle");
+  const result = $("#manage-result");
+  let current = device;
+  const label = () => {
+    toggle.textContent = current.enabled ? "Disable" : "Enable";
+    toggle.setAttribute("aria-label", `${current.enabled ? "Disable" : "Enable"} device ${current.id}`);
+  };
+  label();
+  const run = async (button, action) => {
+    button.disabled = true;
+    result.replaceChildren();
+    try {
+      await action();
+    } catch (failure) {
+      result.replaceChildren(el("p", { class: "error", text: explain(failure) }));
+    } finally {
+      button.disabled = button.dataset.roleLocked === "true";
+    }
+  };
+  toggle.addEventListener("click", () =>
+    run(toggle, async () => {
+      current = await api(`${base}/${current.enabled ? "disable" : "enable"}`, { method: "POST" });
+      renderPresence(current);
+      label();
+      result.replaceChildren(el("p", { text: current.enabled ? "Enabled: the device may connect again." : "Disabled: its connection was closed." }));
+    }),
+  );
+  $("#device-rotate").addEventListener("click", (event) =>
+    run(event.currentTarget, async () => {
+      if (!window.confirm(`Rotate the credentials of ${current.id}? Its current password stops working at once.`)) return;
+      const rotated = await api(`${base}/rotate-credentials`, { method: "POST" });
+      result.replaceChildren(credentialsBox("New credentials", rotated.credentials));
+    }),
+  );
+  $("#device-delete").addEventListener("click", (event) =>
+    run(event.currentTarget, async () => {
+      if (!window.confirm(`Delete ${current.id}? Its broker account goes and it is disconnected.`)) return;
+      await api(base, { method: "DELETE" });
+      location.assign(`/devices${query({ deleted: current.id })}`);
+    }),
+  );
+}
+
+function parseTags(text) {
+  const tags = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error(`tag ${JSON.stringify(part)} is not key=value`);
+    tags[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return tags;
+}
+
+function setupProvision(types, onCreated) {
+  const form = $("#provision-form");
+  if (!form) return;
+  const error = $("#provision-error");
+  const result = $("#provision-result");
+  $("#p-type").replaceChildren(...types.map((t) => el("option", { value: t.name, text: t.name })));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    result.replaceChildren();
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      const body = { type: form.elements.type.value, tags: parseTags(form.elements.tags.value) };
+      if (form.elements.id.value.trim()) body.id = form.elements.id.value.trim();
+      if (form.elements.name.value.trim()) body.name = form.elements.name.value.trim();
+      const created = await api("/api/v1/devices", { method: "POST", body });
+      result.replaceChildren(
+        el("p", {}, "Provisioned ", el("a", { href: `/devices/${encodeURIComponent(created.id)}`, text: created.id }), "."),
+        credentialsBox(`Credentials of ${created.id}`, created.credentials),
+      );
+      form.reset();
+      onCreated();
+    } catch (failure) {
+      error.replaceChildren(failure instanceof ApiError ? problemText(failure) : failure.message);
+    } finally {
+      button.disabled = button.dataset.roleLocked === "true";
+    }
+  });
+}
+
 function setupCommandForm(deviceType, base) {
   const form = $("#command-form");
   const nameSelect = $("#command-name");
@@ -855,7 +961,7 @@ function setupCommandForm(deviceType, base) {
         if (input) input.setAttribute("aria-invalid", "true");
       }
     } finally {
-      button.disabled = false;
+      button.disabled = button.dataset.roleLocked === "true";
     }
   });
 }
@@ -917,7 +1023,7 @@ async function initAlerts() {
             const state = { active: badge("active", "bad"), acknowledged: badge("acknowledged", "warn"), cleared: badge("cleared", "neutral") }[a.status];
             const action =
               a.status === "active"
-                ? el("button", { type: "button", class: "small", "aria-label": `Acknowledge ${a.rule_name} on ${a.device_id}`, text: "Acknowledge" })
+                ? el("button", { type: "button", class: "small", "aria-label": `Acknowledge ${a.rule_name} on ${a.device_id}`, text: "Acknowledge", dataset: { needsRole: "operator" } })
                 : null;
             if (action) action.addEventListener("click", () => acknowledge(a, action));
             return el(
@@ -1017,6 +1123,7 @@ async function initRules() {
               class: "small secondary",
               "aria-label": `${r.enabled ? "Disable" : "Enable"} rule ${r.name}`,
               text: r.enabled ? "Disable" : "Enable",
+              dataset: { needsRole: "admin" },
             });
             toggle.addEventListener("click", () => setEnabled(r, !r.enabled, toggle));
             const backtest = el("button", { type: "button", class: "small", "aria-label": `Backtest rule ${r.name}`, text: "Backtest" });
@@ -1177,6 +1284,40 @@ async function initRules() {
   poller.now();
 }
 
+// --- what the caller's role may do ----------------------------------------------------------
+
+// Controls marked data-needs-role="operator|admin" are disabled, with the reason as a tooltip,
+// for a key whose role is lower: the API would refuse them anyway (403), so they are not offered.
+const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
+let callerRole = null;
+
+function applyRoles() {
+  if (!callerRole) return;
+  for (const node of document.querySelectorAll("[data-needs-role]:not([data-role-checked])")) {
+    node.dataset.roleChecked = "true";
+    const needed = node.dataset.needsRole;
+    if ((ROLE_RANK[callerRole] ?? -1) >= (ROLE_RANK[needed] ?? 99)) continue;
+    node.disabled = true;
+    node.dataset.roleLocked = "true";
+    node.setAttribute("aria-disabled", "true");
+    node.title = `Needs an ${needed} API key; this one is a ${callerRole} key`;
+  }
+}
+
+async function loadRole() {
+  try {
+    const me = await api("/api/v1/api-keys/me");
+    callerRole = me.role;
+    document.body.dataset.role = me.role;
+    $("#signout")?.setAttribute("title", `Signed in with ${me.name} (${me.role})`);
+  } catch {
+    return; // an older registry without /me: every control stays offered, the API still decides
+  }
+  applyRoles();
+  // Rows and forms rendered later (tables, command arguments) get the same treatment.
+  new MutationObserver(applyRoles).observe(document.body, { subtree: true, childList: true });
+}
+
 // --- start -----------------------------------------------------------------------------------
 
 const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules, notfound: ready };
@@ -1189,6 +1330,7 @@ function start() {
     sessionStorage.removeItem(KEY_STORAGE);
     location.assign("/signin");
   });
+  loadRole();
   const init = document.body.dataset.deviceId ? initDevice : PAGES[page];
   return Promise.resolve(init()).catch((error) => {
     if (!(error instanceof ApiError && error.status === 401)) flash(`Cannot load this page: ${explain(error)}`);
