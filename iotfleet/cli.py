@@ -175,14 +175,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         _progress("using the stack already running from this state dir")
     _print_status(stack, stack.status())
-    operator = _demo_operator(stack, args, simulator_cli)
+    operator: demo.OperatorCommands | None = None
     try:
+        operator = _demo_operator(stack, args, simulator_cli)
         return int(simulator_cli.run(args))
     except KeyboardInterrupt:
         return 0
     finally:
-        operator.stop()
-        _progress(f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}")
+        if operator is not None:
+            operator.stop()
+            _progress(f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}")
         if started_here:
             stack.down(on_progress=_progress)
 
