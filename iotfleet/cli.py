@@ -184,7 +184,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     finally:
         if operator is not None:
             operator.stop()
-            _progress(f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}")
+            _progress(
+                f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}"
+            )
         if started_here:
             stack.down(on_progress=_progress)
 
