@@ -304,6 +304,7 @@ def test_dashboard_iso_dates_gaps_and_friendly_not_found_pages(stack: RunningSta
             page.goto(f"{stack.api}/signin")
             page.fill("#api-key", stack.admin_key)
             page.keyboard.press("Enter")
+            page.wait_for_url(f"{stack.api}/")  # signed in (the sign-in page itself is "ready" too)
             page.wait_for_selector("body[data-state=ready]")
 
             page.goto(f"{stack.api}/devices/gappy-1")
@@ -363,6 +364,7 @@ def test_dashboard_manages_devices_and_disables_what_a_role_cannot_do(stack: Run
         page.goto(f"{stack.api}/signin")
         page.fill("#api-key", key)
         page.keyboard.press("Enter")
+        page.wait_for_url(f"{stack.api}/")  # signed in (the sign-in page itself is "ready" too)
         page.wait_for_selector("body[data-state=ready]")
         return page
 
