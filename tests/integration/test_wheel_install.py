@@ -61,7 +61,8 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ),
     )  # fmt: skip
     built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp / "dist"), str(source)], timeout=300
+        [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "-w", str(tmp / "dist"), str(source)],
+        timeout=300,
     )
     assert "as a TOML table is deprecated" not in built.stdout + built.stderr
     wheel = next((tmp / "dist").glob("iotfleet-*.whl"))
