@@ -22,6 +22,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
 from device_registry import auth, db, routers
+from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.dashboard import mount_dashboard
@@ -154,11 +155,14 @@ def create_app(settings: Settings) -> FastAPI:
         version="1.0",
         description=API_DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by mount_api_docs, from local assets (no CDN)
+        redoc_url=None,
     )
     app.state.settings = settings  # for routers needing settings outside a request
     install_problem_handlers(app)
     for router in discover_routers():
         app.include_router(router)
+    mount_api_docs(app)  # /docs and /redoc with their assets served here, offline
     mount_dashboard(app)  # the operator web dashboard at / (pages) and /static
     _install_request_metrics(app)
     # Outermost (added last): bodies are bounded before anything else reads them.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,10 +20,12 @@ from types import ModuleType
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from iotfleet.errors import ConfigError, StackError
 from iotfleet.settings import Settings, load_settings
+from iotfleet.stack import demo
 from iotfleet.stack.supervisor import PartStatus, Stack, status_as_json
 
 console = Console(stderr=True, soft_wrap=True)
@@ -37,8 +40,42 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, with the command-line flags on top."""
+# The settings a running stack's file can provide, and the env vars that would set them instead.
+_STACK_SETTINGS = {
+    ("mqtt", "host"): "IOTFLEET_MQTT__HOST",
+    ("mqtt", "port"): "IOTFLEET_MQTT__PORT",
+    ("influx", "url"): "IOTFLEET_INFLUX__URL",
+    ("registry", "host"): "IOTFLEET_REGISTRY__HOST",
+    ("registry", "port"): "IOTFLEET_REGISTRY__PORT",
+}
+
+
+def build_settings(args: argparse.Namespace, *, running_stack: bool = False) -> Settings:
+    """Settings from the environment, with the command-line flags on top.
+
+    With ``running_stack`` (clients of a stack: ``simulate``), the broker, InfluxDB and API
+    addresses of the stack running from the state dir fill what neither a flag nor an env
+    var sets: flags > environment > the running stack > defaults.
+    """
+    overrides = _flag_overrides(args)
+    settings = load_settings(**overrides)
+    if not running_stack:
+        return settings
+    found = Stack(settings).running_endpoints()
+    environ = {name.upper() for name in os.environ}
+    merged = {section: dict(values) for section, values in overrides.items() if isinstance(values, dict)}
+    changed = False
+    for (section, key), env_var in _STACK_SETTINGS.items():
+        if key in merged.get(section, {}) or env_var in environ or key not in found.get(section, {}):
+            continue
+        merged.setdefault(section, {})[key] = found[section][key]
+        changed = True
+    if not changed:
+        return settings
+    return load_settings(**{**overrides, **merged})
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "state_dir", None):
         overrides["state_dir"] = args.state_dir
@@ -48,20 +85,22 @@ def build_settings(args: argparse.Namespace) -> Settings:
         overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
     if getattr(args, "api_port", None):
         overrides["registry"] = {"port": args.api_port}
-    return load_settings(**overrides)
+    return overrides
 
 
 def _progress(message: str) -> None:
-    console.print(f"[bold cyan]iotfleet[/]: {message}")
+    # Messages carry paths, settings and error text: escaped, so rich cannot read
+    # a bracketed part (a regex like [mhdw], a path) as markup and drop it.
+    console.print(f"[bold cyan]iotfleet[/]: {escape(message)}")
 
 
 def _status_table(stack: Stack, parts: list[PartStatus]) -> Table:
-    table = Table(title=f"iotfleet stack — {stack.layout.root}")
+    table = Table(title=escape(f"iotfleet stack — {stack.layout.root}"))
     for column in ("part", "pid", "port", "state", "health"):
         table.add_column(column)
     for part in parts:
-        health = "[green]healthy[/]" if part.healthy else f"[red]unhealthy[/] ({part.detail})"
-        table.add_row(part.name, str(part.pid or "-"), str(part.port), part.state, health)
+        health = "[green]healthy[/]" if part.healthy else f"[red]unhealthy[/] ({escape(part.detail)})"
+        table.add_row(escape(part.name), str(part.pid or "-"), str(part.port), escape(part.state), health)
     return table
 
 
@@ -69,8 +108,9 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out = Console()
     out.print(_status_table(stack, parts))
     info = status_as_json(stack, parts)
-    out.print(f"API: {info['api']}   OpenAPI docs: {info['docs']}")
-    out.print(f"Admin API key: {info['admin_api_key_file']} (mode 0600)")
+    out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
+    out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
+    out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -97,7 +137,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status_as_json(stack, parts), indent=2))
     elif not parts:
-        Console().print(f"iotfleet is not running from {stack.layout.root}")
+        Console(soft_wrap=True).print(escape(f"iotfleet is not running from {stack.layout.root}"))
     else:
         _print_status(stack, parts)
     if not parts:
@@ -135,13 +175,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         _progress("using the stack already running from this state dir")
     _print_status(stack, stack.status())
+    operator: demo.OperatorCommands | None = None
     try:
+        operator = _demo_operator(stack, args, simulator_cli)
         return int(simulator_cli.run(args))
     except KeyboardInterrupt:
         return 0
     finally:
+        if operator is not None:
+            operator.stop()
+            _progress(
+                f"{operator.sent} operator command(s) sent through the API as {demo.OPERATOR_KEY_NAME!r}"
+            )
         if started_here:
             stack.down(on_progress=_progress)
+
+
+def _demo_operator(
+    stack: Stack, args: argparse.Namespace, simulator_cli: ModuleType
+) -> demo.OperatorCommands:
+    """Example rules, and the scenario's commands sent by an operator through the API (not over MQTT)."""
+    api_url = str(status_as_json(stack, [])["api"]).removesuffix("/api/v1")
+    admin_key = stack.admin_api_key()
+    created = demo.ensure_rules(api_url, admin_key)
+    if created:
+        _progress(f"example rules created: {', '.join(created)}")
+    rate = float(simulator_cli.build_scenario(args).commands.rate_per_s)
+    args.commands_rate = 0.0  # the simulator publishes none itself: each command is an operator's
+    key = demo.operator_key(api_url, admin_key, stack.layout.root)
+    _progress(f"an operator ({demo.OPERATOR_KEY_NAME!r}) sends ~{rate:g} command(s)/s through the API")
+    return demo.OperatorCommands(api_url, key, rate, seed=getattr(args, "seed", None)).start()
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -196,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         code = args.handler(args)
     except (ConfigError, StackError) as error:
-        console.print(f"[bold red]error[/]: {error}")
+        console.print(f"[bold red]error[/]: {escape(str(error))}")
         code = 2
     sys.exit(code)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages iotfleet runs on (mosquitto, its clients, influxdb,
 # and postgresql, which the registry tests start a throwaway cluster of, and
-# chromium with a font, which the dashboard's browser tests drive),
+# chromium with a font, which the dashboard's browser tests drive, and jq, which the
+# README's "Connect a device" walk-through uses and a test runs),
 # only if something is missing. Idempotent; uses sudo when not root.
 set -euo pipefail
 
@@ -17,9 +18,10 @@ have influxd || missing+=(influxdb)
 have_initdb || missing+=(postgresql)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
+have jq || missing+=(jq)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql, chromium already installed"
+  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql, chromium, jq already installed"
   exit 0
 fi
 

@@ -1,7 +1,9 @@
 """``iotfleet simulate`` (and ``python -m simulators``): run a simulated device fleet against the stack.
 
 With no flag but ``--devices N``, ``--duration`` and ``--verify`` it works
-against a stack started by ``iotfleet up`` from the same state dir: devices
+against a stack started by ``iotfleet up`` from the same state dir, whatever
+ports it was started with (read from ``<state_dir>/stack.json`` while it runs;
+a flag or an ``IOTFLEET_*`` variable still overrides them): devices
 are provisioned through the registry API with the admin key in
 ``<state_dir>/admin-api-key`` and their credentials saved to
 ``<state_dir>/simulator/credentials.json`` for reuse; the observer uses the
@@ -27,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from iotfleet.cli import build_settings  # the same stack flags as `iotfleet up`
 from iotfleet.errors import ConfigError, IotfleetError
@@ -119,7 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     access.add_argument(
         "--reprovision", action="store_true", help="provision new devices even if the file has enough"
     )
-    access.add_argument("--api-url", help="registry API base URL (default from IOTFLEET_REGISTRY__HOST/PORT)")
+    access.add_argument(
+        "--api-url",
+        help="registry API base URL (default: the running stack's, else IOTFLEET_REGISTRY__HOST/PORT)",
+    )
     access.add_argument("--api-key", help="registry admin API key (default <state_dir>/admin-api-key)")
     access.add_argument(
         "--observer-user", help=f"MQTT account for dead letters/acks (default {OBSERVER_ACCOUNT})"
@@ -203,7 +209,7 @@ def resolve_devices(
             f" but no registry API key: start the stack with `iotfleet up` (it writes"
             f" {settings.state_dir / 'admin-api-key'}), pass --api-key, or pass --credentials FILE"
         )
-    console.print(f"provisioning {sum(missing.values()):,} device(s) through {api_url} …")
+    console.print(escape(f"provisioning {sum(missing.values()):,} device(s) through {api_url} …"))
     started = time.monotonic()
     new = provisioning.RegistryProvisioner(api_url, api_key).provision(
         missing, on_progress=lambda done, total: console.print(f"  {done:,}/{total:,} provisioned")
@@ -244,13 +250,14 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = build_settings(args)
+        # The running stack's ports and addresses unless a flag or env var says otherwise.
+        settings = build_settings(args, running_stack=True)
         scenario = build_scenario(args)
         counts = scenario.counts()
         devices, credentials_note, credentials_path = resolve_devices(args, settings, counts, console)
         observer, observer_note = resolve_observer(args, settings)
         if observer is None and (scenario.commands.rate_per_s > 0):
-            console.print(f"[yellow]note[/]: no commands will be sent: {observer_note}")
+            console.print(f"[yellow]note[/]: no commands will be sent: {escape(observer_note)}")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         report_path = (
             getattr(args, "report", None) or settings.state_dir / "simulator" / f"report-{stamp}.json"
@@ -273,16 +280,18 @@ def run(args: argparse.Namespace) -> int:
             credentials_path=credentials_path,
         )
         console.print(
-            f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
-            f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
-            f" — {credentials_note}"
+            escape(
+                f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
+                f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
+                f" — {credentials_note}"
+            )
         )
         report = asyncio.run(run_plan(plan, console))
     except (ConfigError, IotfleetError) as exc:
-        console.print(f"[bold red]error[/]: {exc}")
+        console.print(f"[bold red]error[/]: {escape(str(exc))}")
         return 2
     render_report(report, Console())
-    console.print(f"report written to {report_path}")
+    console.print(escape(f"report written to {report_path}"))
     verify = report.get("verify")
     if verify is not None and not verify.get("ok", False):
         return 1

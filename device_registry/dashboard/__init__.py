@@ -16,11 +16,12 @@ import hashlib
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 HERE = Path(__file__).parent
 STATIC_DIR = HERE / "static"
@@ -109,7 +110,22 @@ async def rules_page() -> HTMLResponse:
     return _page("rules.html", "rules", "Rules")
 
 
+async def not_found_page(request: Request) -> Response:
+    """Any other GET outside the API: a page saying so, with the way back (a 404 still)."""
+    path = request.url.path
+    if path.startswith(("/api/", "/static/", "/docs-assets/")) or path == "/api":
+        # Machines get the API's problem+json 404, as before.
+        raise StarletteHTTPException(status_code=404)
+    response = _page("notfound.html", "notfound", "Page not found", path=path[:200])
+    response.status_code = 404
+    return response
+
+
 def mount_dashboard(app: FastAPI) -> None:
-    """Serve the dashboard pages at ``/`` and its assets at ``/static``."""
+    """Serve the dashboard pages at ``/`` and its assets at ``/static``.
+
+    Call it last: it also answers every GET no other route took with a friendly 404 page.
+    """
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="dashboard-static")
+    app.add_api_route("/{path:path}", not_found_page, methods=["GET"], include_in_schema=False)

@@ -1,4 +1,4 @@
-"""Operator API keys (admin only). The secret is returned once, at creation."""
+"""Operator API keys (admin only, but ``/me``). The secret is returned once, at creation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import APIRouter, Path, status
 from sqlalchemy import func, select
 
 from device_registry import auth
-from device_registry.deps import CurrentAdmin, SessionDep
+from device_registry.deps import CurrentAdmin, CurrentViewer, SessionDep
 from device_registry.models import ApiKey, Role
 from device_registry.problems import PROBLEM_RESPONSES, Conflict, NotFound
 from device_registry.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyPage, ApiKeyRead
@@ -20,6 +20,18 @@ def _read(row: ApiKey) -> ApiKeyRead:
     return ApiKeyRead(
         id=row.id, name=row.name, role=Role(row.role), prefix=row.prefix, created_at=row.created_at
     )
+
+
+@router.get(
+    "/me",
+    summary="The key this request is made with: its name and role (what the caller may do)",
+    responses={404: {"description": "The key was deleted meanwhile"}},
+)
+async def my_key(session: SessionDep, caller: CurrentViewer) -> ApiKeyRead:
+    row = await session.get(ApiKey, caller.key_id)
+    if row is None:
+        raise NotFound("API key", caller.key_id)
+    return _read(row)
 
 
 @router.get("", summary="List API keys (without their secrets)")

@@ -31,6 +31,7 @@ from device_registry.models_rules import AlertRow, AlertStatus
 from device_registry.problems import PROBLEM_RESPONSES, NotFound, Problem
 from device_registry.telemetry import query, service
 from device_registry.telemetry.deps import CountsCacheDep, InfluxDep, influx_lifespan
+from device_registry.telemetry.registry_tags import resolve_tags
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.influx import InfluxError
 from iotfleet.topics import check_device_id
@@ -518,6 +519,7 @@ async def type_aggregate_telemetry(
     *,
     type_name: TypePath,
     influx: InfluxDep,
+    session: SessionDep,
     _caller: CurrentViewer,
     fields: FieldsQuery = None,
     start: StartQuery = None,
@@ -548,6 +550,8 @@ async def type_aggregate_telemetry(
     time_range = _checked(query.parse_range, start, end, now_ms=_now_ms())
     zone = _checked(query.parse_tz, tz)
     every_ms = _checked(query.parse_every, every, time_range, tz=zone)
+    # Tag keys the type's devices have in the registry are resolved to device ids here.
+    resolved = await _guard(resolve_tags(session, device_type.name, group, tag_filters))
     groups = await _guard(
         service.type_aggregate(
             influx,
@@ -558,8 +562,10 @@ async def type_aggregate_telemetry(
             fn=aggregate_fn,
             fill=fill_mode,
             group_by=group,
-            tags=tag_filters,
+            tags=resolved.point_tags,
             tz=zone,
+            device_ids=resolved.device_ids,
+            device_groups=resolved.groups,
         )
     )
     return _json(

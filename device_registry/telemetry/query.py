@@ -625,6 +625,34 @@ def parse_tag_filters(values: Sequence[str] | None) -> list[tuple[str, str]]:
     return filters
 
 
+MAX_RESOLVED_DEVICES = 10_000
+"""Devices a registry-tag filter or grouping may resolve to in one request (see device_set_condition)."""
+
+
+def device_set_condition(device_ids: Sequence[str], params: dict[str, str], prefix: str) -> str:
+    """``device_id`` equal to one of ``device_ids``: a balanced OR tree of bound parameters.
+
+    Balanced, not a flat chain: InfluxDB 1.6 evaluates ``a OR b OR c …`` (a
+    left-deep tree) in quadratic time: 10,000 ids exceeded its 60 s query
+    timeout, the same ids as a balanced tree cost ~1 s of planning
+    (docs/benchmarks.md, "Registry tags in telemetry queries"). Each id is a
+    bind parameter ``$<prefix><i>``, never query text.
+    """
+    if not device_ids:
+        # No device has the tag: a condition no point satisfies (device ids are never empty).
+        params[f"{prefix}none"] = ""
+        return f"{quote_identifier(DEVICE_TAG)} = ${prefix}none"
+    names = []
+    for device_id in device_ids:
+        name = f"{prefix}{len(params)}"
+        params[name] = validate_device_id(device_id)
+        names.append(f"{quote_identifier(DEVICE_TAG)} = ${name}")
+    while len(names) > 1:
+        pairs = [f"({names[i]} OR {names[i + 1]})" for i in range(0, len(names) - 1, 2)]
+        names = pairs + ([names[-1]] if len(names) % 2 else [])
+    return names[0]
+
+
 def type_aggregate_statement(
     device_type: DeviceType,
     fields: Sequence[str],
@@ -638,25 +666,32 @@ def type_aggregate_statement(
     rp: str,
     tags: Sequence[tuple[str, str]] = (),
     tz: str | None = None,
+    device_ids: Sequence[str] | None = None,
+    params: dict[str, str] | None = None,
+    param_prefix: str = "",
 ) -> Statement:
     """Downsampled series across a whole type, optionally one series per device or tag value.
 
-    ``tags`` restricts it to points whose tags have those values (all of them).
+    ``tags`` restricts it to points whose tags have those values (all of them);
+    ``device_ids`` (registry tags resolved to devices) to those devices' points.
     ``SLIMIT max_groups + 1`` bounds the work; the service refuses the answer if
-    that extra series came back (too many groups for the point budget).
+    that extra series came back (too many groups for the point budget). Several
+    statements sent in one request share ``params``, each with its ``param_prefix``.
     """
     check_fn_fields(fn, fields, device_type)
     kinds = field_kinds(device_type)
     if group_by is not None and group_by in kinds:
         raise QueryError(f"group_by {group_by!r} is a field, not a tag", param="group_by")
     where = time_range.where()
-    params: dict[str, str] = {}
+    params = {} if params is None else params
     for i, (key, value) in enumerate(tags):
         if key in kinds:
             raise QueryError(f"tag filter {key!r} is a field, not a tag", param="tag")
         # InfluxQL compares a tag with a string: the value goes in as bind parameter $tag_i.
-        where += f" AND {quote_identifier(key)} = $tag_{i}"
-        params[f"tag_{i}"] = value
+        where += f" AND {quote_identifier(key)} = ${param_prefix}tag_{i}"
+        params[f"{param_prefix}tag_{i}"] = value
+    if device_ids is not None:
+        where += f" AND {device_set_condition(device_ids, params, f'{param_prefix}d')}"
     group = f"time({int(every_ms)}ms)"
     if group_by is not None:
         group += f", {quote_identifier(group_by)}"

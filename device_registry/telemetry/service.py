@@ -274,9 +274,23 @@ async def type_aggregate(
     group_by: str | None,
     tags: Sequence[tuple[str, str]] = (),
     tz: str | None = None,
+    device_ids: Sequence[str] | None = None,
+    device_groups: Sequence[tuple[str, Sequence[str]]] | None = None,
 ) -> list[Group]:
+    """One aggregate series for the type, or one per device / tag value.
+
+    ``device_ids`` restricts it to those devices; ``device_groups`` (value, device ids) makes one
+    series per value of the registry tag ``group_by``: registry tags are resolved to devices by
+    the caller (they are not point tags in InfluxDB).
+    """
     buckets = query.bucket_count(time_range, every_ms) + (1 if tz is not None else 0)
     max_groups = max(1, query.MAX_AGGREGATE_POINTS // buckets)
+    if device_groups is not None and group_by is not None:
+        return await _registry_grouped(
+            client, device_type, fields, time_range, every_ms=every_ms, fn=fn, fill=fill,
+            group_key=group_by, groups=device_groups, max_groups=max_groups, buckets=buckets,
+            tags=tags, tz=tz,
+        )  # fmt: skip
     statement = query.type_aggregate_statement(
         device_type,
         fields,
@@ -289,6 +303,7 @@ async def type_aggregate(
         rp=_rp(client),
         tags=tags,
         tz=tz,
+        device_ids=device_ids,
     )
     results = await _run(client, statement)
     series = [s for result in results for s in result.get("series", [])]
@@ -312,6 +327,56 @@ async def type_aggregate(
         groups.append(Group(group_tags, rows))
     groups.sort(key=lambda g: sorted(g.tags.items()))
     return groups
+
+
+async def _registry_grouped(
+    client: InfluxClient,
+    device_type: DeviceType,
+    fields: Sequence[str],
+    time_range: query.TimeRange,
+    *,
+    every_ms: int,
+    fn: query.AggregateFn,
+    fill: query.Fill,
+    group_key: str,
+    groups: Sequence[tuple[str, Sequence[str]]],
+    max_groups: int,
+    buckets: int,
+    tags: Sequence[tuple[str, str]],
+    tz: str | None,
+) -> list[Group]:
+    """One statement per registry tag value (its devices' points), all sent in one request."""
+    if len(groups) > max_groups:
+        suggestion = query.suggest_every(
+            time_range.span_ms + every_ms, max(1, query.MAX_AGGREGATE_POINTS // len(groups))
+        )
+        raise QueryError(
+            f"{len(groups)} values of {group_key!r} x {buckets} buckets exceeds {query.MAX_AGGREGATE_POINTS}"
+            f" points; use a coarser every (e.g. every={suggestion}), a shorter range or a tag filter",
+            param="group_by" if buckets == 1 else "every",
+            suggested_every=suggestion,
+            max_points=query.MAX_AGGREGATE_POINTS,
+        )
+    if not groups:
+        return []
+    params: dict[str, str] = {}
+    texts = [
+        query.type_aggregate_statement(
+            device_type, fields, time_range, every_ms=every_ms, fn=fn, fill=fill, group_by=None,
+            max_groups=max_groups, rp=_rp(client), tags=tags, tz=tz, device_ids=ids, params=params,
+            param_prefix=f"g{index}_",
+        ).text
+        for index, (_value, ids) in enumerate(groups)
+    ]  # fmt: skip
+    results = await _run(client, query.Statement("; ".join(texts), params))
+    floats = _aggregate_floats(device_type, fn, fields)
+    answer = []
+    for (value, _ids), result in zip(groups, results, strict=False):
+        for one in result.get("series", []):
+            rows = [_restore_floats(row, floats) for row in series_rows([{"series": [{**one, "tags": {}}]}])]
+            answer.append(Group({group_key: value}, rows))
+    answer.sort(key=lambda g: sorted(g.tags.items()))
+    return answer
 
 
 # --- fleet summary ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from string import Template
 
@@ -12,7 +13,9 @@ from iotfleet import dynsec
 from iotfleet.errors import StackError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-MOSQUITTO_TEMPLATE = REPO_ROOT / "mosquitto" / "mosquitto.conf.tmpl"
+# Package data: in a source checkout this file is a symlink to mosquitto/mosquitto.conf.tmpl
+# (the documented place to read and edit the broker config); a wheel ships its content.
+MOSQUITTO_TEMPLATE = resources.files("iotfleet.stack").joinpath("mosquitto.conf.tmpl")
 DYNSEC_PLUGIN_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
     "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
@@ -96,15 +99,14 @@ def write_mosquitto_config(
     The dynsec file is the broker's device database after the first start: it is
     never overwritten here (the registry changes it through the admin topic).
     """
-    if not MOSQUITTO_TEMPLATE.exists():
-        # The broker template lives in the repository's mosquitto/ folder, next to the
-        # packages: the stack runs from a source checkout installed with `pip install -e .`.
+    try:
+        template = Template(MOSQUITTO_TEMPLATE.read_text())
+    except FileNotFoundError:
         raise StackError(
-            f"broker config template not found at {MOSQUITTO_TEMPLATE}; run iotfleet from a source"
-            " checkout installed with `pip install -e .` (what `make demo` does)"
-        )
+            f"broker config template {MOSQUITTO_TEMPLATE} is missing from this installation; reinstall"
+            " iotfleet (pip install .)"
+        ) from None
     state_dir.mkdir(parents=True, exist_ok=True)
-    template = Template(MOSQUITTO_TEMPLATE.read_text())
     # As root, mosquitto drops to user 'mosquitto', which cannot write a state dir
     # under a 0700 home or temp dir; the broker is our own loopback child, so it
     # keeps the invoking user instead.

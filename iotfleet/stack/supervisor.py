@@ -235,6 +235,7 @@ class Stack:
                 {
                     "parts": [{"name": p.name, "kind": p.kind, "port": p.port} for p in parts],
                     "api": f"http://{s.registry.host}:{s.registry.port}",
+                    "dashboard": f"http://{s.registry.host}:{s.registry.port}/",
                     "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
                     "influx": s.influx.url,
                 },
@@ -307,6 +308,26 @@ class Stack:
         except PermissionError:
             return pid
         return pid
+
+    def running_endpoints(self) -> dict[str, Any]:
+        """Where the stack running from this state dir listens, as settings overrides ({} if none runs).
+
+        Read from the stack file `up` wrote, so a client (`iotfleet simulate`) finds the broker,
+        InfluxDB and the API of a stack started with other ports without being told again.
+        """
+        if self.supervisord_pid() is None:
+            return {}
+        try:
+            stored = json.loads(self.layout.stack_file.read_text())
+            mqtt_host, _, mqtt_port = str(stored["mqtt"]).rpartition(":")
+            api = str(stored["api"])
+            return {
+                "mqtt": {"host": mqtt_host, "port": int(mqtt_port)},
+                "influx": {"url": str(stored["influx"])},
+                "registry": {"host": _url_host(api), "port": _url_port(api)},
+            }
+        except (FileNotFoundError, KeyError, ValueError):
+            return {}
 
     def _rpc(self) -> Any:
         transport = SupervisorTransport(None, None, serverurl=f"unix://{self.layout.socket}")
@@ -529,6 +550,7 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
         "running": bool(parts),
         "state_dir": str(stack.layout.root),
         "admin_api_key_file": str(stack.layout.admin_key),
+        "dashboard": f"{base}/",
         "api": f"{base}/api/v1",
         "docs": f"{base}/docs",
         "healthy": bool(parts) and all(p.healthy for p in parts),

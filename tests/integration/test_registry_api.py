@@ -60,6 +60,7 @@ ROUTES = [
     ("POST", "/api/v1/devices/x/disable", None),
     ("POST", "/api/v1/devices/x/enable", None),
     ("POST", "/api/v1/devices/x/rotate-credentials", None),
+    ("GET", "/api/v1/api-keys/me", None),
     ("GET", "/api/v1/api-keys", None),
     ("POST", "/api/v1/api-keys", {"name": "k", "role": "viewer"}),
     ("DELETE", "/api/v1/api-keys/x", None),
@@ -67,7 +68,11 @@ ROUTES = [
     ("POST", "/api/v1/reconcile", None),
     ("GET", "/metrics", None),
 ]
-VIEWER_MAY = {("GET", p) for m, p, _ in ROUTES if m == "GET" and "api-keys" not in p and "reconcile" not in p}
+VIEWER_MAY = {
+    ("GET", p)
+    for m, p, _ in ROUTES
+    if m == "GET" and ("api-keys" not in p or p.endswith("/me")) and "reconcile" not in p
+}
 
 
 async def test_every_endpoint_needs_a_key_and_the_right_role(api: Api) -> None:

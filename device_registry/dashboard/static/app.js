@@ -97,10 +97,20 @@ function el(tag, attrs = {}, ...children) {
 
 const fmtInt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
 
+const pad2 = (n) => String(n).padStart(2, "0");
+
+// ISO 8601 order in the browser's time zone ("2026-12-01 14:05:09"): never 01/12 vs 12/01.
+function isoLocal(date) {
+  return (
+    `${date.getFullYear()}-${pad2(date.getMonth() + 1)}-${pad2(date.getDate())} ` +
+    `${pad2(date.getHours())}:${pad2(date.getMinutes())}:${pad2(date.getSeconds())}`
+  );
+}
+
 function fmtTime(value) {
   if (!value) return "–";
   const date = new Date(value);
-  return Number.isNaN(date.getTime()) ? String(value) : date.toLocaleString("en-GB", { hour12: false });
+  return Number.isNaN(date.getTime()) ? String(value) : isoLocal(date);
 }
 
 function ago(value) {
@@ -298,10 +308,13 @@ async function initDevices() {
 
   const params = new URLSearchParams(location.search);
   const typeSelect = $("#f-type");
-  for (const t of await loadTypes()) typeSelect.append(el("option", { value: t.name, text: t.name }));
+  const types = await loadTypes();
+  for (const t of types) typeSelect.append(el("option", { value: t.name, text: t.name }));
   for (const name of ["q", "type", "online", "enabled", "tag"]) {
     if (params.has(name)) form.elements[name].value = params.get(name);
   }
+  if (params.has("deleted")) $("#devices-note").textContent = `Device ${params.get("deleted")} was deleted.`;
+  setupProvision(types, () => poller.now());
 
   const filters = () => {
     const tag = form.elements.tag.value.trim();
@@ -413,6 +426,31 @@ function fmtDate(template) {
   );
 }
 
+// A line must not bridge hours without data: where two consecutive points are much further
+// apart than the series' usual spacing (its median step), a null is put between them, which
+// uPlot draws as a break. Aggregates already carry nulls for empty buckets (fill=null).
+function withGaps(times, columns) {
+  if (times.length < 3) return { times, columns, gaps: 0 };
+  const steps = [];
+  for (let i = 1; i < times.length; i += 1) steps.push(times[i] - times[i - 1]);
+  const sorted = [...steps].sort((a, b) => a - b);
+  const usual = sorted[Math.floor(sorted.length / 2)];
+  const limit = Math.max(usual * 3, usual + 2);
+  const outTimes = [times[0]];
+  const outColumns = columns.map((c) => [c[0]]);
+  let gaps = 0;
+  for (let i = 1; i < times.length; i += 1) {
+    if (steps[i - 1] > limit) {
+      outTimes.push(times[i - 1] + usual);
+      for (const c of outColumns) c.push(null);
+      gaps += 1;
+    }
+    outTimes.push(times[i]);
+    columns.forEach((c, k) => outColumns[k].push(c[i]));
+  }
+  return { times: outTimes, columns: outColumns, gaps };
+}
+
 function makeChart(uPlot, container, { title, unit, series, data, markers = false }) {
   const opts = {
     fmtDate,
@@ -428,7 +466,9 @@ function makeChart(uPlot, container, { title, unit, series, data, markers = fals
         label: s.label,
         stroke: s.color || PALETTE[i % PALETTE.length],
         width: s.points ? 0 : 1.5,
-        spanGaps: true,
+        // A missing stretch of data is a gap in the line (see withGaps); the backtest's line
+        // spans the nulls its marker rows put between readings.
+        spanGaps: Boolean(s.spanGaps),
         paths: s.points ? () => null : undefined,
         points: s.points ? { show: true, size: 11, width: 2, fill: s.fill || "#fff", stroke: s.color } : { show: false },
       })),
@@ -483,7 +523,22 @@ async function initDevice() {
   try {
     device = await api(base);
   } catch (error) {
-    flash(error.status === 404 ? `There is no device ${deviceId}.` : `Cannot load the device: ${explain(error)}`);
+    if (error.status !== 404) {
+      flash(`Cannot load the device: ${explain(error)}`);
+      ready();
+      return;
+    }
+    // An unknown (or deleted) device: say so in place of the device page, with the way back.
+    $("#main").replaceChildren(
+      el(
+        "section",
+        { class: "panel notfound", "aria-labelledby": "notfound-h" },
+        el("h1", { id: "notfound-h", text: "Device not found" }),
+        el("p", { text: `There is no device ${deviceId}: it may have been deleted, or the link is mistyped.` }),
+        el("p", {}, el("a", { href: `/devices${query({ q: deviceId })}`, text: "Search the device list" })),
+      ),
+    );
+    document.title = "Device not found · iotfleet";
     ready();
     return;
   }
@@ -505,6 +560,7 @@ async function initDevice() {
     $("#presence").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", {}, v)]));
   };
   renderPresence(device);
+  setupManage(device, base, renderPresence);
 
   const units = deviceType.units || {};
   const renderLatest = (latest) => {
@@ -560,10 +616,13 @@ async function initDevice() {
   const draw = () => {
     for (const f of fields) {
       const slot = figures.get(f);
-      const data = [series.times, series.values[f]];
+      const gapped = withGaps(series.times, [series.values[f]]);
+      const data = [gapped.times, gapped.columns[0]];
       if (slot.chart) slot.chart.setData(data);
       else slot.chart = makeChart(uPlot, slot.plotBox, { title: f, unit: units[f], series: [{ label: f }], data });
       slot.figure.dataset.points = String(series.times.length);
+      // Breaks in the line: inserted gaps plus empty buckets (tests and curious operators read it).
+      slot.figure.dataset.gaps = String(gapped.columns[0].filter((v) => v === null).length);
     }
   };
   const absorb = (points) => {
@@ -751,6 +810,108 @@ function argInput(name, prop, required, root) {
   return el("div", {}, el("label", { for: id, text: `${schema.title || name}${required ? "" : " (optional)"}` }), input);
 }
 
+function credentialsBox(title, credentials) {
+  // Shown once: the registry keeps no password. Selectable text, never put in a URL or storage.
+  return el(
+    "div",
+    { class: "credentials", "aria-label": title },
+    el("p", { text: `${title} — copy the password now, it is not shown again:` }),
+    el(
+      "dl",
+      { class: "facts" },
+      el("dt", { text: "Username / client id" }),
+      el("dd", {}, el("code", { text: credentials.username })),
+      el("dt", { text: "Password" }),
+      el("dd", {}, el("code", { class: "secret", text: credentials.password })),
+    ),
+  );
+}
+
+function setupManage(device, base, renderPresence) {
+  const toggle = $("#device-toggle");
+  const result = $("#manage-result");
+  let current = device;
+  const label = () => {
+    toggle.textContent = current.enabled ? "Disable" : "Enable";
+    toggle.setAttribute("aria-label", `${current.enabled ? "Disable" : "Enable"} device ${current.id}`);
+  };
+  label();
+  const run = async (button, action) => {
+    button.disabled = true;
+    result.replaceChildren();
+    try {
+      await action();
+    } catch (failure) {
+      result.replaceChildren(el("p", { class: "error", text: explain(failure) }));
+    } finally {
+      button.disabled = button.dataset.roleLocked === "true";
+    }
+  };
+  toggle.addEventListener("click", () =>
+    run(toggle, async () => {
+      current = await api(`${base}/${current.enabled ? "disable" : "enable"}`, { method: "POST" });
+      renderPresence(current);
+      label();
+      result.replaceChildren(el("p", { text: current.enabled ? "Enabled: the device may connect again." : "Disabled: its connection was closed." }));
+    }),
+  );
+  $("#device-rotate").addEventListener("click", (event) =>
+    run(event.currentTarget, async () => {
+      if (!window.confirm(`Rotate the credentials of ${current.id}? Its current password stops working at once.`)) return;
+      const rotated = await api(`${base}/rotate-credentials`, { method: "POST" });
+      result.replaceChildren(credentialsBox("New credentials", rotated.credentials));
+    }),
+  );
+  $("#device-delete").addEventListener("click", (event) =>
+    run(event.currentTarget, async () => {
+      if (!window.confirm(`Delete ${current.id}? Its broker account goes and it is disconnected.`)) return;
+      await api(base, { method: "DELETE" });
+      location.assign(`/devices${query({ deleted: current.id })}`);
+    }),
+  );
+}
+
+function parseTags(text) {
+  const tags = {};
+  for (const part of text.split(",").map((p) => p.trim()).filter(Boolean)) {
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error(`tag ${JSON.stringify(part)} is not key=value`);
+    tags[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return tags;
+}
+
+function setupProvision(types, onCreated) {
+  const form = $("#provision-form");
+  if (!form) return;
+  const error = $("#provision-error");
+  const result = $("#provision-result");
+  $("#p-type").replaceChildren(...types.map((t) => el("option", { value: t.name, text: t.name })));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    result.replaceChildren();
+    const button = form.querySelector("button[type=submit]");
+    button.disabled = true;
+    try {
+      const body = { type: form.elements.type.value, tags: parseTags(form.elements.tags.value) };
+      if (form.elements.id.value.trim()) body.id = form.elements.id.value.trim();
+      if (form.elements.name.value.trim()) body.name = form.elements.name.value.trim();
+      const created = await api("/api/v1/devices", { method: "POST", body });
+      result.replaceChildren(
+        el("p", {}, "Provisioned ", el("a", { href: `/devices/${encodeURIComponent(created.id)}`, text: created.id }), "."),
+        credentialsBox(`Credentials of ${created.id}`, created.credentials),
+      );
+      form.reset();
+      onCreated();
+    } catch (failure) {
+      error.replaceChildren(failure instanceof ApiError ? problemText(failure) : failure.message);
+    } finally {
+      button.disabled = button.dataset.roleLocked === "true";
+    }
+  });
+}
+
 function setupCommandForm(deviceType, base) {
   const form = $("#command-form");
   const nameSelect = $("#command-name");
@@ -800,7 +961,7 @@ function setupCommandForm(deviceType, base) {
         if (input) input.setAttribute("aria-invalid", "true");
       }
     } finally {
-      button.disabled = false;
+      button.disabled = button.dataset.roleLocked === "true";
     }
   });
 }
@@ -862,7 +1023,7 @@ async function initAlerts() {
             const state = { active: badge("active", "bad"), acknowledged: badge("acknowledged", "warn"), cleared: badge("cleared", "neutral") }[a.status];
             const action =
               a.status === "active"
-                ? el("button", { type: "button", class: "small", "aria-label": `Acknowledge ${a.rule_name} on ${a.device_id}`, text: "Acknowledge" })
+                ? el("button", { type: "button", class: "small", "aria-label": `Acknowledge ${a.rule_name} on ${a.device_id}`, text: "Acknowledge", dataset: { needsRole: "operator" } })
                 : null;
             if (action) action.addEventListener("click", () => acknowledge(a, action));
             return el(
@@ -962,6 +1123,7 @@ async function initRules() {
               class: "small secondary",
               "aria-label": `${r.enabled ? "Disable" : "Enable"} rule ${r.name}`,
               text: r.enabled ? "Disable" : "Enable",
+              dataset: { needsRole: "admin" },
             });
             toggle.addEventListener("click", () => setEnabled(r, !r.enabled, toggle));
             const backtest = el("button", { type: "button", class: "small", "aria-label": `Backtest rule ${r.name}`, text: "Backtest" });
@@ -1106,7 +1268,7 @@ async function initRules() {
     makeChart(uPlot, plotBox, {
       title: field,
       series: [
-        { label: field },
+        { label: field, spanGaps: true },
         { label: "fired", points: true, color: "#b42318", fill: "#b42318" },
         { label: "cleared", points: true, color: "#1a7f37", fill: "#fff" },
       ],
@@ -1122,9 +1284,43 @@ async function initRules() {
   poller.now();
 }
 
+// --- what the caller's role may do ----------------------------------------------------------
+
+// Controls marked data-needs-role="operator|admin" are disabled, with the reason as a tooltip,
+// for a key whose role is lower: the API would refuse them anyway (403), so they are not offered.
+const ROLE_RANK = { viewer: 0, operator: 1, admin: 2 };
+let callerRole = null;
+
+function applyRoles() {
+  if (!callerRole) return;
+  for (const node of document.querySelectorAll("[data-needs-role]:not([data-role-checked])")) {
+    node.dataset.roleChecked = "true";
+    const needed = node.dataset.needsRole;
+    if ((ROLE_RANK[callerRole] ?? -1) >= (ROLE_RANK[needed] ?? 99)) continue;
+    node.disabled = true;
+    node.dataset.roleLocked = "true";
+    node.setAttribute("aria-disabled", "true");
+    node.title = `Needs an ${needed} API key; this one is a ${callerRole} key`;
+  }
+}
+
+async function loadRole() {
+  try {
+    const me = await api("/api/v1/api-keys/me");
+    callerRole = me.role;
+    document.body.dataset.role = me.role;
+    $("#signout")?.setAttribute("title", `Signed in with ${me.name} (${me.role})`);
+  } catch {
+    return; // an older registry without /me: every control stays offered, the API still decides
+  }
+  applyRoles();
+  // Rows and forms rendered later (tables, command arguments) get the same treatment.
+  new MutationObserver(applyRoles).observe(document.body, { subtree: true, childList: true });
+}
+
 // --- start -----------------------------------------------------------------------------------
 
-const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules };
+const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules, notfound: ready };
 
 function start() {
   const page = document.body.dataset.page;
@@ -1134,6 +1330,7 @@ function start() {
     sessionStorage.removeItem(KEY_STORAGE);
     location.assign("/signin");
   });
+  loadRole();
   const init = document.body.dataset.deviceId ? initDevice : PAGES[page];
   return Promise.resolve(init()).catch((error) => {
     if (!(error instanceof ApiError && error.status === 401)) flash(`Cannot load this page: ${explain(error)}`);
