@@ -77,8 +77,17 @@ class FleetConfig:
     ramp_up_per_s: float = 1_000.0
     keepalive_s: int = 60
     connect_timeout_s: float = 10.0
+    # Reconnect backoff, "full jitter": attempt n waits uniform(0, min(cap, base * 2**n)) seconds.
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 30.0
+    # Local addresses the connections are opened from (empty: the OS picks). One address pair
+    # has ~28,000 ephemeral ports, so a large fleet on loopback spreads over 127.0.0.x: the
+    # device with fleet-wide index i uses source_addresses[i // per_source].
+    source_addresses: list[str] = field(default_factory=list)
+    per_source: int = 20_000
+    # This process's slice of the fleet: its device j has the fleet-wide index offset + j * stride.
+    index_offset: int = 0
+    index_stride: int = 1
     offline_buffer: int = 1_000  # readings kept per device while disconnected
     # The broker keeps a device's session (its subscription and QoS 1 commands sent meanwhile)
     # this long while it is away, so commands reach devices that were offline when sent.
@@ -127,6 +136,7 @@ class Stats:
         "subscribe_refused",
         "bytes_sent",
     )
+    DICTS = ("connect_errors", "connects_by_source")
 
     def __init__(self) -> None:
         self.devices = 0
@@ -161,11 +171,13 @@ class Stats:
         self.subscribe_refused = 0
         self.bytes_sent = 0
         self.connect_errors: Counter[str] = Counter()
+        self.connects_by_source: Counter[str] = Counter()  # the sockets' real local addresses
         self.command_latency_ms: list[float] = []  # command ts → device receipt (same host clock)
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {name: getattr(self, name) for name in self.FIELDS}
-        out["connect_errors"] = dict(self.connect_errors)
+        for name in self.DICTS:
+            out[name] = dict(getattr(self, name))
         return out
 
 
@@ -190,6 +202,7 @@ class SimDevice(mqtt.MqttHandler):
         "resend",
         "scheduled",
         "seq",
+        "source",
         "state",
         "sub_pid",
         "topic_acks",
@@ -198,9 +211,12 @@ class SimDevice(mqtt.MqttHandler):
         "was_online",
     )
 
-    def __init__(self, fleet: Fleet, creds: DeviceCredentials, faults: DeviceFaults | None) -> None:
+    def __init__(
+        self, fleet: Fleet, creds: DeviceCredentials, faults: DeviceFaults | None, source: str | None = None
+    ) -> None:
         self.fleet = fleet
         self.creds = creds
+        self.source = source
         self.model: DeviceModel = make_model(creds.type, fleet.rng, time.time())
         self.faults = faults
         self.conn: mqtt.MqttConnection | None = None
@@ -252,6 +268,7 @@ class SimDevice(mqtt.MqttHandler):
                 fleet.config.port,
                 self.connect_packet(),
                 connect_timeout_s=fleet.config.connect_timeout_s,
+                source=self.source,
             )
         except (OSError, TimeoutError) as exc:
             self._connect_failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -280,10 +297,7 @@ class SimDevice(mqtt.MqttHandler):
             self.state = STOPPED
             return
         if delay is None:
-            # Exponential backoff with "equal jitter": spreads a fleet's reconnects after a broker blip.
-            cfg = fleet.config
-            ceiling = min(cfg.backoff_cap_s, cfg.backoff_base_s * (2 ** min(self.attempt, 16)))
-            delay = ceiling / 2 + fleet.rng.uniform(0.0, ceiling / 2)
+            delay = backoff_delay(self.attempt, fleet.config, fleet.rng)
             self.attempt += 1
         fleet.loop.call_later(delay, fleet.start_connect, self)
 
@@ -304,6 +318,9 @@ class SimDevice(mqtt.MqttHandler):
         self.was_online = True
         stats.connects += 1
         stats.connected += 1
+        transport = self.conn.transport if self.conn is not None else None
+        sockname = transport.get_extra_info("sockname") if transport is not None else None
+        stats.connects_by_source[str(sockname[0]) if sockname else "?"] += 1
         self.attempt = 0
         self.state = ONLINE
         now = fleet.loop.time()
@@ -671,6 +688,20 @@ class SimDevice(mqtt.MqttHandler):
         }
 
 
+def backoff_delay(attempt: int, config: FleetConfig, rng: random.Random) -> float:
+    """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt)).
+
+    After a broker restart every device of a fleet loses its connection in the
+    same instant. Full jitter spreads their retries evenly over a window that
+    doubles with each failed attempt, so the broker meets a rate it can serve
+    instead of one synchronized wave per step (what a fixed delay or "equal
+    jitter" with its floor of half the window give). The cap bounds how long a
+    device stays away once the broker is back.
+    """
+    ceiling = min(config.backoff_cap_s, config.backoff_base_s * (2 ** min(attempt, 30)))
+    return rng.uniform(0.0, ceiling)
+
+
 async def _poll(done: Callable[[], bool], timeout_s: float, interval_s: float = 0.02) -> bool:
     """Poll ``done`` until true or ``timeout_s`` passed (nothing to await: the state is in callbacks)."""
     deadline = time.monotonic() + timeout_s
@@ -704,7 +735,10 @@ class Fleet:
         self.started_at = 0.0
         self.loop = asyncio.get_running_loop()
         fault_map = assign_faults([(d.id, d.type) for d in devices], config.faults, config.seed)
-        self.devices = [SimDevice(self, creds, fault_map.get(creds.id)) for creds in devices]
+        self.devices = [
+            SimDevice(self, creds, fault_map.get(creds.id), self.source_for(index))
+            for index, creds in enumerate(devices)
+        ]
         self.size = len(self.devices)
         self.stats.devices = self.size
         self._connect_queue: list[SimDevice] = []
@@ -715,6 +749,14 @@ class Fleet:
         # Timing wheel: slot number → devices due in it. 10,000 devices publishing every
         # 10 s need ~100 loop timers per second instead of 1,000 TimerHandles in a heap.
         self._slots: dict[int, list[SimDevice]] = {}
+
+    def source_for(self, index: int) -> str | None:
+        """The local address of this process's device ``index`` (None: the OS picks)."""
+        cfg = self.config
+        if not cfg.source_addresses:
+            return None
+        fleet_index = cfg.index_offset + index * cfg.index_stride
+        return cfg.source_addresses[min(fleet_index // cfg.per_source, len(cfg.source_addresses) - 1)]
 
     def schedule(self, device: SimDevice, at: float) -> None:
         slot = int(at / SLOT_S) + 1  # the end of the slot: never early

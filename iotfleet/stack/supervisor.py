@@ -256,8 +256,7 @@ class Stack:
             f"directory={lay.root}",
             "logfile_maxbytes=10MB",
             "loglevel=info",
-            # The broker holds one fd per device connection (10,000-device fleets).
-            f"minfds={_fd_target()}",
+            f"minfds={_fd_target()}",  # see FLEET_FDS
             "",
             "[rpcinterface:supervisor]",
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
@@ -484,9 +483,28 @@ async def _ensure_database(settings: Settings) -> None:
         await client.ensure_database()
 
 
+# The broker holds one fd per device connection: 100,000 devices plus its own files and the
+# platform's sessions. supervisord raises its limits to `minfds` (soft and hard) and every part
+# inherits them; mosquitto's own `max_connections` defaults to -1 (no limit but the fd limit).
+FLEET_FDS = 131_072
+
+
 def _fd_target() -> int:
+    """`minfds` for supervisord: FLEET_FDS where the process may raise its hard limit, else the hard limit.
+
+    Raising the hard limit needs root (CAP_SYS_RESOURCE) and stays under fs.nr_open; an unprivileged
+    user gets what the environment allows (supervisord refuses to start on a `minfds` above it).
+    """
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 32768 if hard == resource.RLIM_INFINITY else min(hard, 32768)
+    if hard == resource.RLIM_INFINITY or hard >= FLEET_FDS:
+        return FLEET_FDS
+    if os.geteuid() == 0:
+        try:
+            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+        except (OSError, ValueError):
+            nr_open = FLEET_FDS
+        return max(hard, min(FLEET_FDS, nr_open))
+    return hard
 
 
 def _alive(pid: int) -> bool:

@@ -20,7 +20,7 @@ from simulators.provisioning import (
     spread,
 )
 from simulators.scenario import SCENARIO_DIR, Scenario, load_scenario, parse_duration
-from simulators.verify import check_device, summarize
+from simulators.verify import SAMPLE_SEQS, SeqLedger, check_device, summarize
 
 
 def test_durations() -> None:
@@ -148,8 +148,33 @@ def test_verify_maths() -> None:
     assert check.expected == 8  # 0..9 minus rejected 3 minus dropped 9
     assert check.missing == [7, 8] and check.missing_unacked == [8]
     assert check.duplicates == [5] and check.stored_despite_fault == [3]
+    assert (check.missing_count, check.duplicates_count, check.stored_despite_fault_count) == (2, 1, 1)
     result = summarize("test", [check], 0.0)
     assert not result.ok and result.samples[0]["missing"] == "7-8"
+    assert (result.missing, result.missing_unacked, result.duplicates, result.stored) == (2, 1, 1, 8)
+
+
+def test_verify_ledger_is_a_bitmap_bounded_per_device() -> None:
+    """Memory per device is one bit per seq of its run: 100,000 devices x 20 readings stay small."""
+    ledger = SeqLedger(first=100, end=120)
+    assert len(ledger.seen) == 3
+    for seq in (99, 100, 105, 105, 119, 120, 5):  # seqs outside [100, 120) are an earlier run's
+        ledger.add(seq)
+    assert ledger.stored == 4 and ledger.has(100) and ledger.has(119) and not ledger.has(101)
+    assert ledger.duplicated(105) and not ledger.duplicated(100)
+    outcome = {
+        "id": "d",
+        "type": "thermostat",
+        "first_seq": 100,
+        "seqs": 120,
+        "rejected": [],
+        "dropped": [],
+        "unacked": [],
+    }
+    check = check_device(outcome, ledger)
+    assert check.expected == 20 and check.missing_count == 17 and check.duplicates == [105]
+    everything_missing = check_device({**outcome, "seqs": 100_100}, [])
+    assert everything_missing.missing_count == 100_000 and len(everything_missing.missing) == SAMPLE_SEQS
 
 
 def test_iotfleet_demo_runs_the_demo_scenario_and_simulate_takes_the_flags() -> None:
