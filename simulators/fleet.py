@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 OFFLINE, CONNECTING, ONLINE, STOPPED = 0, 1, 2, 3
 SLOT_S = 0.01  # publish timing resolution
+NO_MATCHING_SUBSCRIBERS = 0x10  # MQTT 5 PUBACK reason: accepted, but nobody subscribed
 KIND_TELEMETRY, KIND_OTHER = 0, 1
 
 
@@ -98,6 +99,11 @@ class FleetConfig:
     max_past_s: int = 30 * 86_400
     publish_on_start: bool = False  # first reading right after CONNACK (bench), else spread over 1 interval
     drain_timeout_s: float = 30.0
+    # The device contract (telemetry_ingest/README.md): PUBACK 0x10 "no matching subscribers" on a
+    # telemetry publish means "not delivered, send again later" (after a broker restart, until the
+    # ingest has subscribed again). Resent after 0.5, 1, 2, 4, 8, 8 s (jittered), then given up.
+    resend_unrouted: bool = False
+    unrouted_retries: int = 6
 
 
 class Stats:
@@ -114,6 +120,9 @@ class Stats:
         "messages_published",
         "readings_acked",
         "readings_refused",
+        "readings_unrouted",
+        "readings_unrouted_resent",
+        "readings_unrouted_given_up",
         "readings_resent",
         "readings_dropped",
         "readings_faulted",
@@ -149,6 +158,9 @@ class Stats:
         self.messages_published = 0
         self.readings_acked = 0
         self.readings_refused = 0
+        self.readings_unrouted = 0  # PUBACK 0x10 on telemetry (counted each time)
+        self.readings_unrouted_resent = 0
+        self.readings_unrouted_given_up = 0
         self.readings_resent = 0
         self.readings_dropped = 0
         self.readings_faulted = 0
@@ -208,6 +220,8 @@ class SimDevice(mqtt.MqttHandler):
         "topic_acks",
         "topic_status",
         "topic_telemetry",
+        "unrouted",
+        "unrouted_lost",
         "was_online",
     )
 
@@ -232,6 +246,9 @@ class SimDevice(mqtt.MqttHandler):
         self.held: tuple[bytes, int, int] | None = None  # out_of_order: published after the next one
         self.rejected: list[int] | None = None  # seqs we expect the platform to dead-letter
         self.dropped: list[int] | None = None  # seqs never sent (offline buffer full)
+        # PUBACK 0x10'd telemetry waiting to be sent again: first seq → (tries, timer, entry).
+        self.unrouted: dict[int, tuple[int, asyncio.TimerHandle | None, tuple[bytes, int, int]]] | None = None
+        self.unrouted_lost: list[int] | None = None  # seqs given up after the last retry
         self.was_online = False
         self.scheduled = False
         self.next_at = 0.0
@@ -456,8 +473,59 @@ class SimDevice(mqtt.MqttHandler):
                 stats.readings_refused += n
             else:
                 stats.acks_refused += 1
+        elif n and reason == NO_MATCHING_SUBSCRIBERS and self.fleet.config.resend_unrouted:
+            self._unrouted(entry)
         elif n:
+            if self.unrouted:
+                self.unrouted.pop(entry[1], None)
             stats.readings_acked += n
+
+    def _unrouted(self, entry: tuple[bytes, int, int]) -> None:
+        """PUBACK 0x10 on telemetry: nobody subscribed (yet). Send it again later, a bounded number of times."""
+        fleet = self.fleet
+        stats = fleet.stats
+        _packet, first, n = entry
+        stats.readings_unrouted += n
+        unrouted = self.unrouted
+        if unrouted is None:
+            unrouted = self.unrouted = {}
+        tries = unrouted[first][0] if first in unrouted else 0
+        if tries >= fleet.config.unrouted_retries:
+            del unrouted[first]
+            stats.readings_unrouted_given_up += n
+            stats.readings_acked += n  # the broker did accept it: it just had nobody to give it to
+            if self.unrouted_lost is None:
+                self.unrouted_lost = []
+            self.unrouted_lost.extend(range(first, first + n))
+            return
+        # Stopping: no point waiting, try at once (bounded by the retries).
+        delay = min(8.0, 0.5 * 2**tries) * fleet.rng.uniform(0.5, 1.0) if fleet.publishing else 0.0
+        handle = fleet.loop.call_later(delay, self._resend_unrouted, first)
+        unrouted[first] = (tries + 1, handle, entry)
+
+    def _resend_unrouted(self, first: int) -> None:
+        unrouted = self.unrouted
+        if not unrouted or first not in unrouted:
+            return
+        tries, _handle, entry = unrouted[first]
+        unrouted[first] = (tries, None, entry)
+        packet, _first, n = entry
+        self.fleet.stats.readings_unrouted_resent += n
+        if self.state != ONLINE:
+            self.resend = [*(self.resend or []), entry]  # goes again after the reconnect
+            return
+        pid = self._next_pid()
+        fresh = _replace_pid(packet, pid)  # a new publish (the first was acked): no DUP flag
+        fresh = bytes((fresh[0] & ~0x08,)) + fresh[1:]
+        self.inflight[pid] = (fresh, first, n)
+        self._write(fresh, self.fleet.loop.time())
+
+    def flush_unrouted(self) -> None:
+        """End of run: the ones waiting go now (their timers would outlast the drain)."""
+        for first, (_tries, handle, _entry) in list((self.unrouted or {}).items()):
+            if handle is not None:
+                handle.cancel()
+                self._resend_unrouted(first)
 
     def _schedule_first(self) -> None:
         fleet = self.fleet
@@ -672,8 +740,11 @@ class SimDevice(mqtt.MqttHandler):
 
     def outcome(self) -> dict[str, Any]:
         """What verification needs: how many seqs were taken and which are not expected stored."""
-        unacked: list[int] = []
-        for _packet, first, n in list(self.inflight.values()) + (self.resend or []) + (self.pending or []):
+        unacked: list[int] = list(self.unrouted_lost or ())
+        waiting = [entry for _tries, _handle, entry in (self.unrouted or {}).values()]
+        for _packet, first, n in (
+            list(self.inflight.values()) + (self.resend or []) + (self.pending or []) + waiting
+        ):
             unacked.extend(range(first, first + n))
         return {
             "id": self.creds.id,
@@ -888,11 +959,12 @@ class Fleet:
         self.publishing = False
         for device in self.devices:
             device.flush_batch()
+            device.flush_unrouted()
         for handle in self._handles:
             handle.cancel()
         deadline = self.loop.time() + self.config.drain_timeout_s
         while self.loop.time() < deadline:
-            busy = any(d.inflight or d.resend or d.pending for d in self.devices)
+            busy = any(d.inflight or d.resend or d.pending or d.unrouted for d in self.devices)
             if not busy:
                 break
             await asyncio.sleep(0.05)

@@ -76,6 +76,10 @@ class Scenario(BaseModel):
     )
     backoff_base: Duration = Field(0.5, gt=0.0, description="Reconnect backoff: first window")
     backoff_cap: Duration = Field(30.0, gt=0.0, description="Reconnect backoff: largest window")
+    resend_unrouted: bool = Field(
+        True,
+        description="Send a telemetry publish again after PUBACK 0x10 (no subscriber yet): the device contract",
+    )
     seed: int = 0
     keepalive: int = Field(60, ge=5, le=3_600)
     offline_buffer: int = Field(1_000, ge=0)

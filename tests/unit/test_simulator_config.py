@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 from pathlib import Path
 
 import pytest
 
 from iotfleet.errors import ConfigError
-from simulators import cli
+from simulators import addresses, cli
 from simulators.faults import FaultKind, FaultSpec, assign_faults
-from simulators.fleet import DeviceCredentials
+from simulators.fleet import DeviceCredentials, FleetConfig, backoff_delay
 from simulators.provisioning import (
     ProvisioningError,
     load_credentials,
@@ -186,3 +188,24 @@ def test_iotfleet_demo_runs_the_demo_scenario_and_simulate_takes_the_flags() -> 
         make_parser().parse_args(["simulate", "--devices", "100", "--duration", "60", "--verify"])
     )
     assert adhoc.name == "adhoc" and adhoc.duration == 60 and adhoc.verify and not adhoc.faults
+
+
+def test_reconnect_backoff_is_full_jitter_capped() -> None:
+    """uniform(0, min(cap, base * 2**attempt)): spread over the whole window, never beyond the cap."""
+    config = FleetConfig(backoff_base_s=0.5, backoff_cap_s=30.0)
+    rng = random.Random(1)
+    for attempt, ceiling in ((0, 0.5), (3, 4.0), (6, 30.0), (40, 30.0)):
+        delays = [backoff_delay(attempt, config, rng) for _ in range(2_000)]
+        assert 0.0 <= min(delays) < ceiling * 0.05 and ceiling * 0.95 < max(delays) <= ceiling
+        assert abs(statistics.mean(delays) - ceiling / 2) < ceiling * 0.05
+
+
+def test_source_addresses_spread_large_loopback_fleets_only() -> None:
+    assert addresses.choose("127.0.0.1", 20_000) == []
+    assert addresses.choose("localhost", 100_000) == [f"127.0.0.{i}" for i in range(2, 7)]
+    assert addresses.choose("10.1.2.3", 100_000) == []  # not loopback: the machine's own addresses
+    assert addresses.choose("127.0.0.1", 45, per_source=20) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    with pytest.raises(ConfigError, match="devices-per-source"):
+        addresses.choose("127.0.0.1", 1_000_000, per_source=1_000)
+    with pytest.raises(ConfigError, match="not an IPv4"):
+        addresses.parse(["127.0.0.300"])
