@@ -87,8 +87,11 @@ class BenchStack:
         )
         self.stack = Stack(self.settings)
 
-    def start(self) -> BenchStack:
+    def start(self, *, services: bool = False) -> BenchStack:
+        """Start the stack; without ``services`` only the broker and InfluxDB stay up (comparisons)."""
         self.stack.up(foreground=False, on_progress=lambda m: print(f"  stack: {m}", flush=True))
+        if services:
+            return self
         # The comparisons run one consumer at a time: stop the stack's own services.
         rpc = self.stack._rpc()
         for info in rpc.supervisor.getAllProcessInfo():
