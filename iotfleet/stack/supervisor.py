@@ -379,6 +379,9 @@ class Stack:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self._write_configs(parts)
         on_progress(f"state dir {self.layout.root}; logs in {self.layout.logs}")
+        note = fd_limit_note()
+        if note is not None:
+            on_progress(note)
         argv = [_script("supervisord"), "-c", str(self.layout.supervisord_conf)]
         process: subprocess.Popen[bytes] | None = None
         if foreground:
@@ -490,21 +493,31 @@ FLEET_FDS = 131_072
 
 
 def _fd_target() -> int:
-    """`minfds` for supervisord: FLEET_FDS where the process may raise its hard limit, else the hard limit.
+    """`minfds` for supervisord: FLEET_FDS where the hard limit allows it or may be raised, else the hard limit.
 
-    Raising the hard limit needs root (CAP_SYS_RESOURCE) and stays under fs.nr_open; an unprivileged
-    user gets what the environment allows (supervisord refuses to start on a `minfds` above it).
+    Raising the hard limit needs CAP_SYS_RESOURCE (root on a normal host; a container may
+    withhold it) and stays under fs.nr_open. Probing it raises this process's own hard limit,
+    which is harmless; supervisord refuses to start on a `minfds` the environment cannot give.
     """
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard >= FLEET_FDS:
         return FLEET_FDS
-    if os.geteuid() == 0:
-        try:
-            nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
-        except (OSError, ValueError):
-            nr_open = FLEET_FDS
-        return max(hard, min(FLEET_FDS, nr_open))
-    return hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, FLEET_FDS))
+    except (ValueError, OSError):
+        return hard
+    return FLEET_FDS
+
+
+def fd_limit_note() -> str | None:
+    """A line for `iotfleet up` when the broker cannot hold a 100,000-device fleet here."""
+    target = _fd_target()
+    if target >= FLEET_FDS:
+        return None
+    return (
+        f"open-files limit {target:,}: the broker holds at most ~{target - 100:,} device connections;"
+        f" for 100,000 raise the hard limit to {FLEET_FDS:,} (ulimit -Hn, systemd LimitNOFILE, docker --ulimit)"
+    )
 
 
 def _alive(pid: int) -> bool:
