@@ -161,6 +161,8 @@ def capacity(work: Path, devices_n: int, interval: str, batch: int, seconds: int
                 "5000",
                 "--qos",
                 "1",
+                # No subscriber here on purpose: PUBACK 0x10 is the broker's answer, not a reason to resend.
+                "--no-resend-unrouted",
                 "--credentials",
                 str(work / "cap-credentials.json"),
                 "--no-observer",

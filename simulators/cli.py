@@ -199,6 +199,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("processes", "processes"),
         ("backoff_base", "backoff_base"),
         ("backoff_cap", "backoff_cap"),
+        ("resend_unrouted", "resend_unrouted"),
         ("seed", "seed"),
         ("verify", "verify"),
     ):
