@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 from pathlib import Path
@@ -209,3 +210,10 @@ def test_source_addresses_spread_large_loopback_fleets_only() -> None:
         addresses.choose("127.0.0.1", 1_000_000, per_source=1_000)
     with pytest.raises(ConfigError, match="not an IPv4"):
         addresses.parse(["127.0.0.300"])
+
+
+def test_default_processes_one_per_core_at_most_one_per_thousand_devices() -> None:
+    cores = os.cpu_count() or 1
+    assert Scenario(devices=100).process_count() == 1
+    assert Scenario(devices=100_000).process_count() == min(cores, 100)
+    assert Scenario(devices=100_000, processes=3).process_count() == 3
