@@ -114,6 +114,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backoff-cap", type=_duration, help="reconnect backoff, largest window (default 30s)"
     )
     fleet.add_argument(
+        "--resend-unrouted",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send telemetry again after PUBACK 0x10 (no subscriber yet, e.g. right after a broker restart);"
+        " default on (the device contract); off to measure the broker alone",
+    )
+    fleet.add_argument(
         "--source-address",
         dest="source_addresses",
         action="append",

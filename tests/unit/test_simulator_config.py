@@ -217,3 +217,10 @@ def test_default_processes_one_per_core_at_most_one_per_thousand_devices() -> No
     assert Scenario(devices=100).process_count() == 1
     assert Scenario(devices=100_000).process_count() == min(cores, 100)
     assert Scenario(devices=100_000, processes=3).process_count() == 3
+
+
+def test_resend_unrouted_is_on_unless_turned_off() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.build_scenario(parser.parse_args([])).resend_unrouted
+    assert not cli.build_scenario(parser.parse_args(["--no-resend-unrouted"])).resend_unrouted
