@@ -22,6 +22,7 @@ import pytest
 from iotfleet.stack import probes
 from simulators import cli
 from simulators.provisioning import save_credentials
+from simulators.verify import InfluxSource
 from tests.harness import Broker, Influxd
 from tests.ingest_support import IngestProcess
 from tests.simulator_support import provisioned
@@ -51,6 +52,8 @@ def test_multi_process_fleet_spreads_sources_and_survives_a_broker_restart(  # n
     save_credentials(
         tmp_path / "credentials.json", provisioned(broker, uid("scale"), {"thermostat": DEVICES})
     )
+    # --verify streams InfluxDB's answer in chunks: small ones here, so the run spans many of them.
+    monkeypatch.setattr(InfluxSource, "CHUNK", 100)
     monkeypatch.setenv("IOTFLEET_INFLUX__URL", influxd.url)
     monkeypatch.setenv("IOTFLEET_INFLUX__DATABASE", database)
     stats_file = tmp_path / "stats.jsonl"
