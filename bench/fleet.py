@@ -55,6 +55,7 @@ from bench.report import replace_section
 from bench.workload import BenchStack, machine
 from iotfleet import topics
 from iotfleet.catalogue import DEVICE_TYPES
+from iotfleet.stack.supervisor import FLEET_FDS, broker_fd_limit
 from iotfleet.topics import Channel
 from simulators import provisioning
 from simulators.faults import FaultSpec, assign_faults
@@ -821,6 +822,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.duration < 60:
         parser.error("--duration must be at least 60 s (ramp-up, measurements, a mass disconnect, a storm)")
+    fds = broker_fd_limit()
+    if fds < args.devices + 500:
+        parser.error(
+            f"the broker can hold at most ~{fds - 500:,} connections here (its open-files limit would be {fds:,}:"
+            " the hard limit, which this process may not raise: no CAP_SYS_RESOURCE). Raise the hard limit to"
+            f" {FLEET_FDS:,} (ulimit -Hn as root on the host, systemd LimitNOFILE, docker --ulimit"
+            " nofile=131072:131072) or run fewer --devices"
+        )
     command = " ".join(["python -m bench.fleet", *(argv if argv is not None else sys.argv[1:])])
     info = machine()
     load_before = f"{os.getloadavg()[0]:.1f}"

@@ -509,6 +509,11 @@ def _fd_target() -> int:
     return FLEET_FDS
 
 
+def broker_fd_limit() -> int:
+    """The open-files limit the stack's broker gets here (about as many device connections)."""
+    return _fd_target()
+
+
 def fd_limit_note() -> str | None:
     """A line for `iotfleet up` when the broker cannot hold a 100,000-device fleet here."""
     target = _fd_target()
