@@ -28,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         all_at: float | None = None
         rss_brokers = [0] * len(brokers)
         rss_sims = [0] * len(brokers)
+        storm: dict[str, Any] = {}
         while any(p.poll() is None for p, _s, _r in sims):
             time.sleep(1.0)
             connected = [int(last_stats(s).get("connected", 0)) for _p, s, _r in sims]
@@ -132,6 +134,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 rss_sims[i] = max(rss_sims[i], tree_rss(sims[i][0].pid))
             if int(time.monotonic() - started) % 15 == 0:
                 log(f"  connected {sum(connected):,} ({' + '.join(f'{c:,}' for c in connected)})")
+            if args.storm and all_at is not None and not storm and time.monotonic() - started > all_at + 10:
+                storm = restart_brokers(brokers, sims, per_broker * len(brokers))
         reports = [json.loads(r.read_text()) for _p, _s, r in sims]
         return {
             "devices": per_broker * len(brokers),
@@ -146,6 +150,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "broker_rss_mib": [round(x / 2**20) for x in rss_brokers],
             "simulator_rss_mib": [round(x / 2**20) for x in rss_sims],
             "fd_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+            "storm": storm,
         }
     finally:
         for proc, _s, _r in sims:
@@ -154,6 +159,28 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 proc.wait(timeout=60)
         for broker in brokers:
             broker.stop()
+
+
+def restart_brokers(
+    brokers: list[Broker], sims: list[tuple[subprocess.Popen[bytes], Path, Path]], total: int
+) -> dict[str, Any]:
+    """Connect storm: every broker restarted at once under its connected fleet; time until all are back."""
+    log(f"connect storm: restarting {len(brokers)} broker(s) under {total:,} connections")
+    down = time.monotonic()
+    threads = [threading.Thread(target=b.restart) for b in brokers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    up = time.monotonic()
+    while time.monotonic() - up < 300:
+        connected = sum(int(last_stats(s).get("connected", 0)) for _p, s, _r in sims)
+        if connected >= total:
+            back = time.monotonic() - up
+            log(f"  all {total:,} back {back:.1f} s after the brokers were up ({up - down:.1f} s restart)")
+            return {"restart_s": round(up - down, 1), "all_back_after_s": round(back, 1)}
+        time.sleep(0.25)
+    return {"restart_s": round(up - down, 1), "all_back_after_s": None}
 
 
 def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
@@ -182,6 +209,15 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
             "per connection |",
             f"| simulator RSS | {' + '.join(str(m) for m in result['simulator_rss_mib'])} MiB ≈ {sim_kib:.1f} "
             "KiB per device |",
+            *(
+                [
+                    f"| connect storm: every broker restarted under its connected fleet; all back after | "
+                    f"**{result['storm']['all_back_after_s']} s** (restart {result['storm']['restart_s']} s; "
+                    "full-jitter backoff 0.5 → 30 s) |"
+                ]
+                if result.get("storm")
+                else []
+            ),
             "",
             "Several brokers only because this machine's hard RLIMIT_NOFILE is 20,000 and its root lacks",
             "CAP_SYS_RESOURCE: no single process here can hold more than ~20,000 sockets. Where the hard limit",
@@ -200,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ramp-up", type=float, default=2_000.0, help="connections opened per second, in all"
     )
     parser.add_argument("--devices-per-source", type=int, default=8_000)
+    parser.add_argument("--storm", action="store_true", help="restart the brokers once all are connected")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args(argv)
     command = " ".join(["python -m bench.connections", *(argv if argv is not None else sys.argv[1:])])

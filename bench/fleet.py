@@ -475,6 +475,7 @@ class Timeline:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
+        "broker_fd_limit": broker_fd_limit(),
         "devices": args.devices,
         "duration_s": args.duration,
         "interval_s": args.interval,
@@ -790,8 +791,9 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         "",
         "How the fleet is held: one connection per device (the simulator's own asyncio MQTT client), one",
         "worker process per core, connections opened from 127.0.0.2, .3, … (20,000 per address: one address",
-        "pair has ~28,000 ephemeral ports); the stack's supervisord raises the open-files limit to 131,072 for",
-        "the broker (mosquitto's `max_connections` is unlimited by default). Devices reconnect with full-jitter",
+        "pair has ~28,000 ephemeral ports); the stack's supervisord raises the broker's open-files limit to 131,072",
+        f"where the hard limit allows (here: {result.get('broker_fd_limit', 20_000):,}; mosquitto's `max_connections`",
+        "is unlimited by default). Devices reconnect with full-jitter",
         "exponential backoff and resend what the broker had not acknowledged, what they measured while away,",
         "and telemetry acknowledged with PUBACK 0x10 (no subscriber yet, right after a broker restart).",
     ]
