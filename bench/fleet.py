@@ -587,9 +587,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rpc.supervisor.startProcess("mosquitto", True)
         up_at = time.monotonic()
         acked_before = simulator.stats().get("readings_acked", 0)
-        back = wait_for(
-            lambda: simulator.stats().get("connected", 0) >= args.devices, args.duration + 60, 0.25
-        )
+        reconnects_before = at_restart.get("reconnects", 0)
+
+        def all_back() -> bool:
+            # Every device reconnected (the stats line may still show the moment before the restart).
+            stats = simulator.stats()
+            return stats.get("connected", 0) >= args.devices and stats.get(
+                "reconnects", 0
+            ) - reconnects_before >= at_restart.get("connected", 0)
+
+        back = wait_for(all_back, args.duration + 60, 0.25)
         back_s = time.monotonic() - up_at if back is not None else None
         flowing = wait_for(
             lambda: simulator.stats().get("readings_acked", 0) > acked_before + fleet_rate, 60, 0.25
