@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -23,6 +23,7 @@ from bench.workload import (
     Drain,
     ProcessSampler,
     drop_measurement,
+    end_session,
     precreate_session,
     probe_until_stored,
     publish_backlog,
@@ -57,7 +58,7 @@ def broker_passthrough(
     client_id = f"passthrough-q{qos}-{time.monotonic_ns()}"
     topic = f"devices/{DEVICE_TYPE}/+/telemetry"
     subscribe = ["mosquitto_sub", *auth, "-i", client_id, "-c", "-q", str(qos), "-t", topic]
-    subprocess.run([*subscribe, "-E"], check=True, timeout=30)
+    subprocess.run([*subscribe, "-E"], check=True, timeout=30, stdout=subprocess.DEVNULL)
     payload = next(reading_payloads("x", 1, int(time.time() * 1000))).decode()
     per_publisher = messages // publishers
     total = per_publisher * publishers
@@ -99,6 +100,8 @@ def broker_passthrough(
                 sender.wait(timeout=60)
     seconds = time.perf_counter() - started
     os.unlink(lines.name)
+    # The persistent session would otherwise queue every later workload (broker memory and CPU).
+    end_session(stack, client_id)
     return {
         "messages": total,
         "seconds": round(seconds, 2),
@@ -171,6 +174,12 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def _child_log(stack: BenchStack, name: str) -> IO[bytes]:
+    """A consumer's output goes to the stack's logs, not the benchmark's console (progress and results only)."""
+    stack.stack.layout.logs.mkdir(parents=True, exist_ok=True)
+    return (stack.stack.layout.logs / f"{name}.log").open("ab")
+
+
 def _result(name: str, drain: Drain, **extra: Any) -> dict[str, Any]:
     return {
         "pipeline": name,
@@ -217,15 +226,17 @@ def naive_python(stack: BenchStack, devices: int, per_device: int) -> dict[str, 
     ]
     argv = [sys.executable, "-c", NAIVE_SUBSCRIBER, *args]
 
+    log = _child_log(stack, "naive-python")
+
     def create_session() -> None:
-        proc = subprocess.Popen(argv)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
             probe_until_stored(stack)
         finally:
             _stop(proc)
 
     expected = _prepare_backlog(stack, devices, per_device, create_session)
-    proc = subprocess.Popen(argv)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     try:
         drain = time_drain(stack.influx, expected, ProcessSampler([proc.pid]), timeout=20)
     finally:
@@ -418,7 +429,10 @@ def iotfleet_ingest(stack: BenchStack, devices: int, per_device: int, *, replica
             IOTFLEET_HEALTH__PORT=str(probes.free_port()),
             IOTFLEET_INGEST__REPLICA=str(index),
         )
-        return subprocess.Popen([str(script), "--type", DEVICE_TYPE], env=env)
+        log = _child_log(stack, f"bench-ingest-{index}")
+        return subprocess.Popen(
+            [str(script), "--type", DEVICE_TYPE], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
 
     def create_sessions() -> None:
         procs = [start(i) for i in range(replicas)]

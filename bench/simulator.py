@@ -61,7 +61,12 @@ def run_cli(args: list[str], env: dict[str, str], report: Path) -> dict[str, Any
     """The real CLI as a child process (its own RSS), progress lines passed through."""
     argv = [sys.executable, "-m", "simulators", *args, "--report", str(report)]
     shown = [
-        "***" if prev == "--observer-password" else a for prev, a in zip(["", *argv], argv, strict=False)
+        "***"
+        if prev == "--observer-password"
+        else "--observer-password=***"
+        if a.startswith("--observer-password=")
+        else a
+        for prev, a in zip(["", *argv], argv, strict=False)
     ]
     log("$ " + " ".join(a if len(a) < 60 else a[:57] + "..." for a in shown[1:]))
     proc = subprocess.run(argv, cwd=ROOT, env=env, check=False)
@@ -112,8 +117,7 @@ def scale(work: Path, devices_n: int, duration: str) -> dict[str, Any]:
                 str(work / "scale-credentials.json"),
                 "--observer-user",
                 "iotfleet-registry",
-                "--observer-password",
-                broker.passwords["iotfleet-registry"],
+                f"--observer-password={broker.passwords['iotfleet-registry']}",  # may start with "-"
                 "--verify",
                 "--verify-source",
                 "influx",
@@ -161,6 +165,8 @@ def capacity(work: Path, devices_n: int, interval: str, batch: int, seconds: int
                 "5000",
                 "--qos",
                 "1",
+                # No subscriber here on purpose: PUBACK 0x10 is the broker's answer, not a reason to resend.
+                "--no-resend-unrouted",
                 "--credentials",
                 str(work / "cap-credentials.json"),
                 "--no-observer",

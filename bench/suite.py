@@ -4,7 +4,7 @@ Side by side on the same broker, InfluxDB and workload: the machine's limits
 (broker pass-through at QoS 0/1, InfluxDB's raw write rate), Node-RED 4 with the
 flow users build (and its batched best), a naive Python pipeline (the floor),
 and iotfleet's ingest with 1 and 2 replicas. Then the benchmarks of the other
-areas (provisioning, queries, rules, simulator) each refresh their own section.
+areas (provisioning, queries, rules, simulator, the fleet at a reduced size) each refresh their own section.
 Writes docs/benchmarks.md and bench/results/suite.json.
 """
 
@@ -35,6 +35,24 @@ AREA_BENCHMARKS = [
     ("queries", ["-m", "bench.queries", "--requests", "300", "--write-docs"]),
     ("rules", ["-m", "bench.rules", "--rates", "1000", "10000", "--repeat", "3", "--write-docs"]),
     ("simulator", ["-m", "bench.simulator", "--duration", "2m", "--write-docs"]),
+    # The full fleet (100,000 devices, 10 min) runs on its own: `python -m bench.fleet --write-docs`.
+    # Here a reduced size (its own section, "Fleet at scale: 1,000 devices") that takes ~3-4 minutes.
+    (
+        "fleet",
+        [
+            "-m",
+            "bench.fleet",
+            "--devices",
+            "1000",
+            "--duration",
+            "120",
+            "--interval",
+            "10",
+            "--requests",
+            "50",
+            "--write-docs",
+        ],
+    ),
 ]
 
 

@@ -87,8 +87,11 @@ class BenchStack:
         )
         self.stack = Stack(self.settings)
 
-    def start(self) -> BenchStack:
+    def start(self, *, services: bool = False) -> BenchStack:
+        """Start the stack; without ``services`` only the broker and InfluxDB stay up (comparisons)."""
         self.stack.up(foreground=False, on_progress=lambda m: print(f"  stack: {m}", flush=True))
+        if services:
+            return self
         # The comparisons run one consumer at a time: stop the stack's own services.
         rpc = self.stack._rpc()
         for info in rpc.supervisor.getAllProcessInfo():
@@ -305,7 +308,14 @@ def precreate_session(
     username: str = BENCH_USER,
     password: str | None = None,
 ) -> None:
-    """Create a consumer's persistent MQTT 5 session and subscription, so a backlog queues for it."""
+    """Create a consumer's persistent MQTT 5 session and subscription, so a backlog queues for it.
+
+    Whatever an earlier session of the same client id still holds (a stopped
+    service's session collects every later workload) is discarded first, with a
+    clean start: it is not this pipeline's backlog, and a subscriber resuming it
+    would receive (and ``mosquitto_sub`` print) every queued reading.
+    """
+    end_session(stack, client_id, username, password)
     subprocess.run(
         [
             "mosquitto_sub",
@@ -323,6 +333,32 @@ def precreate_session(
         ],
         check=True,
         timeout=30,
+        stdout=subprocess.DEVNULL,  # a benchmark prints progress and results, never payloads
+    )  # fmt: skip
+
+
+def end_session(
+    stack: BenchStack, client_id: str, username: str = BENCH_USER, password: str | None = None
+) -> None:
+    """Discard a persistent session and its queue: connect with clean start (session expiry 0), leave."""
+    subprocess.run(
+        [
+            "mosquitto_sub",
+            "-h", stack.mqtt_host,
+            "-p", str(stack.mqtt_port),
+            "-u", username,
+            "-P", password or stack.bench_password,
+            "-V", "mqttv5",
+            "-i", client_id,
+            "-t", f"{client_id}/end-session",  # any topic: -E needs one subscription to exit on
+            "-E",
+        ],
+        # The clean-start CONNECT is the point; the account may not be allowed that subscription
+        # (a refusal is harmless here, and errors that matter surface in precreate_session).
+        check=False,
+        timeout=30,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
 
 

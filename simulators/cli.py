@@ -34,7 +34,7 @@ from rich.markup import escape
 from iotfleet.cli import build_settings  # the same stack flags as `iotfleet up`
 from iotfleet.errors import ConfigError, IotfleetError
 from iotfleet.settings import Settings
-from simulators import provisioning
+from simulators import addresses, provisioning
 from simulators.faults import FaultKind, FaultSpec
 from simulators.fleet import DeviceCredentials
 from simulators.observer import ObserverCredentials
@@ -100,8 +100,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fleet.add_argument("--jitter", type=float, help="± fraction of the interval (default 0.1)")
     fleet.add_argument("--batch", type=int, help="readings per message, a JSON array when > 1 (default 1)")
     fleet.add_argument("--qos", type=int, choices=(0, 1), help="telemetry QoS (default 1)")
-    fleet.add_argument("--ramp-up", type=float, help="connections started per second (default 1000)")
-    fleet.add_argument("--processes", type=int, help="fleet processes, to use more cores (default 1)")
+    fleet.add_argument(
+        "--ramp-up",
+        type=float,
+        help="connections opened per second at the start, fleet-wide (default 1000): a bounded ramp, not a storm",
+    )
+    fleet.add_argument(
+        "--processes",
+        type=int,
+        help="fleet processes (default: one per core, at most one per 1,000 devices)",
+    )
+    fleet.add_argument(
+        "--backoff-base", type=_duration, help="reconnect backoff, first window (default 0.5s; full jitter)"
+    )
+    fleet.add_argument(
+        "--backoff-cap", type=_duration, help="reconnect backoff, largest window (default 30s)"
+    )
+    fleet.add_argument(
+        "--resend-unrouted",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send telemetry again after PUBACK 0x10 (no subscriber yet, e.g. right after a broker restart);"
+        " default on (the device contract); off to measure the broker alone",
+    )
+    fleet.add_argument(
+        "--source-address",
+        dest="source_addresses",
+        action="append",
+        metavar="IP",
+        help="open connections from this local address (repeatable; default: 127.0.0.2, .3, … when the"
+        " broker is on loopback and the fleet is larger than --devices-per-source, else the OS's choice)",
+    )
+    fleet.add_argument(
+        "--devices-per-source",
+        type=int,
+        default=addresses.PER_SOURCE,
+        help=f"connections per source address (default {addresses.PER_SOURCE:,}; one address pair has"
+        " ~28,000 ephemeral ports)",
+    )
     fleet.add_argument("--seed", type=int, help="random seed: same seed, same signals and faulty devices")
     fleet.add_argument(
         "--fault",
@@ -152,6 +188,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--report", type=Path, help="JSON report path (default <state_dir>/simulator/report-*.json)"
     )
     out.add_argument("--quiet", action="store_true", help="no live progress (the final report is printed)")
+    out.add_argument(
+        "--stats-file",
+        type=Path,
+        help="append one JSON line of fleet-wide counters per second here (for benchmarks and dashboards)",
+    )
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
@@ -169,6 +210,9 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         ("qos", "qos"),
         ("ramp_up", "ramp_up"),
         ("processes", "processes"),
+        ("backoff_base", "backoff_base"),
+        ("backoff_cap", "backoff_cap"),
+        ("resend_unrouted", "resend_unrouted"),
         ("seed", "seed"),
         ("verify", "verify"),
     ):
@@ -262,6 +306,17 @@ def run(args: argparse.Namespace) -> int:
         report_path = (
             getattr(args, "report", None) or settings.state_dir / "simulator" / f"report-{stamp}.json"
         )
+        total = len(devices)
+        explicit = getattr(args, "source_addresses", None)
+        per_source = getattr(args, "devices_per_source", addresses.PER_SOURCE)
+        sources = (
+            addresses.parse(explicit) if explicit else addresses.choose(settings.mqtt.host, total, per_source)
+        )
+        if explicit and len(sources) * per_source < total:
+            raise ConfigError(
+                f"{total:,} devices need {-(-total // per_source)} source addresses at"
+                f" --devices-per-source {per_source:,}; {len(sources)} given"
+            )
         plan = RunPlan(
             scenario=scenario,
             devices=devices,
@@ -278,12 +333,17 @@ def run(args: argparse.Namespace) -> int:
             live=not getattr(args, "quiet", False),
             credentials_note=credentials_note,
             credentials_path=credentials_path,
+            source_addresses=sources,
+            per_source=per_source,
+            stats_path=getattr(args, "stats_file", None),
         )
         console.print(
             escape(
                 f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
                 f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
-                f" — {credentials_note}"
+                f" in {scenario.process_count()} process(es)"
+                + (f" from {len(sources)} source addresses ({sources[0]}…)" if sources else "")
+                + f" — {credentials_note}"
             )
         )
         report = asyncio.run(run_plan(plan, console))

@@ -17,9 +17,12 @@ at least once, which the platform's idempotent writes absorb).
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from iotfleet.mqtt_wire import (
     PROP_CORRELATION_DATA,
@@ -292,6 +295,34 @@ class MqttConnection(asyncio.Protocol):
             self.connection_lost(exc)
 
 
+# Linux: bind() picks no port until connect(), so a port is unique per (source, destination)
+# pair and not per source address alone (<linux/in.h> IP_BIND_ADDRESS_NO_PORT, Linux 4.2+).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+_resolved: dict[tuple[str, int], Any] = {}
+
+
+async def _connect_from(host: str, port: int, source: str) -> socket.socket:
+    """A TCP socket to (host, port) opened from the local address ``source``."""
+    loop = asyncio.get_running_loop()
+    address = _resolved.get((host, port))
+    if address is None:  # once per process: 100,000 lookups would queue on the executor
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=socket.AF_INET)
+        if not infos:
+            raise OSError(f"cannot resolve {host}")
+        address = _resolved[(host, port)] = infos[0][4]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if sys.platform == "linux":
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 async def open_connection(
     handler: MqttHandler,
     host: str,
@@ -300,11 +331,17 @@ async def open_connection(
     *,
     connect_timeout_s: float = 10.0,
     now: Callable[[], float] | None = None,
+    source: str | None = None,
 ) -> MqttConnection:
-    """Open TCP, send CONNECT; the CONNACK arrives later through ``handler.on_connack``."""
+    """Open TCP (from ``source`` if given), send CONNECT; the CONNACK arrives later through ``handler.on_connack``."""
     loop = asyncio.get_running_loop()
-    _transport, protocol = await asyncio.wait_for(
-        loop.create_connection(lambda: MqttConnection(handler), host, port), connect_timeout_s
-    )
+
+    async def connect() -> tuple[asyncio.BaseTransport, MqttConnection]:
+        if source is None:
+            return await loop.create_connection(lambda: MqttConnection(handler), host, port)
+        sock = await _connect_from(host, port, source)
+        return await loop.create_connection(lambda: MqttConnection(handler), sock=sock)
+
+    _transport, protocol = await asyncio.wait_for(connect(), connect_timeout_s)
     protocol.write(connect_packet, now() if now else loop.time())
     return protocol

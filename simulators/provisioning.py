@@ -115,7 +115,7 @@ def missing_counts(devices: list[DeviceCredentials], counts: Mapping[str, int]) 
 class RegistryProvisioner:
     """Creates devices with ``POST /api/v1/devices/bulk`` (≤10,000 per request)."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s

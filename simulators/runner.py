@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import random
 import signal
@@ -48,6 +49,9 @@ class RunPlan:
     live: bool = True
     credentials_note: str = ""
     credentials_path: Path | None = None  # where each device's next seq is recorded after the run
+    source_addresses: list[str] = field(default_factory=list)  # see simulators/addresses.py
+    per_source: int = 20_000
+    stats_path: Path | None = None  # one JSON line of fleet-wide counters per second (for benchmarks)
 
     def fleet_config(self) -> FleetConfig:
         s = self.scenario
@@ -59,8 +63,13 @@ class RunPlan:
             batch=s.batch,
             qos=s.qos,
             # Each process ramps its own slice: split the rate so the total is as asked.
-            ramp_up_per_s=s.ramp_up / s.processes,
+            ramp_up_per_s=s.ramp_up / s.process_count(),
             keepalive_s=s.keepalive,
+            backoff_base_s=s.backoff_base,
+            backoff_cap_s=s.backoff_cap,
+            resend_unrouted=s.resend_unrouted,
+            source_addresses=list(self.source_addresses),
+            per_source=self.per_source,
             offline_buffer=s.offline_buffer,
             faults=list(s.faults),
             seed=s.seed,
@@ -100,6 +109,10 @@ class Progress:
     rate: float = 0.0
     peak_rate: float = 0.0
     errors: list[str] = field(default_factory=list)
+    all_connected_s: float | None = None  # seconds from the start until every device was connected
+
+    def phase(self) -> str:
+        return "running" if self.all_connected_s is not None else "connecting"
 
     def merged(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -115,7 +128,10 @@ class Progress:
 
     def update_rate(self) -> None:
         now = time.monotonic()
-        published = self.merged().get("readings_published", 0)
+        merged = self.merged()
+        published = merged.get("readings_published", 0)
+        if self.all_connected_s is None and merged.get("connected", 0) >= self.total:
+            self.all_connected_s = now - self.started
         if now - self.last_at >= 1.0:
             self.rate = (published - self.last_published) / (now - self.last_at)
             self.peak_rate = max(self.peak_rate, self.rate)
@@ -128,7 +144,15 @@ def _progress_rows(progress: Progress, observer: Observer | None) -> list[tuple[
     errors = m.get("connect_failures", 0)
     rows = [
         ("elapsed", f"{elapsed:,.0f} s / {progress.duration_s:,.0f} s"),
-        ("connected", f"{m.get('connected', 0):,} / {progress.total:,}"),
+        (
+            "connected",
+            f"{m.get('connected', 0):,} / {progress.total:,}"
+            + (
+                f" (all after {progress.all_connected_s:,.1f} s)"
+                if progress.all_connected_s is not None
+                else ""
+            ),
+        ),
         ("publish rate", f"{progress.rate:,.0f} readings/s (peak {progress.peak_rate:,.0f})"),
         (
             "readings",
@@ -226,7 +250,7 @@ async def _run_local(
         snapshot["rss_bytes"] = process.memory_info().rss
         progress.snapshots[0] = snapshot
         progress.update_rate()
-        display.refresh("stopping" if fleet.stopping else "running")
+        display.refresh("stopping" if fleet.stopping else progress.phase())
 
     await fleet.run(plan.scenario.duration, on_tick=tick)
     tick()
@@ -236,11 +260,11 @@ async def _run_local(
 async def _run_workers(
     plan: RunPlan, progress: Progress, display: _LiveOrLog
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[float]]:
-    n = plan.scenario.processes
+    n = plan.scenario.process_count()
     slices = [plan.devices[i::n] for i in range(n)]
     context = multiprocessing.get_context("spawn")  # no inherited event loop or sockets
     loop = asyncio.get_running_loop()
-    config = config_to_dict(plan.fleet_config())
+    base_config = plan.fleet_config()
     done: dict[int, asyncio.Future[tuple[Any, ...]]] = {}
     pipes: list[Connection] = []
     processes = []
@@ -248,6 +272,8 @@ async def _run_workers(
         if not devices:
             continue
         parent_end, child_end = context.Pipe(duplex=True)  # stats up, "stop" down
+        # Worker i holds devices i, i+n, i+2n, …: it knows their fleet-wide index (source address).
+        config = config_to_dict(dataclasses.replace(base_config, index_offset=index, index_stride=n))
         proc = context.Process(
             target=worker_main,
             args=(child_end, [d.as_dict() for d in devices], config, plan.scenario.duration),
@@ -272,7 +298,7 @@ async def _run_workers(
             if message[0] == "stats":
                 progress.snapshots[index] = message[1]
                 progress.update_rate()
-                display.refresh("running")
+                display.refresh(progress.phase())
             elif message[0] == "done":
                 progress.snapshots[index] = message[1]
                 loop.remove_reader(pipe.fileno())
@@ -332,9 +358,14 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
         )
         # No new commands once the fleet starts stopping: they would arrive at departing devices.
         asyncio.get_running_loop().call_later(max(0.0, scenario.duration - 0.5), stop_commands.set)
+    stats_writer = (
+        asyncio.create_task(_write_stats(plan.stats_path, progress, display))
+        if plan.stats_path is not None
+        else None
+    )
     with display:
         try:
-            if scenario.processes > 1:
+            if scenario.process_count() > 1:
                 fleet_stats, outcomes, latencies = await _run_workers(plan, progress, display)
             else:
                 fleet_stats, outcomes, latencies = await _run_local(plan, progress, display)
@@ -375,6 +406,7 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
                     plan.api_url,
                     plan.api_key,
                     outcomes[0] if outcomes else {"id": "none"},
+                    devices=len(outcomes),
                 )
                 verify_result = await verifying.verify(
                     source,
@@ -387,6 +419,11 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
             except verifying.VerifyError as exc:
                 verify_error = str(exc)
         display.refresh("done")
+    if stats_writer is not None:
+        stats_writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stats_writer
+        _append_stats(plan.stats_path, progress, "done")
     if observer is not None:
         await observer.stop()
     report = build_report(
@@ -408,6 +445,23 @@ async def run_plan(plan: RunPlan, console: Console) -> dict[str, Any]:
         plan.report_path.parent.mkdir(parents=True, exist_ok=True)
         plan.report_path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return report
+
+
+def _append_stats(path: Path | None, progress: Progress, phase: str) -> None:
+    if path is None:
+        return
+    line = {"t": round(time.time(), 3), "phase": phase, "devices": progress.total, **progress.merged()}
+    with path.open("ab") as handle:
+        handle.write(orjson.dumps(line) + b"\n")
+
+
+async def _write_stats(path: Path, progress: Progress, display: _LiveOrLog) -> None:
+    """One JSON line of fleet-wide counters per second: what a benchmark driving the fleet watches."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")  # noqa: ASYNC240
+    while True:
+        _append_stats(path, progress, display.phase)
+        await asyncio.sleep(1.0)
 
 
 async def _settle(
@@ -450,7 +504,7 @@ def build_report(
         "duration_s": round(duration, 1),
         "devices": len(plan.devices),
         "devices_by_type": by_type,
-        "processes": scenario.processes,
+        "processes": scenario.process_count(),
         "settings": {
             "interval_s": scenario.interval,
             "jitter": scenario.jitter,
@@ -466,6 +520,9 @@ def build_report(
             "broker_acked": fleet.get("readings_acked", 0),
             "refused_by_broker": fleet.get("readings_refused", 0),
             "resent_after_reconnect": fleet.get("readings_resent", 0),
+            "unrouted_puback_0x10": fleet.get("readings_unrouted", 0),
+            "unrouted_resent": fleet.get("readings_unrouted_resent", 0),
+            "unrouted_given_up": fleet.get("readings_unrouted_given_up", 0),
             "dropped_offline_buffer_full": fleet.get("readings_dropped", 0),
             "rate_per_s": round(fleet.get("readings_published", 0) / duration, 1),
             "peak_rate_per_s": round(progress.peak_rate, 1),
@@ -476,8 +533,14 @@ def build_report(
             "reconnects": fleet.get("reconnects", 0),
             "connect_failures": fleet.get("connect_failures", 0),
             "connect_errors": fleet.get("connect_errors", {}),
+            "connects_by_source_address": fleet.get("connects_by_source", {}),
+            "source_addresses": plan.source_addresses or "chosen by the OS",
+            "backoff": {"base_s": scenario.backoff_base, "cap_s": scenario.backoff_cap, "jitter": "full"},
             "disconnects": fleet.get("disconnects", 0),
             "offline_published_at_end": fleet.get("offline_published", 0),
+            "all_connected_after_s": (
+                round(progress.all_connected_s, 1) if progress.all_connected_s is not None else None
+            ),
         },
         "faults": {
             "devices_with_faults": len(faulty),

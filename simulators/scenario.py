@@ -15,6 +15,7 @@ Example (see ``simulators/scenarios/*.yaml``)::
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,7 +68,18 @@ class Scenario(BaseModel):
     batch: int = Field(1, ge=1, le=1_000)
     qos: Literal[0, 1] = 1
     ramp_up: float = Field(1_000.0, gt=0.0, description="Connections started per second")
-    processes: int = Field(1, ge=1, le=64)
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Fleet processes (default: one per core, at most one per 1,000 devices)",
+    )
+    backoff_base: Duration = Field(0.5, gt=0.0, description="Reconnect backoff: first window")
+    backoff_cap: Duration = Field(30.0, gt=0.0, description="Reconnect backoff: largest window")
+    resend_unrouted: bool = Field(
+        True,
+        description="Send a telemetry publish again after PUBACK 0x10 (no subscriber yet): the device contract",
+    )
     seed: int = 0
     keepalive: int = Field(60, ge=5, le=3_600)
     offline_buffer: int = Field(1_000, ge=0)
@@ -86,6 +98,14 @@ class Scenario(BaseModel):
             if count < 0:
                 raise ValueError(f"negative count for {name}")
         return value
+
+    def process_count(self) -> int:
+        """``processes`` if set, else one per core but at most one per 1,000 devices (a spawned
+        interpreter costs ~1 s and ~30 MB; 100 devices do not need two)."""
+        if self.processes is not None:
+            return self.processes
+        total = sum(self.counts().values())
+        return max(1, min(os.cpu_count() or 1, -(-total // 1_000)))
 
     def counts(self) -> dict[str, int]:
         """Devices per type: ``types`` scaled to ``devices`` if both are set, else whichever is."""

@@ -22,8 +22,20 @@ from simulators.fleet import DeviceCredentials, Fleet, FleetConfig
 
 
 def raise_fd_limit(wanted: int) -> int:
-    """Raise the soft open-files limit toward ``wanted`` (at most the hard limit); return the new soft limit."""
+    """Raise the open-files limit toward ``wanted``; return the new soft limit.
+
+    One socket per device: a 50,000-device process needs 50,000 fds. The soft
+    limit goes up to the hard limit; the hard limit too where the process may
+    (root / CAP_SYS_RESOURCE, up to fs.nr_open). What is left short shows up as
+    "Too many open files" connect failures in the report.
+    """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and wanted > hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+            return wanted
+        except (ValueError, OSError):  # not privileged, or above fs.nr_open: the hard limit it is
+            pass
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

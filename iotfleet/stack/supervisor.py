@@ -257,8 +257,7 @@ class Stack:
             f"directory={lay.root}",
             "logfile_maxbytes=10MB",
             "loglevel=info",
-            # The broker holds one fd per device connection (10,000-device fleets).
-            f"minfds={_fd_target()}",
+            f"minfds={_fd_target()}",  # see FLEET_FDS
             "",
             "[rpcinterface:supervisor]",
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
@@ -401,6 +400,9 @@ class Stack:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self._write_configs(parts)
         on_progress(f"state dir {self.layout.root}; logs in {self.layout.logs}")
+        note = fd_limit_note()
+        if note is not None:
+            on_progress(note)
         argv = [_script("supervisord"), "-c", str(self.layout.supervisord_conf)]
         process: subprocess.Popen[bytes] | None = None
         if foreground:
@@ -505,9 +507,43 @@ async def _ensure_database(settings: Settings) -> None:
         await client.ensure_database()
 
 
+# The broker holds one fd per device connection: 100,000 devices plus its own files and the
+# platform's sessions. supervisord raises its limits to `minfds` (soft and hard) and every part
+# inherits them; mosquitto's own `max_connections` defaults to -1 (no limit but the fd limit).
+FLEET_FDS = 131_072
+
+
 def _fd_target() -> int:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 32768 if hard == resource.RLIM_INFINITY else min(hard, 32768)
+    """`minfds` for supervisord: FLEET_FDS where the hard limit allows it or may be raised, else the hard limit.
+
+    Raising the hard limit needs CAP_SYS_RESOURCE (root on a normal host; a container may
+    withhold it) and stays under fs.nr_open. Probing it raises this process's own hard limit,
+    which is harmless; supervisord refuses to start on a `minfds` the environment cannot give.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard >= FLEET_FDS:
+        return FLEET_FDS
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, FLEET_FDS))
+    except (ValueError, OSError):
+        return hard
+    return FLEET_FDS
+
+
+def broker_fd_limit() -> int:
+    """The open-files limit the stack's broker gets here (about as many device connections)."""
+    return _fd_target()
+
+
+def fd_limit_note() -> str | None:
+    """A line for `iotfleet up` when the broker cannot hold a 100,000-device fleet here."""
+    target = _fd_target()
+    if target >= FLEET_FDS:
+        return None
+    return (
+        f"open-files limit {target:,}: the broker holds at most ~{target - 100:,} device connections;"
+        f" for 100,000 raise the hard limit to {FLEET_FDS:,} (ulimit -Hn, systemd LimitNOFILE, docker --ulimit)"
+    )
 
 
 def _alive(pid: int) -> bool:

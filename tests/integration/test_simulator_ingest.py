@@ -32,8 +32,8 @@ def _cli_args(broker: Broker, tmp_path: Path, *extra: str) -> list[str]:
         str(tmp_path / "credentials.json"),
         "--observer-user",
         "iotfleet-registry",
-        "--observer-password",
-        broker.passwords["iotfleet-registry"],
+        # One argv item: a random password may start with "-" (token_urlsafe), which argparse takes for a flag.
+        f"--observer-password={broker.passwords['iotfleet-registry']}",
         "--report",
         str(tmp_path / "report.json"),
         "--quiet",

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import random
+import statistics
 from pathlib import Path
 
 import pytest
 
 from iotfleet.errors import ConfigError
-from simulators import cli
+from simulators import addresses, cli
 from simulators.faults import FaultKind, FaultSpec, assign_faults
-from simulators.fleet import DeviceCredentials
+from simulators.fleet import DeviceCredentials, FleetConfig, backoff_delay
 from simulators.provisioning import (
     ProvisioningError,
     load_credentials,
@@ -20,7 +23,7 @@ from simulators.provisioning import (
     spread,
 )
 from simulators.scenario import SCENARIO_DIR, Scenario, load_scenario, parse_duration
-from simulators.verify import check_device, summarize
+from simulators.verify import SAMPLE_SEQS, SeqLedger, check_device, summarize
 
 
 def test_durations() -> None:
@@ -148,8 +151,33 @@ def test_verify_maths() -> None:
     assert check.expected == 8  # 0..9 minus rejected 3 minus dropped 9
     assert check.missing == [7, 8] and check.missing_unacked == [8]
     assert check.duplicates == [5] and check.stored_despite_fault == [3]
+    assert (check.missing_count, check.duplicates_count, check.stored_despite_fault_count) == (2, 1, 1)
     result = summarize("test", [check], 0.0)
     assert not result.ok and result.samples[0]["missing"] == "7-8"
+    assert (result.missing, result.missing_unacked, result.duplicates, result.stored) == (2, 1, 1, 8)
+
+
+def test_verify_ledger_is_a_bitmap_bounded_per_device() -> None:
+    """Memory per device is one bit per seq of its run: 100,000 devices x 20 readings stay small."""
+    ledger = SeqLedger(first=100, end=120)
+    assert len(ledger.seen) == 3
+    for seq in (99, 100, 105, 105, 119, 120, 5):  # seqs outside [100, 120) are an earlier run's
+        ledger.add(seq)
+    assert ledger.stored == 4 and ledger.has(100) and ledger.has(119) and not ledger.has(101)
+    assert ledger.duplicated(105) and not ledger.duplicated(100)
+    outcome = {
+        "id": "d",
+        "type": "thermostat",
+        "first_seq": 100,
+        "seqs": 120,
+        "rejected": [],
+        "dropped": [],
+        "unacked": [],
+    }
+    check = check_device(outcome, ledger)
+    assert check.expected == 20 and check.missing_count == 17 and check.duplicates == [105]
+    everything_missing = check_device({**outcome, "seqs": 100_100}, [])
+    assert everything_missing.missing_count == 100_000 and len(everything_missing.missing) == SAMPLE_SEQS
 
 
 def test_iotfleet_demo_runs_the_demo_scenario_and_simulate_takes_the_flags() -> None:
@@ -161,3 +189,38 @@ def test_iotfleet_demo_runs_the_demo_scenario_and_simulate_takes_the_flags() -> 
         make_parser().parse_args(["simulate", "--devices", "100", "--duration", "60", "--verify"])
     )
     assert adhoc.name == "adhoc" and adhoc.duration == 60 and adhoc.verify and not adhoc.faults
+
+
+def test_reconnect_backoff_is_full_jitter_capped() -> None:
+    """uniform(0, min(cap, base * 2**attempt)): spread over the whole window, never beyond the cap."""
+    config = FleetConfig(backoff_base_s=0.5, backoff_cap_s=30.0)
+    rng = random.Random(1)
+    for attempt, ceiling in ((0, 0.5), (3, 4.0), (6, 30.0), (40, 30.0)):
+        delays = [backoff_delay(attempt, config, rng) for _ in range(2_000)]
+        assert 0.0 <= min(delays) < ceiling * 0.05 and ceiling * 0.95 < max(delays) <= ceiling
+        assert abs(statistics.mean(delays) - ceiling / 2) < ceiling * 0.05
+
+
+def test_source_addresses_spread_large_loopback_fleets_only() -> None:
+    assert addresses.choose("127.0.0.1", 20_000) == []
+    assert addresses.choose("localhost", 100_000) == [f"127.0.0.{i}" for i in range(2, 7)]
+    assert addresses.choose("10.1.2.3", 100_000) == []  # not loopback: the machine's own addresses
+    assert addresses.choose("127.0.0.1", 45, per_source=20) == ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+    with pytest.raises(ConfigError, match="devices-per-source"):
+        addresses.choose("127.0.0.1", 1_000_000, per_source=1_000)
+    with pytest.raises(ConfigError, match="not an IPv4"):
+        addresses.parse(["127.0.0.300"])
+
+
+def test_default_processes_one_per_core_at_most_one_per_thousand_devices() -> None:
+    cores = os.cpu_count() or 1
+    assert Scenario(devices=100).process_count() == 1
+    assert Scenario(devices=100_000).process_count() == min(cores, 100)
+    assert Scenario(devices=100_000, processes=3).process_count() == 3
+
+
+def test_resend_unrouted_is_on_unless_turned_off() -> None:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.build_scenario(parser.parse_args([])).resend_unrouted
+    assert not cli.build_scenario(parser.parse_args(["--no-resend-unrouted"])).resend_unrouted
