@@ -63,6 +63,31 @@ class RegistrySettings(BaseModel):
     )
 
 
+class JournalSettings(BaseModel):
+    """The ingest's local write-ahead journal (telemetry_ingest/journal.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="Ack a reading once it is fsync'd in the ingest's local journal (not once InfluxDB has it),"
+        " so neither an InfluxDB outage nor a slow InfluxDB leaves a backlog in the broker, whose"
+        " persistence is a periodic snapshot",
+    )
+    directory: Path | None = Field(
+        None, description="Default: <state_dir>/ingest-journal/<client id> (one per replica, locked)"
+    )
+    max_bytes: int = Field(
+        2 * 1024**3,
+        ge=64 * 1024**2,
+        description="Disk bound of the journal; when full the ingest stops acking (backpressure into the broker)",
+    )
+    drain_read_bytes: int = Field(
+        1024**2,
+        ge=64 * 1024,
+        le=64 * 1024**2,
+        description="Bytes of journal per InfluxDB write (memory bound)",
+    )
+
+
 class IngestSettings(BaseModel):
     device_type: str | None = None
     batch_max_readings: int = Field(5_000, ge=1, le=100_000)
@@ -109,6 +134,7 @@ class IngestSettings(BaseModel):
     drain_timeout_s: float = Field(
         10.0, gt=0, description="On stop, how long to wait for InfluxDB to take what was received"
     )
+    journal: JournalSettings = JournalSettings()
 
 
 class RulesSettings(BaseModel):
