@@ -56,9 +56,15 @@ def create_engine(url: str) -> AsyncEngine:
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
             # WAL lets the presence flusher write while API requests read; the
             # busy timeout makes concurrent writers wait instead of failing.
+            # synchronous=FULL: a commit is fsync'd before it returns. What the registry
+            # commits it then acknowledges (a 201 to the API client, a PUBACK to the broker
+            # for a command/alert event), so it must survive an OS crash or power loss too;
+            # NORMAL may roll the last commits back then. Cost: one fsync per transaction
+            # (~6-16 ms on the reference disk; the tracker commits events in batches):
+            # docs/benchmarks.md, "Durability".
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()

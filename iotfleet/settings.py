@@ -180,6 +180,13 @@ class StackSettings(BaseModel):
         9100, ge=1024, le=65000, description="Health/metrics ports of ingest and rules: base+1, base+2, …"
     )
     ready_timeout_s: float = Field(60.0, gt=0)
+    broker_autosave_changes: int = Field(
+        1_000,
+        ge=1,
+        description="Mosquitto snapshots its database every this many queued messages, retained messages and"
+        " subscription changes (autosave_on_changes): a broker kill -9 loses at most this many minus one;"
+        " each snapshot rewrites the whole database (sizing: mosquitto/README.md)",
+    )
 
 
 class Settings(BaseSettings):
