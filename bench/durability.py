@@ -14,7 +14,8 @@ Part ``ingest``: bench/ingest.py's drained and live runs, with the journal off
 the same run; the ratio is journal / no journal.
 
 Part ``sqlite``: the registry's SQLite settings (WAL + synchronous NORMAL vs FULL):
-the cost of one committed API-style write (a device row insert, one transaction).
+the cost of one committed write (a device row insert, one transaction). Part ``api``:
+the same through the registry process, ``PATCH /api/v1/devices/{id}``.
 
     .venv/bin/python -m bench.durability --parts broker --backlog 100000
     .venv/bin/python -m bench.durability --parts ingest,sqlite
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -33,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
+import httpx
 
 from tests.harness import Broker, ServerProcess
 from tests.ingest_support import provision_publisher, wait_for
@@ -42,40 +44,17 @@ TOPIC_FILTER = "devices/thermostat/+/telemetry"
 PUBLISHERS = 4
 
 
-def _payload_lines(count: int) -> bytes:
-    base = int(time.time() * 1000) - 3_600_000
-    return b"".join(
-        orjson.dumps(
-            {"ts": base + i, "seq": i, "temperature_c": 21.5, "humidity_pct": 40.0, "setpoint_c": 21.0}
-        )
-        + b"\n"
-        for i in range(count)
-    )
+def _publish(broker: Broker, accounts: list[tuple[str, str, list[str]]], count: int) -> float:
+    """``count`` QoS 1 readings from one publisher process per device (bench/ingest.py's asyncio
+    publisher, which counts every PUBACK); seconds from the first publish to the last PUBACK."""
+    from bench.ingest import publish_all
 
-
-def _publish(broker: Broker, account: tuple[str, str], devices: list[str], count: int) -> float:
-    """``count`` QoS 1 messages from len(devices) mosquitto_pub processes; seconds until all are acked."""
-    user, password = account
-    per = count // len(devices)
-    with tempfile.NamedTemporaryFile("wb", suffix=".lines", delete=False) as f:
-        f.write(_payload_lines(per))
-    argv = ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", user, "-P", password]
-    started = time.perf_counter()
-    procs = []
-    for device in devices:
-        with open(f.name, "rb") as lines:
-            procs.append(
-                subprocess.Popen(
-                    [*argv, "-q", "1", "-M", "1000", "-l", "-t", f"devices/thermostat/{device}/telemetry"],
-                    stdin=lines,
-                )
-            )
-    for proc in procs:
-        if proc.wait(timeout=3600) != 0:
-            raise RuntimeError("mosquitto_pub failed")
-    seconds = time.perf_counter() - started
-    os.unlink(f.name)
-    return seconds
+    per = count // len(accounts)
+    results = publish_all(broker, accounts, per, 0)
+    published = sum(r["published"] for r in results)
+    if published != per * len(accounts):
+        raise RuntimeError(f"published {published} of {per * len(accounts)}")
+    return max(r["finished"] for r in results) - min(r["started"] for r in results)
 
 
 def _consumer(broker: Broker, client_id: str, *extra: str) -> list[str]:
@@ -89,6 +68,22 @@ def _consumer(broker: Broker, client_id: str, *extra: str) -> list[str]:
 def _snapshots(broker: Broker) -> int:
     assert broker.process is not None
     return broker.process.log_path.read_text(errors="replace").count("Saving in-memory database")
+
+
+def _timed_snapshot(broker: Broker, db: Path) -> float:
+    """SIGUSR1 makes mosquitto save now; the save ends with the rename of mosquitto.db.new over
+    mosquitto.db (a new inode): the time until then is one snapshot of the current database."""
+    assert broker.process is not None
+    before = db.stat().st_ino if db.exists() else None
+    started = time.perf_counter()
+    os.kill(broker.process.pid, signal.SIGUSR1)
+    wait_for(
+        lambda: db.exists() and db.stat().st_ino != before,
+        timeout=600,
+        what="snapshot written",
+        interval=0.002,
+    )
+    return time.perf_counter() - started
 
 
 def broker_case(work: Path, name: str, config: dict[str, Any], backlog: int, probe: int) -> dict[str, Any]:
@@ -108,7 +103,8 @@ def broker_case(work: Path, name: str, config: dict[str, Any], backlog: int, pro
     broker.start()
     try:
         devices = [f"bench{i}" for i in range(PUBLISHERS)]
-        account = provision_publisher(broker, "thermostat", devices)
+        # one account (and client id) per publisher process, one device each
+        accounts = [(*provision_publisher(broker, "thermostat", [d]), [d]) for d in devices]
         # live consumer: the broker's queue stays (nearly) empty
         live = subprocess.Popen(
             _consumer(broker, "live-consumer", "-C", str(probe)), stdout=subprocess.DEVNULL
@@ -116,7 +112,7 @@ def broker_case(work: Path, name: str, config: dict[str, Any], backlog: int, pro
         wait_for(lambda: "live-consumer" in broker.process.log_tail(5) if broker.process else False,
                  timeout=10, what="live consumer connected")  # fmt: skip
         before = _snapshots(broker)
-        live_s = _publish(broker, account, devices, probe)
+        live_s = _publish(broker, accounts, probe)
         live.wait(timeout=600)
         live_snaps = _snapshots(broker) - before
         # clean start + session expiry 0: the live consumer's session goes (it must not queue a copy)
@@ -126,17 +122,13 @@ def broker_case(work: Path, name: str, config: dict[str, Any], backlog: int, pro
         # offline consumer: the stalled ingest; its session holds the backlog
         subprocess.run(_consumer(broker, "stalled-ingest", "-E"), check=True, timeout=30)
         before = _snapshots(broker)
-        fill_s = _publish(broker, account, devices, backlog)
+        fill_s = _publish(broker, accounts, backlog)
         fill_snaps = _snapshots(broker) - before
         before = _snapshots(broker)
-        on_backlog_s = _publish(broker, account, devices, probe)
+        on_backlog_s = _publish(broker, accounts, probe)
         probe_snaps = _snapshots(broker) - before
         db = work / name / "mosquitto.db"
-        subprocess.run(["kill", "-USR1", str(broker.process.pid if broker.process else 0)], check=True)
-        wait_for(
-            lambda: db.exists() and _snapshots(broker) > before + probe_snaps, timeout=120, what="snapshot"
-        )
-        time.sleep(0.5)  # not a synchronisation: lets the rename land before stat (size only)
+        snapshot_s = _timed_snapshot(broker, db)
         result = {
             "setting": name,
             "live_msg_per_s": round(probe / live_s),
@@ -146,6 +138,7 @@ def broker_case(work: Path, name: str, config: dict[str, Any], backlog: int, pro
             "on_backlog_msg_per_s": round(probe / on_backlog_s),
             "on_backlog_snapshots": probe_snaps,
             "db_mib": round(db.stat().st_size / 2**20, 1),
+            "snapshot_s": round(snapshot_s, 2),
         }
         print(f"  broker {name}: {result}", flush=True)
         return result
@@ -158,7 +151,9 @@ def bench_broker(backlog: int, probe: int, counts: list[int]) -> list[dict[str, 
     cases: list[tuple[str, dict[str, Any]]] = [
         ("time 30 s", {"autosave_on_changes": False, "autosave_interval": 30})
     ]
-    cases += [(f"on changes {c:,}", {"autosave_on_changes": True, "autosave_interval": c}) for c in counts]
+    cases += [
+        (f"on changes {c:,}", {"autosave_on_changes": True, "autosave_interval": c}) for c in counts if c
+    ]
     return [broker_case(work, f"{name}", config, backlog, probe) for name, config in cases]
 
 
@@ -230,6 +225,48 @@ def bench_sqlite(writes: int) -> list[dict[str, Any]]:
     return results
 
 
+def bench_registry_api(writes: int) -> list[dict[str, Any]]:
+    """``PATCH /api/v1/devices/{id}`` (one transaction, no broker call) against the real registry
+    process on SQLite, with synchronous FULL and NORMAL, alternated."""
+    from tests.registry_harness import ADMIN_KEY, RegistryProcess
+
+    work = Path(tempfile.mkdtemp(prefix="bench-registry-", dir=Path.cwd()))  # the real disk
+    broker = Broker(work / "mosquitto").start()
+    results = []
+    try:
+        for round_, sync in enumerate(("NORMAL", "FULL", "NORMAL", "FULL")):
+            os.environ["IOTFLEET_REGISTRY__SQLITE_SYNCHRONOUS"] = sync
+            registry = RegistryProcess(broker, work / f"registry-{round_}").start()
+            try:
+                with httpx.Client(
+                    base_url=registry.url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+                ) as http:
+                    device = f"sync-{round_}"
+                    http.post("/api/v1/devices", json={"id": device, "type": "thermostat"}).raise_for_status()
+                    latencies = []
+                    for i in range(writes):
+                        started = time.perf_counter()
+                        http.patch(f"/api/v1/devices/{device}", json={"name": f"n{i}"}).raise_for_status()
+                        latencies.append(time.perf_counter() - started)
+            finally:
+                registry.stop()
+            latencies.sort()
+            row = {
+                "synchronous": sync,
+                "writes": writes,
+                "p50_ms": round(latencies[len(latencies) // 2] * 1000, 1),
+                "p99_ms": round(latencies[int(len(latencies) * 0.99)] * 1000, 1),
+                "writes_per_s": round(writes / sum(latencies)),
+            }
+            print(f"  registry api {row}", flush=True)
+            results.append(row)
+    finally:
+        os.environ.pop("IOTFLEET_REGISTRY__SQLITE_SYNCHRONOUS", None)
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -248,13 +285,18 @@ def main() -> None:
     results: dict[str, Any] = {"load_average_1m_at_start": os.getloadavg()[0]}
     if "broker" in parts:
         print(f"broker: backlog {args.backlog:,}, probe {args.probe:,}", flush=True)
-        results["broker"] = bench_broker(args.backlog, args.probe, [int(c) for c in args.counts.split(",")])
+        results["broker"] = bench_broker(
+            args.backlog, args.probe, [int(c) for c in args.counts.split(",") if c]
+        )
     if "ingest" in parts:
         print(f"ingest: {args.readings:,} readings, {args.rounds} rounds", flush=True)
         results["ingest"] = bench_ingest(args.readings, args.rounds, args.live_rate)
     if "sqlite" in parts:
         print("sqlite", flush=True)
         results["sqlite"] = bench_sqlite(args.sqlite_writes)
+    if "api" in parts:
+        print("registry api", flush=True)
+        results["registry_api"] = bench_registry_api(args.sqlite_writes)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
