@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 HEADER = struct.Struct("<IIB")  # body length, CRC32 of the body, precision code
 PRECISIONS = ("ms", "ns")
 SEGMENT_SUFFIX = ".seg"
+INLINE_READ_BYTES = 256 * 1024
 BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 5.0
 _DEVICE_ID = re.compile(rb",device_id=((?:[^,\\ ]|\\.)*)")
@@ -310,6 +311,12 @@ class Journal:
             async with self._space:
                 self._space.notify_all()
 
+    def bytes_after(self, position: Position) -> int:
+        """Committed bytes after ``position``."""
+        if position.segment >= self._last:
+            return max(0, self._segments.get(self._last, 0) - position.offset)
+        return self.segment_bytes  # at least one more segment: a backlog
+
     @property
     def end(self) -> Position:
         return Position(self._last, self._segments[self._last])
@@ -409,7 +416,15 @@ class Drainer:
         in_flight: deque[tuple[asyncio.Task[bool], Position]] = deque()
         while True:
             while len(in_flight) < self.concurrency:
-                records, after = await asyncio.to_thread(journal.read, position, self.read_bytes)
+                if in_flight and journal.bytes_after(position) < self.read_bytes // 2:
+                    # Like the pipeline's batches: a second write only when there is a backlog;
+                    # otherwise the next one collects what arrives meanwhile (fewer, larger writes).
+                    break
+                if journal.bytes_after(position) <= INLINE_READ_BYTES:
+                    # caught up: a small read from the page cache costs less than a thread hop
+                    records, after = journal.read(position, self.read_bytes)
+                else:
+                    records, after = await asyncio.to_thread(journal.read, position, self.read_bytes)
                 if not records:
                     position = after  # past fully drained segments: they can go
                     break
