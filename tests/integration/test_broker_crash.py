@@ -195,6 +195,7 @@ def test_broker_kill_9_with_one_of_two_replicas_stalled(
         print(f"stored {len(seqs)} of {N}; lost {len(lost)}: {lost[:3]}..{lost[-3:]}")  # shown with -s
         assert len(lost) <= LOSS_BOUND, f"{len(lost)} lost (bound {LOSS_BOUND}), first {lost[:10]}"
         live_share = live.metric("iotfleet_ingest_received_readings_total")
+        print(f"live replica took {live_share:.0f} of {N}")  # shown with -s
         assert live_share >= N // 3, live_share  # the shared subscription really split the stream
         # what was lost was queued for the stalled replica at the very end of the stream
         assert all(seq >= N - 2 * AUTOSAVE_INTERVAL - 20 for seq in lost), lost[:10]
