@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifecycle.starting(
             database=_redact(database_url), broker=f"{settings.mqtt.host}:{settings.mqtt.port}"
         )
-        engine = db.create_engine(database_url)
+        engine = db.create_engine(database_url, sqlite_synchronous=settings.registry.sqlite_synchronous)
         try:
             before, after = await db.run_migrations(engine)
         except Exception as exc:

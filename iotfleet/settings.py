@@ -67,6 +67,36 @@ class RegistrySettings(BaseModel):
         le=256 * 1024 * 1024,
         description="Largest request body (413 beyond): a 10,000-device bulk with names and tags is ~2 MB",
     )
+    sqlite_synchronous: Literal["FULL", "NORMAL"] = Field(
+        "FULL",
+        description="SQLite only: FULL fsyncs every commit (survives an OS crash); NORMAL (WAL) may roll the"
+        " last commits back after an OS crash or power loss, for ~5-10 ms less per API write",
+    )
+
+
+class JournalSettings(BaseModel):
+    """The ingest's local write-ahead journal (telemetry_ingest/journal.py)."""
+
+    enabled: bool = Field(
+        True,
+        description="Ack a reading once it is fsync'd in the ingest's local journal (not once InfluxDB has it),"
+        " so neither an InfluxDB outage nor a slow InfluxDB leaves a backlog in the broker, whose"
+        " persistence is a periodic snapshot",
+    )
+    directory: Path | None = Field(
+        None, description="Default: <state_dir>/ingest-journal/<client id> (one per replica, locked)"
+    )
+    max_bytes: int = Field(
+        2 * 1024**3,
+        ge=64 * 1024**2,
+        description="Disk bound of the journal; when full the ingest stops acking (backpressure into the broker)",
+    )
+    drain_read_bytes: int = Field(
+        1024**2,
+        ge=64 * 1024,
+        le=64 * 1024**2,
+        description="Bytes of journal per InfluxDB write (memory bound)",
+    )
 
 
 class IngestSettings(BaseModel):
@@ -115,6 +145,7 @@ class IngestSettings(BaseModel):
     drain_timeout_s: float = Field(
         10.0, gt=0, description="On stop, how long to wait for InfluxDB to take what was received"
     )
+    journal: JournalSettings = JournalSettings()
 
 
 class RulesSettings(BaseModel):
@@ -160,6 +191,13 @@ class StackSettings(BaseModel):
         9100, ge=1024, le=65000, description="Health/metrics ports of ingest and rules: base+1, base+2, …"
     )
     ready_timeout_s: float = Field(60.0, gt=0)
+    broker_autosave_changes: int = Field(
+        1_000,
+        ge=1,
+        description="Mosquitto snapshots its database every this many queued messages, retained messages and"
+        " subscription changes (autosave_on_changes): a broker kill -9 loses at most this many minus one;"
+        " each snapshot rewrites the whole database (sizing: mosquitto/README.md)",
+    )
 
 
 class Settings(BaseSettings):

@@ -34,6 +34,7 @@ from iotfleet.lifecycle import HealthServer, ServiceLifecycle, configure_logging
 from iotfleet.mqtt_client import MqttClient, SessionConfig
 from iotfleet.settings import Settings, load_settings
 from iotfleet.topics import Channel, device_filter, ingest_group, shared_filter
+from telemetry_ingest.durable import DurableStage, JournaledPipeline
 from telemetry_ingest.lines import LineEncoder
 from telemetry_ingest.metrics import IngestMetrics
 from telemetry_ingest.paho_transport import PahoClient
@@ -78,10 +79,16 @@ class IngestService:
         self.mqtt: MqttClient | PahoClient = transport_cls(
             settings.mqtt, session, self._on_message, self._on_mqtt_state
         )
-        self.pipeline = Pipeline(
+        # The journal (default): acked once fsync'd locally, drained to InfluxDB (durable.py).
+        self.durable = (
+            DurableStage(settings, device_type, session.client_id, self.influx, self.metrics)
+            if device_type is not None and settings.ingest.journal.enabled
+            else None
+        )
+        self.pipeline = (JournaledPipeline if self.durable else Pipeline)(
             device_type,
             settings.ingest,
-            self.influx,
+            self.durable.writer if self.durable else self.influx,
             self.mqtt,
             self.metrics,
             on_influx_state=self._on_influx_state,
@@ -89,6 +96,9 @@ class IngestService:
         # The transport exists before the pipeline (which needs it to ack); from here on it
         # calls the pipeline directly, without a wrapper frame per message.
         self.mqtt.sink = self.pipeline.handle
+        if self.durable:
+            assert isinstance(self.pipeline, JournaledPipeline)
+            self.durable.attach(self.pipeline)
         self.mqtt_error = "not connected yet"
         self._ready_logged = False
         self._mqtt_down_logged = False
@@ -148,6 +158,7 @@ class IngestService:
             "mqtt_connected": self.mqtt.connected,
             "mqtt_error": self.mqtt_error,
             **self.pipeline.health(),
+            **(self.durable.health() if self.durable else {}),
         }
 
     async def _prepare_influx(self) -> None:
@@ -160,7 +171,10 @@ class IngestService:
                 self.pipeline.last_write_error = str(exc)
                 self._on_influx_state(False, str(exc))
             else:
-                self.pipeline.set_influx_state(True, "")
+                if isinstance(self.pipeline, JournaledPipeline):
+                    self.pipeline.storage_state(True, "")
+                else:
+                    self.pipeline.set_influx_state(True, "")
                 return
             try:
                 await asyncio.wait_for(self.stop.wait(), delay)
@@ -177,6 +191,8 @@ class IngestService:
             influx=self.settings.influx.url,
             database=self.settings.influx.database,
         )
+        if self.durable:
+            self.durable.start(on_failure=self.stop.set)  # ConfigError if its journal is in use
         health = HealthServer(self.settings.health, self.health, registry=self.metrics.registry)
         health.start()
         if self.device_type is not None:
@@ -194,6 +210,9 @@ class IngestService:
         if self.retire:
             idle_watch.cancel()
         await session
+        details_journal = True
+        if self.durable:
+            details_journal = await self.durable.finish(self.settings.ingest.drain_timeout_s)
         if self.device_type is not None:
             prepare.cancel()
         await self.influx.aclose()
@@ -201,6 +220,8 @@ class IngestService:
         details: dict[str, object] = {"unacked_readings": self.pipeline.buffered, "drained": drained}
         if self.retire:
             details["session_deleted"] = end_session
+        if self.durable:
+            details["journal_drained"] = details_journal
         self.lifecycle.stopped(**details)
 
     async def _stop_when_idle(self) -> None:
@@ -213,7 +234,8 @@ class IngestService:
             if not self.mqtt.connected:
                 quiet_since = time.monotonic()
                 continue
-            if self.pipeline.messages_seen != seen or self.pipeline.buffered:
+            busy = self.pipeline.buffered or (self.durable is not None and not self.durable.idle)
+            if self.pipeline.messages_seen != seen or busy:
                 seen = self.pipeline.messages_seen
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= RETIRE_IDLE_S:

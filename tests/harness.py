@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from iotfleet import dynsec
 from iotfleet.settings import InfluxSettings, MqttSettings
@@ -108,10 +109,11 @@ class Broker(_Restartable):
     port: int = field(default_factory=probes.free_port)
     passwords: dict[str, str] = field(default_factory=dynsec.new_passwords)
     process: ServerProcess | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # more write_mosquitto_config arguments
 
     def start(self) -> Broker:
         files = configs.write_mosquitto_config(
-            self.state_dir, host=self.host, port=self.port, passwords=self.passwords
+            self.state_dir, host=self.host, port=self.port, passwords=self.passwords, **self.config
         )
         if self.process is None:
             self.process = ServerProcess(

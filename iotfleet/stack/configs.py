@@ -78,6 +78,12 @@ def find_dynsec_plugin() -> str:
     )
 
 
+# Broker snapshots (Mosquitto 2.0 has no write-ahead log): see mosquitto/README.md and
+# docs/benchmarks.md ("Durability") for why these values.
+AUTOSAVE_ON_CHANGES = True
+AUTOSAVE_INTERVAL = 1_000
+
+
 @dataclass(frozen=True)
 class BrokerFiles:
     config: Path
@@ -93,6 +99,8 @@ def write_mosquitto_config(
     max_queued_messages: int = 5_000_000,
     max_inflight_messages: int = 2_000,
     connection_messages: bool = True,
+    autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
+    autosave_interval: int = AUTOSAVE_INTERVAL,
 ) -> BrokerFiles:
     """Render mosquitto.conf; write the dynsec bootstrap file only if there is none yet.
 
@@ -122,6 +130,8 @@ def write_mosquitto_config(
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
             connection_messages="true" if connection_messages else "false",
+            autosave_on_changes="true" if autosave_on_changes else "false",
+            autosave_interval=autosave_interval,
         )
     )
     dynsec_file = state_dir / "dynamic-security.json"

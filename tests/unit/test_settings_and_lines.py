@@ -42,3 +42,27 @@ def test_influxql_quoting() -> None:
     assert quote_string("it's") == "'it\\'s'"
     with pytest.raises(ValueError):
         quote_string("x\n;DROP")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IOTFLEET_INGEST__JOURNAL__MAX_BYTES", "1000"),  # below 64 MiB
+        ("IOTFLEET_INGEST__JOURNAL__ENABLED", "maybe"),
+        ("IOTFLEET_REGISTRY__SQLITE_SYNCHRONOUS", "OFF"),  # acked commits must survive an OS crash
+        ("IOTFLEET_STACK__BROKER_AUTOSAVE_CHANGES", "0"),
+    ],
+)
+def test_durability_settings_fail_fast_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        load_settings()
+
+
+def test_durability_defaults() -> None:
+    settings = load_settings()
+    assert settings.ingest.journal.enabled and settings.ingest.journal.max_bytes == 2 * 1024**3
+    assert settings.registry.sqlite_synchronous == "FULL"
+    assert settings.stack.broker_autosave_changes == 1_000
