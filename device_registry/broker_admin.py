@@ -31,9 +31,6 @@ from iotfleet.settings import MqttSettings
 
 log = logging.getLogger("registry.broker")
 
-DEVICE_TEXTNAME = "iotfleet device"
-"""textname of every client and role the registry creates: marks the broker entries it owns."""
-
 MAX_CHUNK = 500
 """Most commands per control message."""
 TARGET_MESSAGE_S = 1.0
@@ -254,55 +251,3 @@ def _set_result(future: asyncio.Future[list[dict[str, Any]]], value: list[dict[s
 def _raise_for(response: dict[str, Any]) -> None:
     if response.get("error"):
         raise DynsecCommandError(response.get("command", "?"), response["error"])
-
-
-# --- the commands that make up a device's broker identity -------------------------------------
-
-
-def new_device_password() -> str:
-    return secrets.token_urlsafe(24)
-
-
-def create_device_commands(
-    device_type: str, device_id: str, password: str, *, enabled: bool = True
-) -> list[dict[str, Any]]:
-    """A role holding the device's literal topics, and a client (username = client id = device id)."""
-    role = dynsec.device_role_name(device_id)
-    commands: list[dict[str, Any]] = [
-        {
-            "command": "createRole",
-            "rolename": role,
-            "textname": DEVICE_TEXTNAME,
-            "acls": dynsec.device_acls(device_type, device_id),
-        },
-        {
-            "command": "createClient",
-            "username": device_id,
-            "clientid": device_id,
-            "password": password,
-            "textname": DEVICE_TEXTNAME,
-            "roles": [{"rolename": role}],
-        },
-    ]
-    if not enabled:
-        commands.append({"command": "disableClient", "username": device_id})
-    return commands
-
-
-def delete_device_commands(device_id: str) -> list[dict[str, Any]]:
-    """Deleting the client kicks its live connection."""
-    return [
-        {"command": "deleteClient", "username": device_id},
-        {"command": "deleteRole", "rolename": dynsec.device_role_name(device_id)},
-    ]
-
-
-def set_enabled_command(device_id: str, enabled: bool) -> dict[str, Any]:
-    return {"command": "enableClient" if enabled else "disableClient", "username": device_id}
-
-
-def set_password_command(device_id: str, password: str) -> dict[str, Any]:
-    return {"command": "setClientPassword", "username": device_id, "password": password}
-
-
-NOT_FOUND_ERRORS = ("Client not found", "Role not found")

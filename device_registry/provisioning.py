@@ -1,15 +1,16 @@
 """Device lifecycle against DB and broker together: create, disable/enable, rotate, delete.
 
-Order of every change: check against the DB, apply the dynsec commands with no
-DB transaction open (the broker can take minutes for a bulk request, and an
-open SQLite write transaction would block every other writer meanwhile), then
-write and commit the DB change. If the broker refuses or is away, nothing is
-written and the caller gets a problem; if the process dies between the broker
-change and the commit, the reconcile at the next start brings the broker back
-to the DB (the system of record). Ids being changed are held in
-``reconciler.busy``: a second request on the same id gets 409, and the
-reconcile leaves them alone. Passwords are never stored by the registry:
-dynsec keeps only its PBKDF2 hash.
+A device's broker identity is one line of the broker's password file (username =
+client id = device id), written by the broker agent; its ACL is the shared
+pattern set of ``iotfleet.topics.DEVICE_ACL`` (no per-device ACL entries).
+Order of every change: check against the DB, send the change to the agent with
+no DB transaction open, then write and commit the DB change. If the agent or the
+broker is away nothing is written and the caller gets a problem; if the process
+dies between the agent's change and the commit, the next reconcile brings the
+broker back to the DB (the system of record). Ids being changed are held in
+``reconciler.busy``: a second request on the same id gets 409, and the reconcile
+leaves them alone. Passwords are never stored: the DB keeps the password-file
+hash (computed once here), so the agent's file can be rebuilt at any time.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from device_registry import broker_admin
-from device_registry.broker_admin import BrokerError, DynsecCommandError
+from device_registry.broker_admin import BrokerError
 from device_registry.models import Device
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
 from device_registry.schemas import (
@@ -38,7 +37,7 @@ from device_registry.schemas import (
     DeviceTopics,
 )
 from device_registry.state import RegistryState
-from iotfleet import topics
+from iotfleet import broker_files, topics
 from iotfleet.topics import Channel
 
 log = logging.getLogger("registry.devices")
@@ -91,26 +90,19 @@ async def _existing_ids(session: AsyncSession, ids: Sequence[str]) -> list[str]:
     return found
 
 
-def _unavailable(exc: Exception) -> Problem:
-    if isinstance(exc, BrokerError):
-        return BrokerUnavailable(f"the broker did not apply the change, nothing was changed: {exc}")
-    return Problem(
-        502,
-        f"the broker refused the change, nothing was changed: {exc}",
-        slug="broker-refused",
-        title="Broker refused the change",
-    )
+def _unavailable(exc: BrokerError) -> Problem:
+    return BrokerUnavailable(f"the broker did not apply the change, nothing was changed: {exc}")
 
 
-async def _apply(
-    state: RegistryState, commands: list[dict[str, Any]], *, tolerate: Sequence[str] = ()
-) -> None:
+async def _apply(state: RegistryState, upsert: Mapping[str, str], remove: Sequence[str] = ()) -> None:
+    if not upsert and not remove:
+        return
     try:
-        await state.broker.run(commands, tolerate=tolerate)
-    except (BrokerError, DynsecCommandError):
-        state.metrics.dynsec_commands.labels("failed").inc(len(commands))
+        await state.agent.apply(upsert, remove)
+    except BrokerError:
+        state.metrics.broker_changes.labels("failed").inc(len(upsert) + len(remove))
         raise
-    state.metrics.dynsec_commands.labels("ok").inc(len(commands))
+    state.metrics.broker_changes.labels("ok").inc(len(upsert) + len(remove))
 
 
 async def create_devices(
@@ -136,17 +128,20 @@ async def create_devices(
             conflicting_ids=sorted(existing)[:100],
         )
     # Close the read transaction: nothing may hold the DB (SQLite: the whole file)
-    # while the broker works, which takes minutes for a large bulk request.
+    # while the broker agent works.
     await session.rollback()
-    passwords = [broker_admin.new_device_password() for _ in ids]
-    commands = [
-        cmd
-        for device_id, item, password in zip(ids, items, passwords, strict=True)
-        for cmd in broker_admin.create_device_commands(item.type, device_id, password)
-    ]
+    passwords = [broker_files.new_device_password() for _ in ids]
+    hashes = [broker_files.hash_password(password) for password in passwords]
     state.reconciler.touch(ids)
     try:
-        await _create_on_broker(state, ids, commands)
+        try:
+            # Any entry the agent still has for these ids is a leftover of a crash
+            # between an agent change and the DB commit: no device, no request owns
+            # it, so the upsert replaces it.
+            await _apply(state, dict(zip(ids, hashes, strict=True)))
+        except BrokerError as exc:
+            await _undo(state, ids)
+            raise _unavailable(exc) from None
         now = datetime.now(UTC)
         rows = [
             Device(
@@ -157,16 +152,17 @@ async def create_devices(
                 meta=dict(item.metadata),
                 enabled=True,
                 online=False,
+                password_hash=password_hash,
                 credentials_rotated_at=now,
                 created_at=now,
                 updated_at=now,
             )
-            for device_id, item in zip(ids, items, strict=True)
+            for device_id, item, password_hash in zip(ids, items, hashes, strict=True)
         ]
         session.add_all(rows)
         try:
             # Broker first, DB second: if the process dies in between, the broker
-            # entries (marked as the registry's) are orphans the next reconcile deletes.
+            # entries are orphans the next reconcile removes.
             await session.commit()
         except IntegrityError:
             await session.rollback()
@@ -186,33 +182,10 @@ async def create_devices(
     ]
 
 
-async def _create_on_broker(state: RegistryState, ids: Sequence[str], commands: list[dict[str, Any]]) -> None:
-    try:
-        try:
-            await _apply(state, commands)
-        except DynsecCommandError as exc:
-            if "already exists" not in exc.error:
-                raise
-            # Leftovers of a crash between a broker change and the DB commit (not
-            # yet reconciled): these ids have no device and no request working on
-            # them, so the entries belong to nobody. Replace them.
-            log.warning("replacing stale broker entries for %d device id(s)", len(ids))
-            cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
-            await _apply(state, cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
-            await _apply(state, commands)
-    except (BrokerError, DynsecCommandError) as exc:
-        await _undo(state, ids)
-        raise _unavailable(exc) from None
-    except BaseException:
-        await _undo(state, ids)
-        raise
-
-
 async def _undo(state: RegistryState, ids: Sequence[str]) -> None:
     """Best-effort removal of broker entries whose devices were not stored (reconcile catches the rest)."""
     try:
-        cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
-        await state.broker.run(cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
+        await state.agent.apply({}, list(ids))
     except Exception as exc:
         log.warning("could not undo broker entries of %d device(s) (%s); reconcile will", len(ids), exc)
 
@@ -221,9 +194,8 @@ async def _broker_change(
     state: RegistryState,
     session: AsyncSession,
     device_id: str,
-    commands: list[dict[str, Any]],
-    *,
-    tolerate: Sequence[str] = (),
+    upsert: Mapping[str, str],
+    remove: Sequence[str] = (),
 ) -> None:
     """Apply a device's broker change with no DB transaction open (the caller commits after)."""
     if device_id in state.reconciler.busy:
@@ -231,16 +203,24 @@ async def _broker_change(
     await session.rollback()  # end the read transaction: the broker may take a while
     state.reconciler.touch([device_id])
     try:
-        await _apply(state, commands, tolerate=tolerate)
-    except (BrokerError, DynsecCommandError) as exc:
+        await _apply(state, upsert, remove)
+    except BrokerError as exc:
         state.reconciler.release([device_id])
         raise _unavailable(exc) from None
 
 
 async def set_enabled(state: RegistryState, session: AsyncSession, device_id: str, enabled: bool) -> Device:
-    await get_device(session, device_id)
-    # disableClient kicks the live connection at once and refuses reconnects.
-    await _broker_change(state, session, device_id, [broker_admin.set_enabled_command(device_id, enabled)])
+    device = await get_device(session, device_id)
+    if enabled:
+        if device.password_hash is None:
+            raise Conflict(
+                f"device {device_id!r} has no broker credentials stored (made before they were kept);"
+                " rotate its credentials to enable it"
+            )
+        await _broker_change(state, session, device_id, {device_id: device.password_hash})
+    else:
+        # Removing the entry and reloading kicks the live connection and refuses reconnects.
+        await _broker_change(state, session, device_id, {}, [device_id])
     try:
         device = await get_device(session, device_id)
         device.enabled = enabled
@@ -259,18 +239,17 @@ async def rotate_credentials(
     state: RegistryState, session: AsyncSession, device_id: str
 ) -> CredentialsRotated:
     device = await get_device(session, device_id)
-    password = broker_admin.new_device_password()
-    commands = [broker_admin.set_password_command(device_id, password)]
+    password = broker_files.new_device_password()
+    password_hash = broker_files.hash_password(password)
     if device.enabled:
-        # setClientPassword alone leaves the live session up (Mosquitto 2.0):
-        # a disable/enable pair kicks it, so the old password stops working now.
-        commands += [
-            broker_admin.set_enabled_command(device_id, False),
-            broker_admin.set_enabled_command(device_id, True),
-        ]
-    await _broker_change(state, session, device_id, commands)
+        # The reload re-checks every live session's password against the file:
+        # the device's connection made with the old password is closed.
+        await _broker_change(state, session, device_id, {device_id: password_hash})
+    else:
+        await _broker_change(state, session, device_id, {})  # takes the busy mark; the entry stays absent
     try:
         device = await get_device(session, device_id)
+        device.password_hash = password_hash
         device.credentials_rotated_at = datetime.now(UTC)
         await session.commit()
     finally:
@@ -286,13 +265,7 @@ async def rotate_credentials(
 
 async def delete_device(state: RegistryState, session: AsyncSession, device_id: str) -> None:
     await get_device(session, device_id)
-    await _broker_change(
-        state,
-        session,
-        device_id,
-        broker_admin.delete_device_commands(device_id),
-        tolerate=broker_admin.NOT_FOUND_ERRORS,
-    )
+    await _broker_change(state, session, device_id, {}, [device_id])
     try:
         device = await session.get(Device, device_id)
         if device is not None:
