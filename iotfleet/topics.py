@@ -93,6 +93,14 @@ def device_topic(device_type: str, device_id: str, channel: Channel | str) -> st
     return f"{DEVICES_ROOT}/{device_type}/{device_id}/{Channel(channel).value}"
 
 
+def device_topics(device_type: str, device_id: str) -> dict[Channel, str]:
+    """Every topic of one device (both segments checked once): what the API shows for a device."""
+    check_device_type(device_type)
+    check_device_id(device_id)
+    base = f"{DEVICES_ROOT}/{device_type}/{device_id}/"
+    return {channel: base + channel.value for channel in Channel}
+
+
 def parse_device_topic(topic: str) -> DeviceTopic:
     """Split a device topic; raise TopicError if it is not one."""
     parts = topic.split("/")
