@@ -20,6 +20,10 @@ from iotfleet.settings import BrokerAgentSettings
 log = logging.getLogger("registry.agent")
 
 
+class BrokerRefused(BrokerError):
+    """The agent refused the change as invalid (422): retrying will not help."""
+
+
 class AgentClient:
     def __init__(
         self, settings: BrokerAgentSettings, *, transport: httpx.AsyncBaseTransport | None = None
@@ -53,6 +57,8 @@ class AgentClient:
             detail = _detail(response)
             if response.status_code in (401, 403):
                 self.last_error = f"broker agent refused the registry's token ({detail})"
+            if response.status_code == 422:
+                raise BrokerRefused(f"broker agent refused it: {detail}")
             raise BrokerError(f"broker agent answered {response.status_code}: {detail}")
         self.last_error = None
         self.calls += 1

@@ -99,7 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
             if report.ok:
                 metrics.reconcile_drift.set(report.drift_count)
 
-        reconciler = Reconciler(agent, sessions, on_report=reported)
+        reconciler = Reconciler(agent, sessions, broker=broker, on_report=reported)
         state = RegistryState(
             settings=settings,
             engine=engine,

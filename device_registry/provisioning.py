@@ -26,7 +26,9 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from device_registry.broker_admin import BrokerError
+from device_registry import legacy_dynsec
+from device_registry.agent_client import BrokerRefused
+from device_registry.broker_admin import BrokerError, DynsecCommandError
 from device_registry.models import Device
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
 from device_registry.schemas import (
@@ -102,7 +104,14 @@ async def _existing_ids(session: AsyncSession, ids: Sequence[str]) -> list[str]:
     return found
 
 
-def _unavailable(exc: BrokerError) -> Problem:
+def _unavailable(exc: BrokerError | DynsecCommandError) -> Problem:
+    if isinstance(exc, BrokerRefused | DynsecCommandError):
+        return Problem(
+            422,
+            f"the broker refused the change, nothing was changed: {exc}",
+            slug="broker-refused",
+            title="Broker refused the change",
+        )
     return BrokerUnavailable(f"the broker did not apply the change, nothing was changed: {exc}")
 
 
@@ -229,15 +238,23 @@ async def _broker_change(
     device_id: str,
     upsert: Mapping[str, str],
     remove: Sequence[str] = (),
+    *,
+    legacy: bool = False,
 ) -> None:
-    """Apply a device's broker change with no DB transaction open (the caller commits after)."""
+    """Apply a device's broker change with no DB transaction open (the caller commits after).
+
+    ``legacy``: the device may still have a dynsec client from before the device
+    file (no stored hash): delete it too, or dynsec would keep letting it in.
+    """
     if device_id in state.reconciler.busy:
         raise Conflict(f"device {device_id!r} is being changed by another request; retry")
     await session.rollback()  # end the read transaction: the broker may take a while
     state.reconciler.touch([device_id])
     try:
+        if legacy:
+            await legacy_dynsec.remove(state.broker, [device_id])
         await _apply(state, upsert, remove)
-    except BrokerError as exc:
+    except (BrokerError, DynsecCommandError) as exc:
         state.reconciler.release([device_id])
         raise _unavailable(exc) from None
 
@@ -253,7 +270,7 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
         await _broker_change(state, session, device_id, {device_id: device.password_hash})
     else:
         # Removing the entry and reloading kicks the live connection and refuses reconnects.
-        await _broker_change(state, session, device_id, {}, [device_id])
+        await _broker_change(state, session, device_id, {}, [device_id], legacy=device.password_hash is None)
     try:
         device = await get_device(session, device_id)
         device.enabled = enabled
@@ -274,12 +291,14 @@ async def rotate_credentials(
     device = await get_device(session, device_id)
     password = broker_files.new_device_password()
     password_hash = broker_files.hash_password(password)
+    legacy = device.password_hash is None
     if device.enabled:
         # The reload re-checks every live session's password against the file:
         # the device's connection made with the old password is closed.
-        await _broker_change(state, session, device_id, {device_id: password_hash})
+        await _broker_change(state, session, device_id, {device_id: password_hash}, legacy=legacy)
     else:
-        await _broker_change(state, session, device_id, {})  # takes the busy mark; the entry stays absent
+        # Takes the busy mark; the entry stays absent while disabled.
+        await _broker_change(state, session, device_id, {}, legacy=legacy)
     try:
         device = await get_device(session, device_id)
         device.password_hash = password_hash
@@ -297,8 +316,8 @@ async def rotate_credentials(
 
 
 async def delete_device(state: RegistryState, session: AsyncSession, device_id: str) -> None:
-    await get_device(session, device_id)
-    await _broker_change(state, session, device_id, {}, [device_id])
+    legacy = (await get_device(session, device_id)).password_hash is None
+    await _broker_change(state, session, device_id, {}, [device_id], legacy=legacy)
     try:
         device = await session.get(Device, device_id)
         if device is not None:

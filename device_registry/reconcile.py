@@ -14,8 +14,12 @@ back), ``disabled_present`` (a disabled device the broker still accepts:
 removed, kicked), ``orphan_entry`` (an entry for a device the registry no longer
 has: removed — the agent's file holds only entries the registry made; the
 platform's accounts live in dynamic security, which reconcile never touches),
-``no_credentials`` (an enabled device without a stored hash, made before hashes
-were kept: reported only — rotate its credentials).
+``no_credentials`` (an enabled device without a stored hash and without a
+legacy dynsec client: reported only — rotate its credentials),
+``legacy_dynsec_client`` (a dynsec client an older registry made for a device
+that is gone, disabled or already in the device file: deleted, kicked). Devices
+still served by their legacy dynsec client are listed in ``legacy_dynsec``, not
+counted as drift (see device_registry.legacy_dynsec).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from device_registry import legacy_dynsec
 from device_registry.agent_client import AgentClient
+from device_registry.broker_admin import BrokerAdmin
 from device_registry.models import Device
 from iotfleet import broker_files
 
@@ -57,6 +63,8 @@ class ReconcileReport:
     repair_commands: int = 0
     unmanaged: list[str] = field(default_factory=list)
     """Kept for the report's shape: the agent's file holds only the registry's entries, so always empty."""
+    legacy_dynsec: list[str] = field(default_factory=list)
+    """Devices still served by a dynsec client from before the device file (until rotated)."""
     duration_s: float = 0.0
 
     @property
@@ -69,6 +77,8 @@ class ReconcileReport:
         body["drift"] = body["drift"][:max_items]
         body["unmanaged_count"] = len(self.unmanaged)
         body["unmanaged"] = body["unmanaged"][:max_items]
+        body["legacy_dynsec_count"] = len(self.legacy_dynsec)
+        body["legacy_dynsec"] = body["legacy_dynsec"][:max_items]
         by_kind: dict[str, int] = {}
         for item in self.drift:
             by_kind[item.kind] = by_kind.get(item.kind, 0) + 1
@@ -82,9 +92,11 @@ class Reconciler:
         agent: AgentClient,
         sessions: async_sessionmaker[AsyncSession],
         *,
+        broker: BrokerAdmin | None = None,
         on_report: Callable[[ReconcileReport], None] | None = None,
     ) -> None:
         self.agent = agent
+        self.broker = broker
         self.sessions = sessions
         self.on_report = on_report
         self.last: ReconcileReport | None = None
@@ -130,12 +142,17 @@ class Reconciler:
 
     async def _reconcile(self, report: ReconcileReport) -> None:
         _boot_id, entries = await self.agent.devices()
+        # Legacy dynsec device clients answer before the file: know them (when the admin link is up).
+        legacy: set[str] = set()
+        if self.broker is not None and self.broker.connected:
+            legacy = await legacy_dynsec.legacy_clients(self.broker)
         async with self.sessions() as session:
             devices = (await session.execute(select(Device.id, Device.enabled, Device.password_hash))).all()
         report.devices_checked = len(devices)
         report.broker_clients = len(entries)
         upsert: dict[str, str] = {}
         remove: list[str] = []
+        stale_legacy: list[str] = []
         known: set[str] = set()
         skip = self.busy | self._touched
 
@@ -147,13 +164,20 @@ class Reconciler:
             if device_id in skip:
                 continue
             have = entries.get(device_id)
+            if device_id in legacy:
+                if enabled and password_hash is None:
+                    report.legacy_dynsec.append(device_id)  # works through dynsec until rotated
+                else:
+                    drift(device_id, "legacy_dynsec_client", "deleted (kicked): the device file serves it")
+                    stale_legacy.append(device_id)
             if not enabled:
                 if have is not None:
                     drift(device_id, "disabled_present", "removed (kicked)")
                     remove.append(device_id)
                 continue
             if password_hash is None:
-                drift(device_id, "no_credentials", "none: rotate the credentials to give it a password")
+                if device_id not in legacy:
+                    drift(device_id, "no_credentials", "none: rotate the credentials to give it a password")
                 continue
             if have is None:
                 drift(device_id, "missing_entry", "stored password hash written back")
@@ -164,8 +188,13 @@ class Reconciler:
         for device_id in sorted(entries.keys() - known - skip):
             drift(device_id, "orphan_entry", "removed (kicked)")
             remove.append(device_id)
+        for device_id in sorted(legacy - known - skip):
+            drift(device_id, "legacy_dynsec_client", "deleted (kicked): no such device")
+            stale_legacy.append(device_id)
+        if stale_legacy and self.broker is not None:
+            await legacy_dynsec.remove(self.broker, stale_legacy)
         if upsert or remove:
             for item in report.drift[:20]:
                 log.warning("drift: device=%s %s → %s", item.device_id, item.kind, item.action)
             await self.agent.apply(upsert, remove)
-        report.repair_commands = len(upsert) + len(remove)
+        report.repair_commands = len(upsert) + len(remove) + len(stale_legacy)

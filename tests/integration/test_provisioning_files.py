@@ -16,9 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
+from device_registry import legacy_dynsec
+from device_registry.models import Device
 from iotfleet import topics
 from iotfleet.topics import Channel
+from tests.devices import admin_call, dynsec_commands
 from tests.harness import Broker
 from tests.registry_harness import connect_device, registry_settings, running_registry, wait_for
 
@@ -116,3 +120,49 @@ async def test_one_more_device_kicks_and_drift_with_thousands_present(
         back = connect_device(fresh_broker, fleet[3]["id"], fleet[3]["credentials"]["password"])
         assert not back.connack.is_failure  # type: ignore[union-attr]
         back.close()
+
+
+async def test_devices_from_before_the_file_stay_safe_until_rotated(
+    fresh_broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """An upgraded registry: a device still has its dynsec client (no stored hash) — it works, and disable locks it out."""
+    old_id, stray_id = uid("old"), uid("stray")
+    async with running_registry(registry_settings(fresh_broker, tmp_path)) as api:
+        resp = await api.http.post("/api/v1/devices", json={"id": old_id, "type": "thermostat"})
+        assert resp.status_code == 201, resp.text
+        # Make it look like a device of an older registry: no hash, not in the file, a dynsec client.
+        async with api.state.sessions() as session:
+            await session.execute(update(Device).where(Device.id == old_id).values(password_hash=None))
+            await session.commit()
+        async with httpx.AsyncClient(
+            base_url=f"http://{fresh_broker.host}:{fresh_broker.agent_port}",
+            headers={"Authorization": f"Bearer {fresh_broker.agent_token}"},
+        ) as agent:
+            assert (await agent.post("/v1/changes", json={"remove": [old_id]})).status_code == 200
+        commands = dynsec_commands(
+            [("thermostat", old_id), ("thermostat", stray_id)], {old_id: "pw-old", stray_id: "x"}
+        )
+        for command in commands:
+            command["textname"] = legacy_dynsec.TEXTNAME
+        admin_call(fresh_broker, commands)
+
+        device = connect_device(fresh_broker, old_id, "pw-old")
+        assert not device.connack.is_failure  # type: ignore[union-attr]
+        report = (await api.http.post("/api/v1/reconcile")).json()
+        assert report["legacy_dynsec"] == [old_id]
+        assert [(d["device_id"], d["kind"]) for d in report["drift"]] == [(stray_id, "legacy_dynsec_client")]
+        assert (await api.http.post("/api/v1/reconcile")).json()["drift_count"] == 0
+
+        await _timed_kick(api, device, "POST", f"/api/v1/devices/{old_id}/disable")
+        device.close()
+        refused = connect_device(fresh_broker, old_id, "pw-old")
+        assert refused.connack.value == NOT_AUTHORIZED  # type: ignore[union-attr]
+        refused.close()
+        resp = await api.http.post(f"/api/v1/devices/{old_id}/enable")
+        assert resp.status_code == 409 and "rotate" in resp.json()["detail"]
+        rotated = (await api.http.post(f"/api/v1/devices/{old_id}/rotate-credentials")).json()
+        assert (await api.http.post(f"/api/v1/devices/{old_id}/enable")).status_code == 200
+        back = connect_device(fresh_broker, old_id, rotated["credentials"]["password"])
+        assert not back.connack.is_failure  # type: ignore[union-attr]
+        back.close()
+        assert (await api.http.post("/api/v1/reconcile")).json()["legacy_dynsec_count"] == 0
