@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -234,6 +237,40 @@ async def test_registry_starts_before_the_broker(tmp_path: Path) -> None:
                 broker.stop()
 
 
+@contextlib.contextmanager
+def _writes_blocked(url: str) -> Iterator[None]:
+    """Hold the registry DB's write lock (reads still work): its commit waits, the broker change is done."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.split("///", 1)[1])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.close()
+        return
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE devices IN EXCLUSIVE MODE")  # SELECT yes, INSERT waits
+                locked.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=lambda: asyncio.run(hold()))
+    holder.start()
+    try:
+        assert locked.wait(10), "could not lock the devices table"
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=10)
+
+
 def test_kill_9_in_the_middle_of_a_bulk_leaves_no_stray_credentials(
     registry_process: RegistryProcess, fresh_broker: Broker, uid: Callable[[str], str]
 ) -> None:
@@ -248,18 +285,20 @@ def test_kill_9_in_the_middle_of_a_bulk_leaves_no_stray_credentials(
     def device_clients() -> list[str]:
         return [c for c in _broker_entries(fresh_broker) if c.startswith(prefix)]
 
+    assert registry_process.database_url is not None
     sender = threading.Thread(target=post)
-    sender.start()
-    probes.wait_until(lambda: len(device_clients()) > 0, timeout=30, what="bulk under way")
-    registry_process.kill()  # broker entries exist, the DB commit never happened
+    with _writes_blocked(registry_process.database_url):
+        sender.start()
+        probes.wait_until(lambda: len(device_clients()) == 400, timeout=30, what="broker entries written")
+        registry_process.kill()  # broker entries exist, the DB commit never happened
     sender.join(timeout=30)
-    assert device_clients(), "the kill came too late to leave broker entries behind"
+    assert len(device_clients()) == 400
 
     registry_process.start()
     with registry_process.client() as http:
         report = _reconcile_report(http)
         assert report["ok"] and report["devices_checked"] == 0
-        assert set(report["drift_by_kind"]) == {"orphan_entry"}
+        assert report["drift_by_kind"] == {"orphan_entry": 400}
         assert http.get("/api/v1/devices").json()["items"] == []
         assert http.post("/api/v1/reconcile").json()["drift_count"] == 0
     assert device_clients() == []
