@@ -200,7 +200,10 @@ class StackSettings(BaseModel):
     influxd_bin: str = "influxd"
     influx_rpc_port: Port = 8088
     service_port_base: int = Field(
-        9100, ge=1024, le=65000, description="Health/metrics ports of ingest and rules: base+1, base+2, …"
+        9100,
+        ge=1024,
+        le=65000,
+        description="Health/metrics ports of rules (base), ingest (base+1, …) and the broker agent (next)",
     )
     ready_timeout_s: float = Field(60.0, gt=0)
 

@@ -139,9 +139,17 @@ class Stack:
             _write_private(self.layout.agent_token, secrets.token_urlsafe(32) + "\n")
         return self.layout.agent_token.read_text().strip()
 
+    def agent_port(self) -> int:
+        """IOTFLEET_BROKER_AGENT__PORT if set, else the first port after the services' health ports."""
+        agent = self.settings.broker_agent
+        if "port" in agent.model_fields_set:
+            return agent.port
+        return self.settings.stack.service_port_base + len(DEVICE_TYPES) + 1
+
     def parts(self) -> list[Part]:
         s = self.settings
         passwords = self._passwords()
+        agent_port = self.agent_port()
         base_env = {
             "IOTFLEET_STATE_DIR": str(self.layout.root),
             "IOTFLEET_LOG_LEVEL": s.log_level,
@@ -153,7 +161,7 @@ class Stack:
             "IOTFLEET_REGISTRY__HOST": s.registry.host,
             "IOTFLEET_REGISTRY__PORT": str(s.registry.port),
             "IOTFLEET_BROKER_AGENT__HOST": s.broker_agent.host,
-            "IOTFLEET_BROKER_AGENT__PORT": str(s.broker_agent.port),
+            "IOTFLEET_BROKER_AGENT__PORT": str(agent_port),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -177,8 +185,8 @@ class Stack:
             Part(
                 "broker-agent",
                 "agent",
-                s.broker_agent.port,
-                "IOTFLEET_BROKER_AGENT__PORT",
+                agent_port,
+                "IOTFLEET_BROKER_AGENT__PORT (default IOTFLEET_STACK__SERVICE_PORT_BASE + 5)",
                 [_script("iotfleet-broker-agent")],
                 {
                     **base_env,
