@@ -128,7 +128,11 @@ class Agent:
 
     async def run(self) -> None:
         """The one writer: write the initial files, then one write + reload per batch of changes."""
-        await self._write_and_reload()
+        try:
+            await self._write_and_reload()
+        except Exception as exc:  # reported on /healthz; the next batch retries
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("writing the device files failed: %s", self.last_error)
         while True:
             await self._wake.wait()
             if self.batch_window_s:

@@ -13,7 +13,7 @@ stored hash is written back, the device's password works again),
 back), ``disabled_present`` (a disabled device the broker still accepts:
 removed, kicked), ``orphan_entry`` (an entry for a device the registry no longer
 has: removed — the agent's file holds only entries the registry made; the
-platform's accounts live in dynamic security, which reconcile never touches),
+platform's accounts live in dynamic security and are never touched),
 ``no_credentials`` (an enabled device without a stored hash and without a
 legacy dynsec client: reported only — rotate its credentials),
 ``legacy_dynsec_client`` (a dynsec client an older registry made for a device
