@@ -20,6 +20,12 @@ class RegistryMetrics:
         self.credentials_rotated = Counter(
             "registry_credentials_rotated", "Device passwords rotated", registry=registry
         )
+        self.dynsec_commands = Counter(
+            "registry_dynsec_commands",
+            "Dynamic-security commands sent (now only to retire devices' legacy dynsec clients)",
+            ["outcome"],
+            registry=registry,
+        )
         self.broker_changes = Counter(
             "registry_broker_changes",
             "Device entries sent to the broker agent (added, replaced or removed)",

@@ -252,7 +252,12 @@ async def _broker_change(
     state.reconciler.touch([device_id])
     try:
         if legacy:
-            await legacy_dynsec.remove(state.broker, [device_id])
+            try:
+                await legacy_dynsec.remove(state.broker, [device_id])
+            except (BrokerError, DynsecCommandError):
+                state.metrics.dynsec_commands.labels("failed").inc(2)
+                raise
+            state.metrics.dynsec_commands.labels("ok").inc(2)
         await _apply(state, upsert, remove)
     except (BrokerError, DynsecCommandError) as exc:
         state.reconciler.release([device_id])
