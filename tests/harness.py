@@ -171,6 +171,12 @@ class Broker(_Restartable):
             self.agent.stop()
         super().stop()
 
+    def restart(self) -> None:
+        """Restart mosquitto only (its agent keeps running, as in the stack): sessions and queues survive."""
+        if self.process:
+            self.process.stop()
+        self.start()
+
     def agent_settings(self) -> BrokerAgentSettings:
         """How a registry reaches this broker's agent."""
         return BrokerAgentSettings(host=self.host, port=self.agent_port, token=self.agent_token, poll_s=0.5)
