@@ -32,9 +32,6 @@ from iotfleet.settings import MqttSettings
 
 log = logging.getLogger("registry.broker")
 
-DEVICE_TEXTNAME = "iotfleet device"
-"""textname of every client and role the registry creates: marks the broker entries it owns."""
-
 MAX_CHUNK = 500
 """Most commands per control message."""
 TARGET_MESSAGE_S = 1.0
@@ -261,25 +258,20 @@ class BrokerAdmin:
         _raise_for(response)
         return list(response["data"]["clients"])
 
-    async def foreign_entries(self, device_ids: Sequence[str]) -> dict[str, str]:
-        """The ids among these whose client or role exists without the registry's marker: id → what."""
-        commands: list[dict[str, Any]] = []
-        for device_id in device_ids:
-            commands.append({"command": "getClient", "username": device_id})
-            commands.append({"command": "getRole", "rolename": dynsec.device_role_name(device_id)})
-        foreign: dict[str, str] = {}
-        for i, response in enumerate(await self.execute(commands)):
-            device_id = device_ids[i // 2]
-            if response.get("error"):
-                if response["error"] in NOT_FOUND_ERRORS:
-                    continue
-                raise DynsecCommandError(response.get("command", "?"), response["error"])
-            data = response.get("data") or {}
-            entry = data.get("client") if i % 2 == 0 else data.get("role")
-            if isinstance(entry, dict) and entry.get("textname") != DEVICE_TEXTNAME:
-                what = "client" if i % 2 == 0 else "role"
-                foreign[device_id] = f"{foreign[device_id]} and {what}" if device_id in foreign else what
-        return foreign
+    async def foreign_entries(self, device_ids: Sequence[str], marker: str) -> dict[str, str]:
+        """The ids among these held by a dynsec client without ``marker`` (not the registry's): id → what.
+
+        Devices live in the broker agent's file; dynamic security is consulted first, so a
+        client there under a device's id (a platform account, another tool's) would answer
+        for it. One listClients, whatever the number of ids: dynsec holds only the
+        platform's accounts and clients made by older registries.
+        """
+        wanted = set(device_ids)
+        return {
+            c["username"]: "client"
+            for c in await self.list_clients()
+            if c["username"] in wanted and c.get("textname") != marker
+        }
 
     async def list_roles(self) -> list[dict[str, Any]]:
         [response] = await self.execute([{"command": "listRoles", "verbose": True, "count": -1}])
@@ -295,55 +287,3 @@ def _set_result(future: asyncio.Future[list[dict[str, Any]]], value: list[dict[s
 def _raise_for(response: dict[str, Any]) -> None:
     if response.get("error"):
         raise DynsecCommandError(response.get("command", "?"), response["error"])
-
-
-# --- the commands that make up a device's broker identity -------------------------------------
-
-
-def new_device_password() -> str:
-    return secrets.token_urlsafe(24)
-
-
-def create_device_commands(
-    device_type: str, device_id: str, password: str, *, enabled: bool = True
-) -> list[dict[str, Any]]:
-    """A role holding the device's literal topics, and a client (username = client id = device id)."""
-    role = dynsec.device_role_name(device_id)
-    commands: list[dict[str, Any]] = [
-        {
-            "command": "createRole",
-            "rolename": role,
-            "textname": DEVICE_TEXTNAME,
-            "acls": dynsec.device_acls(device_type, device_id),
-        },
-        {
-            "command": "createClient",
-            "username": device_id,
-            "clientid": device_id,
-            "password": password,
-            "textname": DEVICE_TEXTNAME,
-            "roles": [{"rolename": role}],
-        },
-    ]
-    if not enabled:
-        commands.append({"command": "disableClient", "username": device_id})
-    return commands
-
-
-def delete_device_commands(device_id: str) -> list[dict[str, Any]]:
-    """Deleting the client kicks its live connection."""
-    return [
-        {"command": "deleteClient", "username": device_id},
-        {"command": "deleteRole", "rolename": dynsec.device_role_name(device_id)},
-    ]
-
-
-def set_enabled_command(device_id: str, enabled: bool) -> dict[str, Any]:
-    return {"command": "enableClient" if enabled else "disableClient", "username": device_id}
-
-
-def set_password_command(device_id: str, password: str) -> dict[str, Any]:
-    return {"command": "setClientPassword", "username": device_id, "password": password}
-
-
-NOT_FOUND_ERRORS = ("Client not found", "Role not found")

@@ -9,7 +9,6 @@ broker with the DB each time the admin link connects.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import importlib
 import logging
 import pkgutil
@@ -22,9 +21,10 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
 from device_registry import auth, db, routers
+from device_registry.agent_client import AgentClient
 from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
-from device_registry.broker_admin import BrokerAdmin
+from device_registry.broker_admin import BrokerAdmin, BrokerError
 from device_registry.dashboard import mount_dashboard
 from device_registry.metrics import RegistryMetrics
 from device_registry.openapi import install_openapi
@@ -96,20 +96,21 @@ def create_app(settings: Settings) -> FastAPI:
         registry = CollectorRegistry()
         metrics = RegistryMetrics(registry)
         broker = BrokerAdmin(settings.mqtt)
+        agent = AgentClient(settings.broker_agent)
         presence = Presence(settings.mqtt, sessions, registry)
-        loop = asyncio.get_running_loop()
 
         def reported(report: ReconcileReport) -> None:
             metrics.reconcile_runs.labels("ok" if report.ok else "failed").inc()
             if report.ok:
                 metrics.reconcile_drift.set(report.drift_count)
 
-        reconciler = Reconciler(broker, sessions, on_report=reported)
+        reconciler = Reconciler(agent, sessions, broker=broker, on_report=reported)
         state = RegistryState(
             settings=settings,
             engine=engine,
             sessions=sessions,
             broker=broker,
+            agent=agent,
             presence=presence,
             reconciler=reconciler,
             metrics=metrics,
@@ -118,14 +119,10 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.registry = state
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
-        background: set[concurrent.futures.Future[ReconcileReport]] = set()
-
-        def on_admin_connected() -> None:  # paho thread: hand over to the event loop
-            future = asyncio.run_coroutine_threadsafe(reconciler.run(), loop)
-            background.add(future)
-            future.add_done_callback(background.discard)
-
-        broker.on_connected = on_admin_connected
+        metrics.agent_reachable.set_function(lambda: float(agent.reachable))
+        watcher = asyncio.create_task(
+            _watch_agent(agent, reconciler, settings.broker_agent.poll_s, lifecycle), name="agent-watch"
+        )
         broker.start()
         presence.start()
         if await broker.wait_connected(within_s=2.0):
@@ -145,8 +142,8 @@ def create_app(settings: Settings) -> FastAPI:
             lifecycle.log.info("stopping")
             broker.stop()
             await presence.stop()
-            for future in list(background):
-                future.cancel()
+            watcher.cancel()
+            await agent.close()
             await engine.dispose()
             lifecycle.stopped()
 
@@ -169,6 +166,31 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimits, max_bytes=settings.registry.max_body_bytes)
     install_openapi(app)
     return app
+
+
+async def _watch_agent(
+    agent: AgentClient, reconciler: Reconciler, poll_s: float, lifecycle: ServiceLifecycle
+) -> None:
+    """Poll the agent's health; reconcile when it is first reached and after it restarted."""
+    reconciled_boot: str | None = None
+    warned = False
+    while True:
+        try:
+            boot_id = str((await agent.health()).get("boot_id"))
+            if boot_id != reconciled_boot:
+                if reconciled_boot is not None:
+                    lifecycle.log.info("broker agent restarted: reconciling its device file")
+                report = await reconciler.run()
+                if report.ok:
+                    reconciled_boot = boot_id
+            warned = False
+        except BrokerError as exc:
+            if not warned:  # once per outage, not once per poll
+                lifecycle.degraded(str(exc))
+                warned = True
+        except Exception:  # the watcher must outlive any surprise
+            lifecycle.log.exception("broker agent watch failed; retrying")
+        await asyncio.sleep(poll_s if reconciled_boot else min(poll_s, 1.0))
 
 
 def _install_request_metrics(app: FastAPI) -> None:

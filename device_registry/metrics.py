@@ -21,7 +21,16 @@ class RegistryMetrics:
             "registry_credentials_rotated", "Device passwords rotated", registry=registry
         )
         self.dynsec_commands = Counter(
-            "registry_dynsec_commands", "Dynamic-security commands sent", ["outcome"], registry=registry
+            "registry_dynsec_commands",
+            "Dynamic-security commands sent (now only to retire devices' legacy dynsec clients)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.broker_changes = Counter(
+            "registry_broker_changes",
+            "Device entries sent to the broker agent (added, replaced or removed)",
+            ["outcome"],
+            registry=registry,
         )
         self.auth_failures = Counter(
             "registry_auth_failures",
@@ -36,6 +45,9 @@ class RegistryMetrics:
         )
         self.reconcile_runs = Counter(
             "registry_reconcile_runs", "Reconcile runs", ["outcome"], registry=registry
+        )
+        self.agent_reachable = Gauge(
+            "registry_broker_agent_reachable", "1 when the broker agent answered last", registry=registry
         )
         self.broker_connected = Gauge(
             "registry_broker_connected", "1 when the registry's MQTT link is up", ["link"], registry=registry

@@ -67,6 +67,9 @@ class Device(Base):
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime)
     connected_since: Mapped[datetime | None] = mapped_column(UtcDateTime)
     credentials_rotated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The broker password-file hash ($6$ salted SHA-512 of a 192-bit random password,
+    # see iotfleet.broker_files); the password itself is returned once and never stored.
+    password_hash: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
 

@@ -1,15 +1,16 @@
 """Device lifecycle against DB and broker together: create, disable/enable, rotate, delete.
 
-Order of every change: check against the DB, apply the dynsec commands with no
-DB transaction open (the broker can take minutes for a bulk request, and an
-open SQLite write transaction would block every other writer meanwhile), then
-write and commit the DB change. If the broker refuses or is away, nothing is
-written and the caller gets a problem; if the process dies between the broker
-change and the commit, the reconcile at the next start brings the broker back
-to the DB (the system of record). Ids being changed are held in
-``reconciler.busy``: a second request on the same id gets 409, and the
-reconcile leaves them alone. Passwords are never stored by the registry:
-dynsec keeps only its PBKDF2 hash.
+A device's broker identity is one line of the broker's password file (username =
+client id = device id), written by the broker agent; its ACL is the shared
+pattern set of ``iotfleet.topics.DEVICE_ACL`` (no per-device ACL entries).
+Order of every change: check against the DB, send the change to the agent with
+no DB transaction open, then write and commit the DB change. If the agent or the
+broker is away nothing is written and the caller gets a problem; if the process
+dies between the agent's change and the commit, the next reconcile brings the
+broker back to the DB (the system of record). Ids being changed are held in
+``reconciler.busy``: a second request on the same id gets 409, and the reconcile
+leaves them alone. Passwords are never stored: the DB keeps the password-file
+hash (computed once here), so the agent's file can be rebuilt at any time.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import cast
 
-from sqlalchemy import select
+from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from device_registry import broker_admin
+from device_registry import legacy_dynsec
+from device_registry.agent_client import BrokerRefused
 from device_registry.broker_admin import BrokerError, DynsecCommandError, ForeignEntryError
 from device_registry.models import Device
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
@@ -38,17 +40,28 @@ from device_registry.schemas import (
     DeviceTopics,
 )
 from device_registry.state import RegistryState
-from iotfleet import topics
+from iotfleet import broker_files, topics
 from iotfleet.reserved_names import is_reserved
 from iotfleet.topics import Channel
 
 log = logging.getLogger("registry.devices")
 
+DEVICES_TABLE = cast(Table, Device.__table__)
 IN_CHUNK = 1000  # ids per IN (...) clause: far below SQLite's and asyncpg's parameter limits
 
 
 def device_topics(device: Device) -> DeviceTopics:
-    return DeviceTopics(**{ch.value: topics.device_topic(device.type, device.id, ch) for ch in Channel})
+    return _topics(device.type, device.id)
+
+
+def _topics(device_type: str, device_id: str) -> DeviceTopics:
+    own = topics.device_topics(device_type, device_id)
+    return DeviceTopics.model_construct(
+        telemetry=own[Channel.TELEMETRY],
+        status=own[Channel.STATUS],
+        commands=own[Channel.COMMANDS],
+        acks=own[Channel.ACKS],
+    )
 
 
 def device_read(device: Device) -> DeviceRead:
@@ -92,15 +105,15 @@ async def _existing_ids(session: AsyncSession, ids: Sequence[str]) -> list[str]:
     return found
 
 
-def _unavailable(exc: Exception) -> Problem:
-    if isinstance(exc, BrokerError):
-        return BrokerUnavailable(f"the broker did not apply the change, nothing was changed: {exc}")
-    return Problem(
-        502,
-        f"the broker refused the change, nothing was changed: {exc}",
-        slug="broker-refused",
-        title="Broker refused the change",
-    )
+def _unavailable(exc: BrokerError | DynsecCommandError) -> Problem:
+    if isinstance(exc, BrokerRefused | DynsecCommandError):
+        return Problem(
+            422,
+            f"the broker refused the change, nothing was changed: {exc}",
+            slug="broker-refused",
+            title="Broker refused the change",
+        )
+    return BrokerUnavailable(f"the broker did not apply the change, nothing was changed: {exc}")
 
 
 def _not_managed(exc: ForeignEntryError) -> Problem:
@@ -113,15 +126,30 @@ def _not_managed(exc: ForeignEntryError) -> Problem:
     )
 
 
-async def _apply(
-    state: RegistryState, commands: list[dict[str, Any]], *, tolerate: Sequence[str] = ()
-) -> None:
+async def _refuse_foreign(state: RegistryState, ids: Sequence[str]) -> None:
+    """Raise ForeignEntryError if dynsec holds a client under one of these ids that the registry did not make.
+
+    Dynamic security answers before the device file, so such a client (a platform account,
+    another tool's) would speak for the device: the registry neither provisions over it nor
+    changes it. Without the admin link the check is skipped; reconcile reports it later.
+    """
+    if not state.broker.connected:
+        return
+    foreign = await state.broker.foreign_entries(ids, legacy_dynsec.TEXTNAME)
+    if foreign:
+        some = ", ".join(sorted(foreign)[:20])
+        raise ForeignEntryError(list(foreign), f"the broker holds accounts not made by the registry: {some}")
+
+
+async def _apply(state: RegistryState, upsert: Mapping[str, str], remove: Sequence[str] = ()) -> None:
+    if not upsert and not remove:
+        return
     try:
-        await state.broker.run(commands, tolerate=tolerate)
-    except (BrokerError, DynsecCommandError):
-        state.metrics.dynsec_commands.labels("failed").inc(len(commands))
+        await state.agent.apply(upsert, remove)
+    except BrokerError:
+        state.metrics.broker_changes.labels("failed").inc(len(upsert) + len(remove))
         raise
-    state.metrics.dynsec_commands.labels("ok").inc(len(commands))
+    state.metrics.broker_changes.labels("ok").inc(len(upsert) + len(remove))
 
 
 async def create_devices(
@@ -147,37 +175,49 @@ async def create_devices(
             conflicting_ids=sorted(existing)[:100],
         )
     # Close the read transaction: nothing may hold the DB (SQLite: the whole file)
-    # while the broker works, which takes minutes for a large bulk request.
+    # while the broker agent works.
     await session.rollback()
-    passwords = [broker_admin.new_device_password() for _ in ids]
-    commands = [
-        cmd
-        for device_id, item, password in zip(ids, items, passwords, strict=True)
-        for cmd in broker_admin.create_device_commands(item.type, device_id, password)
-    ]
+    try:
+        await _refuse_foreign(state, ids)
+    except ForeignEntryError as exc:
+        raise _not_managed(exc) from None
+    except (BrokerError, DynsecCommandError) as exc:
+        raise _unavailable(exc) from None
+    passwords = [broker_files.new_device_password() for _ in ids]
+    hashes = [broker_files.hash_password(password) for password in passwords]
     state.reconciler.touch(ids)
     try:
-        await _create_on_broker(state, ids, commands)
+        try:
+            # Any entry the agent still has for these ids is a leftover of a crash
+            # between an agent change and the DB commit: no device, no request owns
+            # it, so the upsert replaces it.
+            await _apply(state, dict(zip(ids, hashes, strict=True)))
+        except BrokerError as exc:
+            await _undo(state, ids)
+            raise _unavailable(exc) from None
         now = datetime.now(UTC)
+        # Core executemany, not ORM objects: 10,000 ORM instances and their unit of
+        # work cost seconds; the rows are plain values we validated already.
         rows = [
-            Device(
-                id=device_id,
-                type=item.type,
-                name=item.name,
-                tags=dict(item.tags),
-                meta=dict(item.metadata),
-                enabled=True,
-                online=False,
-                credentials_rotated_at=now,
-                created_at=now,
-                updated_at=now,
-            )
-            for device_id, item in zip(ids, items, strict=True)
+            {
+                "id": device_id,
+                "type": item.type,
+                "name": item.name,
+                "tags": dict(item.tags),
+                "metadata": dict(item.metadata),
+                "enabled": True,
+                "online": False,
+                "password_hash": password_hash,
+                "credentials_rotated_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for device_id, item, password_hash in zip(ids, items, hashes, strict=True)
         ]
-        session.add_all(rows)
         try:
             # Broker first, DB second: if the process dies in between, the broker
-            # entries (marked as the registry's) are orphans the next reconcile deletes.
+            # entries are orphans the next reconcile removes.
+            await session.execute(insert(DEVICES_TABLE), rows)
             await session.commit()
         except IntegrityError:
             await session.rollback()
@@ -191,49 +231,35 @@ async def create_devices(
         state.reconciler.release(ids)
     state.metrics.devices_provisioned.inc(len(rows))
     log.info("provisioned %d device(s)%s", len(rows), f": {ids[0]}" if len(ids) == 1 else "")
+    # The values are ours and valid: construct the response models without re-validating
+    # them (10,000 validated models cost seconds; FastAPI serializes them as declared).
     return [
-        DeviceProvisioned(**device_read(row).model_dump(), credentials=credentials(row.id, password))
-        for row, password in zip(rows, passwords, strict=True)
+        DeviceProvisioned.model_construct(
+            id=device_id,
+            type=item.type,
+            name=item.name,
+            tags=dict(item.tags),
+            metadata=dict(item.metadata),
+            enabled=True,
+            online=False,
+            last_seen=None,
+            connected_since=None,
+            credentials_rotated_at=now,
+            created_at=now,
+            updated_at=now,
+            topics=_topics(item.type, device_id),
+            credentials=DeviceCredentials.model_construct(
+                username=device_id, client_id=device_id, password=password
+            ),
+        )
+        for device_id, item, password in zip(ids, items, passwords, strict=True)
     ]
-
-
-async def _create_on_broker(state: RegistryState, ids: Sequence[str], commands: list[dict[str, Any]]) -> None:
-    try:
-        try:
-            await _apply(state, commands)
-        except DynsecCommandError as exc:
-            if "already exists" not in exc.error:
-                raise
-            # Leftovers of a crash between a broker change and the DB commit (not
-            # yet reconciled): these ids have no device and no request working on
-            # them, so the entries belong to nobody. Replace them, but only if the
-            # registry made them: another tool's (or the platform's) are never touched.
-            foreign = await state.broker.foreign_entries(ids)
-            if foreign:
-                some = ", ".join(f"{i} ({what})" for i, what in sorted(foreign.items())[:20])
-                raise ForeignEntryError(
-                    list(foreign), f"the broker holds entries not made by the registry: {some}"
-                ) from None
-            log.warning("replacing stale broker entries for %d device id(s)", len(ids))
-            cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
-            await _apply(state, cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
-            await _apply(state, commands)
-    except ForeignEntryError as exc:
-        await _undo(state, [i for i in ids if i not in exc.device_ids])
-        raise _not_managed(exc) from None
-    except (BrokerError, DynsecCommandError) as exc:
-        await _undo(state, ids)
-        raise _unavailable(exc) from None
-    except BaseException:
-        await _undo(state, ids)
-        raise
 
 
 async def _undo(state: RegistryState, ids: Sequence[str]) -> None:
     """Best-effort removal of broker entries whose devices were not stored (reconcile catches the rest)."""
     try:
-        cleanup = [cmd for device_id in ids for cmd in broker_admin.delete_device_commands(device_id)]
-        await state.broker.run(cleanup, tolerate=broker_admin.NOT_FOUND_ERRORS)
+        await state.agent.apply({}, list(ids))
     except Exception as exc:
         log.warning("could not undo broker entries of %d device(s) (%s); reconcile will", len(ids), exc)
 
@@ -242,22 +268,31 @@ async def _broker_change(
     state: RegistryState,
     session: AsyncSession,
     device_id: str,
-    commands: list[dict[str, Any]],
+    upsert: Mapping[str, str],
+    remove: Sequence[str] = (),
     *,
-    tolerate: Sequence[str] = (),
+    legacy: bool = False,
 ) -> None:
-    """Apply a device's broker change with no DB transaction open (the caller commits after)."""
+    """Apply a device's broker change with no DB transaction open (the caller commits after).
+
+    ``legacy``: the device may still have a dynsec client from before the device
+    file (no stored hash): delete it too, or dynsec would keep letting it in.
+    """
     if device_id in state.reconciler.busy:
         raise Conflict(f"device {device_id!r} is being changed by another request; retry")
     await session.rollback()  # end the read transaction: the broker may take a while
     state.reconciler.touch([device_id])
     try:
-        foreign = await state.broker.foreign_entries([device_id])
-        if foreign:
-            raise ForeignEntryError(
-                [device_id], f"the broker {foreign[device_id]} {device_id!r} was not made by the registry"
-            )
-        await _apply(state, commands, tolerate=tolerate)
+        await _refuse_foreign(state, [device_id])
+        if legacy:
+            # A device provisioned before the device file: its dynsec client goes too.
+            try:
+                await legacy_dynsec.remove(state.broker, [device_id])
+            except (BrokerError, DynsecCommandError):
+                state.metrics.dynsec_commands.labels("failed").inc(2)
+                raise
+            state.metrics.dynsec_commands.labels("ok").inc(2)
+        await _apply(state, upsert, remove)
     except ForeignEntryError as exc:
         state.reconciler.release([device_id])
         raise _not_managed(exc) from None
@@ -267,9 +302,17 @@ async def _broker_change(
 
 
 async def set_enabled(state: RegistryState, session: AsyncSession, device_id: str, enabled: bool) -> Device:
-    await get_device(session, device_id)
-    # disableClient kicks the live connection at once and refuses reconnects.
-    await _broker_change(state, session, device_id, [broker_admin.set_enabled_command(device_id, enabled)])
+    device = await get_device(session, device_id)
+    if enabled:
+        if device.password_hash is None:
+            raise Conflict(
+                f"device {device_id!r} has no broker credentials stored (made before they were kept);"
+                " rotate its credentials to enable it"
+            )
+        await _broker_change(state, session, device_id, {device_id: device.password_hash})
+    else:
+        # Removing the entry and reloading kicks the live connection and refuses reconnects.
+        await _broker_change(state, session, device_id, {}, [device_id], legacy=device.password_hash is None)
     try:
         device = await get_device(session, device_id)
         device.enabled = enabled
@@ -288,18 +331,19 @@ async def rotate_credentials(
     state: RegistryState, session: AsyncSession, device_id: str
 ) -> CredentialsRotated:
     device = await get_device(session, device_id)
-    password = broker_admin.new_device_password()
-    commands = [broker_admin.set_password_command(device_id, password)]
+    password = broker_files.new_device_password()
+    password_hash = broker_files.hash_password(password)
+    legacy = device.password_hash is None
     if device.enabled:
-        # setClientPassword alone leaves the live session up (Mosquitto 2.0):
-        # a disable/enable pair kicks it, so the old password stops working now.
-        commands += [
-            broker_admin.set_enabled_command(device_id, False),
-            broker_admin.set_enabled_command(device_id, True),
-        ]
-    await _broker_change(state, session, device_id, commands)
+        # The reload re-checks every live session's password against the file:
+        # the device's connection made with the old password is closed.
+        await _broker_change(state, session, device_id, {device_id: password_hash}, legacy=legacy)
+    else:
+        # Takes the busy mark; the entry stays absent while disabled.
+        await _broker_change(state, session, device_id, {}, legacy=legacy)
     try:
         device = await get_device(session, device_id)
+        device.password_hash = password_hash
         device.credentials_rotated_at = datetime.now(UTC)
         await session.commit()
     finally:
@@ -324,13 +368,8 @@ async def delete_device(state: RegistryState, session: AsyncSession, device_id: 
             "device %s (reserved name) deleted from the DB only; its broker entry was left alone", device_id
         )
         return
-    await _broker_change(
-        state,
-        session,
-        device_id,
-        broker_admin.delete_device_commands(device_id),
-        tolerate=broker_admin.NOT_FOUND_ERRORS,
-    )
+    legacy = device.password_hash is None
+    await _broker_change(state, session, device_id, {}, [device_id], legacy=legacy)
     try:
         current = await session.get(Device, device_id)
         if current is not None:

@@ -1,20 +1,27 @@
-"""Registry ↔ broker reconcile: the DB is the system of record, dynsec is made to match it.
+"""Registry ↔ broker reconcile: the DB is the system of record, the broker's device file is made to match it.
 
-Run when the admin link (re)connects (so at every start and after a broker
-restart) and on demand (``POST /api/v1/reconcile``). It compares every device
-with its dynsec client and role, repairs differences in batches and keeps a
-report of what differed (``GET /api/v1/reconcile``, ``/healthz``).
+Run when the registry first reaches the broker agent, whenever the agent
+restarted (its boot id changed), and on demand (``POST /api/v1/reconcile``). It
+compares every device with the agent's entries (id → fingerprint of the stored
+password hash) — two dicts, linear in the fleet — sends one change with every
+repair, and keeps a report of what differed (``GET /api/v1/reconcile``,
+``/healthz``, metric ``registry_reconcile_drift``).
 
-Drift kinds: ``missing_client`` (device without broker client: recreated with
-a fresh password nobody knows — rotate the credentials to use it),
-``missing_role``/``acl_mismatch``/``role_not_assigned`` (ACLs restored),
-``enabled_mismatch`` (disabled state restored), ``orphan_client``/``orphan_role``
-(entries the registry made — marked with its textname — for devices it no
-longer has: deleted, they are credentials nobody manages). Device-like entries
-without the marker (made by another tool) are listed as ``unmanaged``, not touched.
-``foreign_entry``: a device whose id is reserved for the platform, or whose
-broker client or role exists without the marker (a platform account, another
-tool's entry): reported and left alone, never rewritten.
+Drift kinds: ``missing_entry`` (an enabled device the broker does not know: its
+stored hash is written back, the device's password works again),
+``hash_mismatch`` (the broker holds another password: the stored one is written
+back), ``disabled_present`` (a disabled device the broker still accepts:
+removed, kicked), ``orphan_entry`` (an entry for a device the registry no longer
+has: removed — the agent's file holds only entries the registry made; the
+platform's accounts live in dynamic security and are never touched),
+``no_credentials`` (an enabled device without a stored hash and without a
+legacy dynsec client: reported only — rotate its credentials),
+``legacy_dynsec_client`` (a dynsec client an older registry made for a device
+that is gone, disabled or already in the device file: deleted, kicked). Devices
+still served by their legacy dynsec client are listed in ``legacy_dynsec``, not
+counted as drift (see device_registry.legacy_dynsec). ``foreign_entry``: a device
+whose id is reserved for the platform or held by a dynsec client the registry did
+not make (a platform account, another tool's): reported and left alone.
 """
 
 from __future__ import annotations
@@ -30,15 +37,14 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from device_registry import broker_admin
+from device_registry import legacy_dynsec
+from device_registry.agent_client import AgentClient
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.models import Device
-from iotfleet import dynsec
+from iotfleet import broker_files
 from iotfleet.reserved_names import is_reserved
 
 log = logging.getLogger("registry.reconcile")
-
-ROLE_PREFIX = dynsec.device_role_name("")
 
 
 @dataclass
@@ -59,7 +65,9 @@ class ReconcileReport:
     drift: list[Drift] = field(default_factory=list)
     repair_commands: int = 0
     unmanaged: list[str] = field(default_factory=list)
-    """Device-like broker clients/roles without the registry's marker and without a device."""
+    """Kept for the report's shape: the agent's file holds only the registry's entries, so always empty."""
+    legacy_dynsec: list[str] = field(default_factory=list)
+    """Devices still served by a dynsec client from before the device file (until rotated)."""
     duration_s: float = 0.0
 
     @property
@@ -72,6 +80,8 @@ class ReconcileReport:
         body["drift"] = body["drift"][:max_items]
         body["unmanaged_count"] = len(self.unmanaged)
         body["unmanaged"] = body["unmanaged"][:max_items]
+        body["legacy_dynsec_count"] = len(self.legacy_dynsec)
+        body["legacy_dynsec"] = body["legacy_dynsec"][:max_items]
         by_kind: dict[str, int] = {}
         for item in self.drift:
             by_kind[item.kind] = by_kind.get(item.kind, 0) + 1
@@ -79,23 +89,16 @@ class ReconcileReport:
         return body
 
 
-def _acl_key(entry: dict[str, Any]) -> tuple[str, str, bool, int]:
-    return (
-        str(entry.get("acltype", "")).lower(),
-        str(entry.get("topic", "")),
-        bool(entry.get("allow", False)),
-        int(entry.get("priority", 0)),
-    )
-
-
 class Reconciler:
     def __init__(
         self,
-        broker: BrokerAdmin,
+        agent: AgentClient,
         sessions: async_sessionmaker[AsyncSession],
         *,
+        broker: BrokerAdmin | None = None,
         on_report: Callable[[ReconcileReport], None] | None = None,
     ) -> None:
+        self.agent = agent
         self.broker = broker
         self.sessions = sessions
         self.on_report = on_report
@@ -141,135 +144,70 @@ class Reconciler:
             return report
 
     async def _reconcile(self, report: ReconcileReport) -> None:
-        every_client = {c["username"]: c for c in await self.broker.list_clients()}
-        clients = {
-            username: c
-            for username, c in every_client.items()
-            if c.get("textname") == broker_admin.DEVICE_TEXTNAME
-            or any(str(r.get("rolename", "")).startswith(ROLE_PREFIX) for r in c.get("roles", []))
-        }
-        roles = {
-            r["rolename"]: r
-            for r in await self.broker.list_roles()
-            if str(r.get("rolename", "")).startswith(ROLE_PREFIX)
-        }
+        _boot_id, entries = await self.agent.devices()
+        # Legacy dynsec device clients answer before the file: know them (when the admin link is up).
+        # Any other dynsec client named like a device (a platform account, another tool's)
+        # also answers before the file: such devices are reported and never touched.
+        legacy: set[str] = set()
+        foreign: set[str] = set()
+        if self.broker is not None and self.broker.connected:
+            legacy, foreign = await legacy_dynsec.classify_clients(self.broker)
         async with self.sessions() as session:
-            devices = (await session.execute(select(Device.id, Device.type, Device.enabled))).all()
+            devices = (await session.execute(select(Device.id, Device.enabled, Device.password_hash))).all()
         report.devices_checked = len(devices)
-        report.broker_clients = len(clients)
-        commands: list[dict[str, Any]] = []
+        report.broker_clients = len(entries)
+        upsert: dict[str, str] = {}
+        remove: list[str] = []
+        stale_legacy: list[str] = []
         known: set[str] = set()
         skip = self.busy | self._touched
 
-        def drift(device_id: str, kind: str, action: str, *cmds: dict[str, Any]) -> None:
+        def drift(device_id: str, kind: str, action: str) -> None:
             report.drift.append(Drift(device_id, kind, action))
-            commands.extend(cmds)
 
-        for device_id, device_type, enabled in devices:
+        for device_id, enabled, password_hash in devices:
             known.add(device_id)
             if device_id in skip:
                 continue
-            role_name = dynsec.device_role_name(device_id)
-            expected = dynsec.device_acls(device_type, device_id)
-            role = roles.get(role_name)
-            foreign = [
-                what
-                for what, entry in (("client", every_client.get(device_id)), ("role", role))
-                if entry is not None and entry.get("textname") != broker_admin.DEVICE_TEXTNAME
-            ]
-            if foreign or is_reserved(device_id):
-                # Never rewrite what the registry did not create: a platform account
-                # (a device row an older registry let in) or another tool's entry.
-                what = " and ".join(foreign) or "name"
+            if device_id in foreign or is_reserved(device_id):
                 drift(
                     device_id,
                     "foreign_entry",
-                    f"left alone: broker {what} not the registry's; delete the device",
+                    "left alone: broker account not the registry's; delete the device",
                 )
                 continue
-            if role is None:
-                drift(
-                    device_id,
-                    "missing_role",
-                    "role recreated",
-                    {
-                        "command": "createRole",
-                        "rolename": role_name,
-                        "textname": broker_admin.DEVICE_TEXTNAME,
-                        "acls": expected,
-                    },
-                )
-            else:
-                have = {_acl_key(a): a for a in role.get("acls", [])}
-                want = {_acl_key(a): a for a in expected}
-                if have.keys() != want.keys():
-                    fix: list[dict[str, Any]] = [
-                        {
-                            "command": "removeRoleACL",
-                            "rolename": role_name,
-                            "acltype": have[k]["acltype"],
-                            "topic": have[k]["topic"],
-                        }
-                        for k in have.keys() - want.keys()
-                    ]
-                    fix += [
-                        {"command": "addRoleACL", "rolename": role_name, **want[k]}
-                        for k in want.keys() - have.keys()
-                    ]
-                    drift(device_id, "acl_mismatch", "ACLs restored", *fix)
-            client = clients.get(device_id)
-            if client is None:
-                cmds = broker_admin.create_device_commands(
-                    device_type, device_id, broker_admin.new_device_password(), enabled=enabled
-                )
-                drift(
-                    device_id,
-                    "missing_client",
-                    "client recreated with a new password: rotate the credentials to use it",
-                    *cmds[1:],
-                )
+            have = entries.get(device_id)
+            if device_id in legacy:
+                if enabled and password_hash is None:
+                    report.legacy_dynsec.append(device_id)  # works through dynsec until rotated
+                else:
+                    drift(device_id, "legacy_dynsec_client", "deleted (kicked): the device file serves it")
+                    stale_legacy.append(device_id)
+            if not enabled:
+                if have is not None:
+                    drift(device_id, "disabled_present", "removed (kicked)")
+                    remove.append(device_id)
                 continue
-            if not any(r.get("rolename") == role_name for r in client.get("roles", [])):
-                drift(
-                    device_id,
-                    "role_not_assigned",
-                    "role assigned",
-                    {"command": "addClientRole", "username": device_id, "rolename": role_name},
-                )
-            if bool(client.get("disabled", False)) == enabled:
-                drift(
-                    device_id,
-                    "enabled_mismatch",
-                    "enabled" if enabled else "disabled",
-                    broker_admin.set_enabled_command(device_id, enabled),
-                )
-        # Broker entries without a device: deleted if the registry made them (its
-        # marker), reported otherwise (another tool's clients are not ours to delete).
-        for username in sorted(clients.keys() - known - skip):
-            if clients[username].get("textname") == broker_admin.DEVICE_TEXTNAME and not is_reserved(
-                username
-            ):
-                drift(username, "orphan_client", "deleted", {"command": "deleteClient", "username": username})
-            else:
-                report.unmanaged.append(f"client {username}")
-        for role_name in sorted(roles.keys()):
-            device_id = role_name[len(ROLE_PREFIX) :]
-            if device_id in known or device_id in skip:
+            if password_hash is None:
+                if device_id not in legacy:
+                    drift(device_id, "no_credentials", "none: rotate the credentials to give it a password")
                 continue
-            if roles[role_name].get("textname") == broker_admin.DEVICE_TEXTNAME:
-                drift(device_id, "orphan_role", "deleted", {"command": "deleteRole", "rolename": role_name})
-            else:
-                report.unmanaged.append(f"role {role_name}")
-        if report.unmanaged:
-            log.info(
-                "%d device-like broker entries not made by the registry left alone (e.g. %s)",
-                len(report.unmanaged),
-                ", ".join(report.unmanaged[:3]),
-            )
-        if commands:
+            if have is None:
+                drift(device_id, "missing_entry", "stored password hash written back")
+                upsert[device_id] = password_hash
+            elif have != broker_files.fingerprint(password_hash):
+                drift(device_id, "hash_mismatch", "stored password hash written back (kicked)")
+                upsert[device_id] = password_hash
+        for device_id in sorted(entries.keys() - known - skip):
+            drift(device_id, "orphan_entry", "removed (kicked)")
+            remove.append(device_id)
+        for device_id in sorted(legacy - known - skip):
+            drift(device_id, "legacy_dynsec_client", "deleted (kicked): no such device")
+            stale_legacy.append(device_id)
+        if stale_legacy and self.broker is not None:
+            await legacy_dynsec.remove(self.broker, stale_legacy)
+        if upsert or remove:
             for item in report.drift[:20]:
                 log.warning("drift: device=%s %s → %s", item.device_id, item.kind, item.action)
-            await self.broker.run(
-                commands, tolerate=("Role already exists", "ACL with this topic already exists")
-            )
-            report.repair_commands = len(commands)
+            await self.agent.apply(upsert, remove)
+        report.repair_commands = len(upsert) + len(remove) + len(stale_legacy)

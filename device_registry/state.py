@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from device_registry.agent_client import AgentClient
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.metrics import RegistryMetrics
 from device_registry.presence import Presence
@@ -20,6 +21,7 @@ class RegistryState:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     broker: BrokerAdmin
+    agent: AgentClient
     presence: Presence
     reconciler: Reconciler
     metrics: RegistryMetrics

@@ -44,15 +44,15 @@ def device_role_name(device_id: str) -> str:
 
 
 def device_acls(device_type: str, device_id: str) -> list[dict[str, Any]]:
-    """A device may publish only its own telemetry, status and acks, and subscribe only to its commands."""
-    own = {ch: topics.device_topic(device_type, device_id, ch) for ch in Channel}
-    return [
-        acl("publishClientSend", own[Channel.TELEMETRY]),
-        acl("publishClientSend", own[Channel.STATUS]),
-        acl("publishClientSend", own[Channel.ACKS]),
-        acl("subscribePattern", own[Channel.COMMANDS]),
-        acl("publishClientReceive", own[Channel.COMMANDS]),
-    ]
+    """A device's literal topics as dynsec ACLs, from ``topics.DEVICE_ACL`` (the one table)."""
+    out: list[dict[str, Any]] = []
+    for access, channel in topics.DEVICE_ACL:
+        topic = topics.device_topic(device_type, device_id, channel)
+        if access == "write":
+            out.append(acl("publishClientSend", topic))
+        else:
+            out += [acl("subscribePattern", topic), acl("publishClientReceive", topic)]
+    return out
 
 
 def _service_role(name: str, publish: list[str], subscribe: list[str]) -> dict[str, Any]:

@@ -174,6 +174,55 @@ class RulesSettings(BaseModel):
     )
 
 
+class BrokerAgentSettings(BaseModel):
+    """The broker-side agent that owns the broker's device password and ACL files.
+
+    The registry (the client) and the agent (the server) read the same section: the
+    registry reaches the agent at ``url`` (default ``http://host:port``) with ``token``.
+    """
+
+    host: str = "127.0.0.1"
+    port: Port = 8099
+    url: str | None = Field(
+        None, description="Where the registry reaches the agent; default http://host:port"
+    )
+    token: SecretStr | None = Field(
+        None, description="Bearer token the registry presents to the agent (required by both)"
+    )
+    password_file: Path | None = Field(
+        None, description="The broker's password_file; default <state_dir>/mosquitto/devices.passwd"
+    )
+    acl_file: Path | None = Field(
+        None, description="The broker's acl_file; default <state_dir>/mosquitto/devices.acl"
+    )
+    broker_pid_file: Path | None = Field(
+        None,
+        description="The broker's pid_file (the agent SIGHUPs that pid); default <state_dir>/mosquitto/mosquitto.pid",
+    )
+    batch_window_ms: int = Field(
+        5, ge=0, le=1_000, description="Changes arriving within this window share one file write and reload"
+    )
+    reload_timeout_s: float = Field(
+        10.0, gt=0, description="How long the agent waits for the broker to confirm a reload"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Registry side: timeout of one call to the agent")
+    poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="Registry side: how often it checks the agent (a restarted agent is reconciled)",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    def base_url(self) -> str:
+        return self.url or f"http://{self.host}:{self.port}"
+
+
 class HealthSettings(BaseModel):
     """Where a background service serves /healthz and /metrics (0: no HTTP endpoint)."""
 
@@ -188,7 +237,10 @@ class StackSettings(BaseModel):
     influxd_bin: str = "influxd"
     influx_rpc_port: Port = 8088
     service_port_base: int = Field(
-        9100, ge=1024, le=65000, description="Health/metrics ports of ingest and rules: base+1, base+2, …"
+        9100,
+        ge=1024,
+        le=65000,
+        description="Health/metrics ports of rules (base), ingest (base+1, …) and the broker agent (next)",
     )
     ready_timeout_s: float = Field(60.0, gt=0)
     broker_autosave_changes: int = Field(
@@ -213,7 +265,18 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     rules: RulesSettings = RulesSettings()
     health: HealthSettings = HealthSettings()
+    broker_agent: BrokerAgentSettings = BrokerAgentSettings()
     stack: StackSettings = StackSettings()
+
+    def agent_files(self) -> tuple[Path, Path, Path]:
+        """The broker agent's password file, ACL file and broker pid file (defaults under the state dir)."""
+        folder = self.state_dir / "mosquitto"
+        agent = self.broker_agent
+        return (
+            agent.password_file or folder / "devices.passwd",
+            agent.acl_file or folder / "devices.acl",
+            agent.broker_pid_file or folder / "mosquitto.pid",
+        )
 
     def registry_database_url(self) -> str:
         if self.registry.database_url:

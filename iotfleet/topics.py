@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal
 
 from iotfleet.errors import TopicError
 
@@ -40,6 +41,20 @@ class Channel(StrEnum):
     STATUS = "status"
     COMMANDS = "commands"
     ACKS = "acks"
+
+
+Access = Literal["read", "write"]
+
+DEVICE_ACL: tuple[tuple[Access, Channel], ...] = (
+    ("write", Channel.TELEMETRY),
+    ("write", Channel.STATUS),
+    ("write", Channel.ACKS),
+    ("read", Channel.COMMANDS),
+)
+"""What a device may do on its own topics, and nothing else: publish (write) its telemetry,
+status and acks; subscribe to and receive (read) its commands. Every broker ACL of a
+device (dynsec roles, the acl_file patterns) is generated from this table: a new
+device channel is one line here."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +93,14 @@ def device_topic(device_type: str, device_id: str, channel: Channel | str) -> st
     return f"{DEVICES_ROOT}/{device_type}/{device_id}/{Channel(channel).value}"
 
 
+def device_topics(device_type: str, device_id: str) -> dict[Channel, str]:
+    """Every topic of one device (both segments checked once): what the API shows for a device."""
+    check_device_type(device_type)
+    check_device_id(device_id)
+    base = f"{DEVICES_ROOT}/{device_type}/{device_id}/"
+    return {channel: base + channel.value for channel in Channel}
+
+
 def parse_device_topic(topic: str) -> DeviceTopic:
     """Split a device topic; raise TopicError if it is not one."""
     parts = topic.split("/")
@@ -94,6 +117,15 @@ def parse_device_topic(topic: str) -> DeviceTopic:
 def device_filter(channel: Channel | str, device_type: str = "+", device_id: str = "+") -> str:
     """A subscription filter on device topics; ``+`` matches any type or id."""
     return f"{DEVICES_ROOT}/{device_type}/{device_id}/{Channel(channel).value}"
+
+
+def device_acl_patterns() -> list[str]:
+    """Mosquitto ``acl_file`` lines giving every device (username ``%u`` = its id) its own topics only.
+
+    Mosquitto 2.0.11 substitutes only ``%u``/``%c`` in patterns, so the type level is
+    ``+``: the broker pins the device id, not its type (see mosquitto/README.md).
+    """
+    return [f"pattern {access} {device_filter(channel, '+', '%u')}" for access, channel in DEVICE_ACL]
 
 
 def shared_filter(group: str, topic_filter: str) -> str:

@@ -6,16 +6,18 @@ Never a system service, never a fixed port, never a fixed sleep.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from iotfleet import dynsec
-from iotfleet.settings import InfluxSettings, MqttSettings
+from iotfleet.settings import BrokerAgentSettings, InfluxSettings, MqttSettings
 from iotfleet.stack import configs, probes
 
 READY_TIMEOUT_S = 30.0
@@ -102,7 +104,7 @@ class _Restartable:
 
 @dataclass
 class Broker(_Restartable):
-    """A mosquitto with dynamic security on a free loopback port."""
+    """A mosquitto (dynsec for the platform, files for devices) and its broker agent on free ports."""
 
     state_dir: Path
     host: str = "127.0.0.1"
@@ -110,6 +112,9 @@ class Broker(_Restartable):
     passwords: dict[str, str] = field(default_factory=dynsec.new_passwords)
     process: ServerProcess | None = None
     config: dict[str, Any] = field(default_factory=dict)  # more write_mosquitto_config arguments
+    agent_port: int = field(default_factory=probes.free_port)
+    agent_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    agent: ServerProcess | None = None
 
     def start(self) -> Broker:
         files = configs.write_mosquitto_config(
@@ -126,7 +131,57 @@ class Broker(_Restartable):
             lambda: probes.mqtt_ok(self.host, self.port, admin, self.passwords[admin]),
             f"mosquitto on port {self.port}",
         )
+        self.start_agent()
         return self
+
+    def start_agent(self) -> None:
+        if self.agent is None:
+            self.agent = ServerProcess(
+                "broker-agent",
+                [sys.executable, "-m", "broker_agent.main"],
+                self.state_dir / "broker-agent.log",
+            )
+        if self.agent.alive():
+            return
+        env = {
+            **os.environ,
+            "IOTFLEET_STATE_DIR": str(self.state_dir.parent),
+            "IOTFLEET_MQTT__HOST": self.host,
+            "IOTFLEET_MQTT__PORT": str(self.port),
+            "IOTFLEET_BROKER_AGENT__PORT": str(self.agent_port),
+            "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token,
+            "IOTFLEET_BROKER_AGENT__PASSWORD_FILE": str(self.state_dir / "devices.passwd"),
+            "IOTFLEET_BROKER_AGENT__ACL_FILE": str(self.state_dir / "devices.acl"),
+            "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.state_dir / "mosquitto.pid"),
+        }
+        agent = self.agent
+        log = agent.log_path.open("ab")
+        agent.proc = subprocess.Popen(
+            agent.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+
+        def ready() -> bool:
+            if not agent.alive():
+                raise RuntimeError(f"broker agent exited:\n{agent.log_tail()}")
+            return probes.http_ok(f"http://{self.host}:{self.agent_port}/healthz")
+
+        probes.wait_until(ready, timeout=READY_TIMEOUT_S, what=f"broker agent on port {self.agent_port}")
+
+    def stop(self) -> None:
+        if self.agent:
+            self.agent.stop()
+        super().stop()
+
+    def restart(self) -> None:
+        """Restart mosquitto only (its agent keeps running, as in the stack): sessions and queues survive."""
+        if self.process:
+            self.process.stop()
+        self.start()
+
+    def agent_settings(self) -> BrokerAgentSettings:
+        """How a registry reaches this broker's agent."""
+        return BrokerAgentSettings(host=self.host, port=self.agent_port, token=self.agent_token, poll_s=0.5)
 
     def settings_for(self, username: str = dynsec.ADMIN_USER) -> MqttSettings:
         """MQTT settings for one of the bootstrap accounts (admin or a service)."""
@@ -176,6 +231,8 @@ def env_for(broker: Broker, influxd: Influxd, database: str, state_dir: Path) ->
             "IOTFLEET_MQTT__PORT": str(broker.port),
             "IOTFLEET_INFLUX__URL": influxd.url,
             "IOTFLEET_INFLUX__DATABASE": database,
+            "IOTFLEET_BROKER_AGENT__PORT": str(broker.agent_port),
+            "IOTFLEET_BROKER_AGENT__TOKEN": broker.agent_token,
         }
     )
     return env

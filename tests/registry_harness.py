@@ -144,6 +144,7 @@ def registry_settings(broker: Broker, state_dir: Path, database_url: str | None 
         state_dir=state_dir,
         mqtt=broker.settings_for("iotfleet-registry"),
         registry=RegistrySettings(database_url=database_url, bootstrap_admin_key=ADMIN_KEY),
+        broker_agent=broker.agent_settings(),
     )
 
 
@@ -311,6 +312,8 @@ class RegistryProcess:
                 "IOTFLEET_MQTT__PORT": str(self.broker.port),
                 "IOTFLEET_MQTT__USERNAME": "iotfleet-registry",
                 "IOTFLEET_MQTT__PASSWORD": self.broker.passwords["iotfleet-registry"],
+                "IOTFLEET_BROKER_AGENT__PORT": str(self.broker.agent_port),
+                "IOTFLEET_BROKER_AGENT__TOKEN": self.broker.agent_token,
                 "IOTFLEET_REGISTRY__HOST": "127.0.0.1",
                 "IOTFLEET_REGISTRY__PORT": str(self.port),
                 "IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,

@@ -29,6 +29,7 @@ async def healthz(state: StateDep) -> JSONResponse:
     except Exception as exc:
         checks["database"] = f"down: {type(exc).__name__}: {exc}"
     checks["broker_admin"] = "ok" if state.broker.connected else f"down: {state.broker.link.last_error}"
+    checks["broker_agent"] = "ok" if state.agent.reachable else f"down: {state.agent.last_error}"
     checks["broker_presence"] = (
         "ok" if state.presence.connected else f"down: {state.presence.link.last_error}"
     )

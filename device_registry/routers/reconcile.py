@@ -15,15 +15,17 @@ router = APIRouter(prefix="/api/v1/reconcile", tags=["broker"], responses=PROBLE
 @router.get("", summary="The last reconcile report", responses={404: {}})
 async def last_report(state: StateDep, _caller: CurrentAdmin) -> dict[str, Any]:
     if state.reconciler.last is None:
-        raise Problem(404, "no reconcile has run yet (the broker may not be connected)", slug="no-report")
+        raise Problem(
+            404, "no reconcile has run yet (the broker agent may not be reachable)", slug="no-report"
+        )
     return state.reconciler.last.as_dict()
 
 
 @router.post("", summary="Reconcile the broker with the registry now", responses={503: {}})
 async def run_now(state: StateDep, _caller: CurrentAdmin) -> dict[str, Any]:
-    if not state.broker.connected:
-        raise BrokerUnavailable("not connected to the broker; the reconcile runs when it is")
     report = await state.reconciler.run()
+    if not report.ok and not state.agent.reachable:
+        raise BrokerUnavailable(f"the broker agent is not reachable ({state.agent.last_error})")
     if not report.ok:
         raise Problem(502, f"reconcile failed: {report.error}", slug="reconcile-failed")
     return report.as_dict()

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from iotfleet import dynsec
+from iotfleet import broker_files, dynsec
 from iotfleet.errors import StackError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -134,6 +134,13 @@ def write_mosquitto_config(
             autosave_interval=autosave_interval,
         )
     )
+    # The broker refuses to start without its device files; the agent rewrites them.
+    for name, text, mode in (
+        ("devices.passwd", "", 0o600),
+        ("devices.acl", broker_files.acl_file_text(), 0o644),
+    ):
+        if not (state_dir / name).exists():
+            broker_files.write_atomic(state_dir / name, text, mode=mode)
     dynsec_file = state_dir / "dynamic-security.json"
     if not dynsec_file.exists():
         dynsec_file.write_text(json.dumps(dynsec.bootstrap_config(passwords), indent=2))

@@ -33,8 +33,9 @@ from iotfleet.influx import InfluxClient
 from iotfleet.settings import Settings
 from iotfleet.stack import configs, probes
 
-INFRA = ("mosquitto", "influxd")
+INFRA = ("mosquitto", "influxd", "broker-agent")
 ADMIN_KEY_FILE = "admin-api-key"
+AGENT_TOKEN_FILE = "broker-agent-token"
 SECRETS_FILE = "secrets.json"
 
 
@@ -74,6 +75,7 @@ class StackLayout:
         self.socket = self.root / "supervisor.sock"
         self.secrets = self.root / SECRETS_FILE
         self.admin_key = self.root / ADMIN_KEY_FILE
+        self.agent_token = self.root / AGENT_TOKEN_FILE
         self.stack_file = self.root / "stack.json"
 
 
@@ -131,9 +133,23 @@ class Stack:
             _write_private(self.layout.admin_key, f"ifk_{secrets.token_urlsafe(32)}\n")
         return self.layout.admin_key.read_text().strip()
 
+    def agent_token(self) -> str:
+        """The token the registry presents to the broker agent, created 0600 on the first `up`."""
+        if not self.layout.agent_token.exists():
+            _write_private(self.layout.agent_token, secrets.token_urlsafe(32) + "\n")
+        return self.layout.agent_token.read_text().strip()
+
+    def agent_port(self) -> int:
+        """IOTFLEET_BROKER_AGENT__PORT if set, else the first port after the services' health ports."""
+        agent = self.settings.broker_agent
+        if "port" in agent.model_fields_set:
+            return agent.port
+        return self.settings.stack.service_port_base + len(DEVICE_TYPES) + 1
+
     def parts(self) -> list[Part]:
         s = self.settings
         passwords = self._passwords()
+        agent_port = self.agent_port()
         base_env = {
             "IOTFLEET_STATE_DIR": str(self.layout.root),
             "IOTFLEET_LOG_LEVEL": s.log_level,
@@ -144,6 +160,8 @@ class Stack:
             "IOTFLEET_INFLUX__RETENTION_POLICY": s.influx.retention_policy,
             "IOTFLEET_REGISTRY__HOST": s.registry.host,
             "IOTFLEET_REGISTRY__PORT": str(s.registry.port),
+            "IOTFLEET_BROKER_AGENT__HOST": s.broker_agent.host,
+            "IOTFLEET_BROKER_AGENT__PORT": str(agent_port),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -165,6 +183,21 @@ class Stack:
                 {},
             ),
             Part(
+                "broker-agent",
+                "agent",
+                agent_port,
+                "IOTFLEET_BROKER_AGENT__PORT (default IOTFLEET_STACK__SERVICE_PORT_BASE + 5)",
+                [_script("iotfleet-broker-agent")],
+                {
+                    **base_env,
+                    # The agent's files are the broker's: in the broker's folder of the state dir.
+                    "IOTFLEET_BROKER_AGENT__PASSWORD_FILE": str(self.layout.mosquitto / "devices.passwd"),
+                    "IOTFLEET_BROKER_AGENT__ACL_FILE": str(self.layout.mosquitto / "devices.acl"),
+                    "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.layout.mosquitto / "mosquitto.pid"),
+                    "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token(),
+                },
+            ),
+            Part(
                 "influxd",
                 "influxdb",
                 _url_port(s.influx.url),
@@ -178,7 +211,11 @@ class Stack:
                 s.registry.port,
                 "IOTFLEET_REGISTRY__PORT (or --api-port)",
                 [_script("iotfleet-registry")],
-                service_env("iotfleet-registry", IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key()),
+                service_env(
+                    "iotfleet-registry",
+                    IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key(),
+                    IOTFLEET_BROKER_AGENT__TOKEN=self.agent_token(),
+                ),
             ),
         ]
         port = s.stack.service_port_base
@@ -352,7 +389,9 @@ class Stack:
         if kind == "influxdb":
             ok = probes.http_ok(f"http://{_url_host(self.settings.influx.url)}:{port}/ping")
             return ok, "/ping 204" if ok else "/ping failed"
-        health_host = self.settings.registry.host if kind == "registry" else self.settings.health.host
+        health_host = {"registry": self.settings.registry.host, "agent": self.settings.broker_agent.host}.get(
+            kind, self.settings.health.host
+        )
         ok = probes.http_ok(f"http://{health_host}:{port}/healthz")
         return ok, "/healthz ok" if ok else "/healthz not ok"
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import json
-import secrets
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from iotfleet import dynsec
+from iotfleet import broker_files
 from iotfleet.stack import probes
 from tests.harness import Broker
 from tests.registry_harness import (  # noqa: F401  (fixtures)
@@ -110,38 +109,28 @@ def test_kill_9_and_restart_loses_nothing(
         refused.close()
 
 
-def _dynsec(broker: Broker, commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tamper with the broker behind the registry's back, as the admin account."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.username_pw_set(dynsec.ADMIN_USER, broker.passwords[dynsec.ADMIN_USER])
-    answer: list[list[dict[str, Any]]] = []
-    subscribed = threading.Event()
-    client.on_subscribe = lambda *_a: subscribed.set()
-    # Responses go to every subscriber (the registry's own batches too): keep ours, by correlation data.
-    tag = secrets.token_hex(6)
-    client.on_message = lambda _c, _u, m: answer.extend(
-        [responses]
-        if (responses := json.loads(m.payload)["responses"])
-        and str(responses[0].get("correlationData", "")).startswith(tag)
-        else []
-    )
-    client.connect(broker.host, broker.port)
-    client.loop_start()
-    client.subscribe(dynsec.RESPONSE_TOPIC, qos=1)
-    assert subscribed.wait(5)
-    tagged = [{**c, "correlationData": f"{tag}:{i}"} for i, c in enumerate(commands)]
-    client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
-    probes.wait_until(lambda: bool(answer), timeout=10, what="dynsec answer")
-    client.disconnect()
-    client.loop_stop()
-    assert not [r for r in answer[0] if r.get("error")], answer[0]
-    return answer[0]
+def _agent(broker: Broker, method: str, path: str, body: Any = None) -> dict[str, Any]:
+    """Tamper with the broker's device file behind the registry's back, through its agent."""
+    with httpx.Client(
+        base_url=f"http://{broker.host}:{broker.agent_port}",
+        headers={"Authorization": f"Bearer {broker.agent_token}"},
+        timeout=30,
+    ) as http:
+        resp = http.request(method, path, json=body)
+        assert resp.status_code == 200, resp.text
+        result: dict[str, Any] = resp.json()
+        return result
+
+
+def _broker_entries(broker: Broker) -> dict[str, str]:
+    entries: dict[str, str] = _agent(broker, "GET", "/v1/devices")["devices"]
+    return entries
 
 
 async def test_reconcile_repairs_every_kind_of_drift(
     fresh_broker: Broker, tmp_path: Path, uid: Callable[[str], str]
 ) -> None:
-    ids = [uid(f"drift{i}") for i in range(4)]
+    ids = [uid(f"drift{i}") for i in range(5)]
     async with running_registry(registry_settings(fresh_broker, tmp_path)) as api:
         resp = await api.http.post(
             "/api/v1/devices/bulk", json={"devices": [{"id": i, "type": "thermostat"} for i in ids]}
@@ -149,55 +138,62 @@ async def test_reconcile_repairs_every_kind_of_drift(
         assert resp.status_code == 201
         passwords = {d["id"]: d["credentials"]["password"] for d in resp.json()["devices"]}
         assert (await api.http.post(f"/api/v1/devices/{ids[2]}/disable")).status_code == 200
-        role1 = dynsec.device_role_name(ids[1])
-        _dynsec(
+        stranger = broker_files.hash_password("a password the registry never issued")
+        _agent(
             fresh_broker,
-            [
-                {"command": "deleteClient", "username": ids[0]},
-                {"command": "removeRoleACL", "rolename": role1, "acltype": "subscribePattern",
-                 "topic": f"devices/thermostat/{ids[1]}/commands"},
-                {"command": "addRoleACL", "rolename": role1, "acltype": "publishClientSend",
-                 "topic": "devices/#", "allow": True, "priority": 0},
-                {"command": "enableClient", "username": ids[2]},
-                {"command": "removeClientRole", "username": ids[3], "rolename": dynsec.device_role_name(ids[3])},
-                {"command": "createRole", "rolename": "device-rogue", "textname": "iotfleet device"},
-                {"command": "createClient", "username": "rogue", "password": "x", "textname": "iotfleet device",
-                 "roles": [{"rolename": "device-rogue"}]},
-                # Made by another tool (no registry marker): reported, left alone.
-                {"command": "createRole", "rolename": "device-other-tool"},
-                {"command": "createClient", "username": "other-tool", "password": "x",
-                 "roles": [{"rolename": "device-other-tool"}]},
-            ],
+            "POST",
+            "/v1/changes",
+            {
+                "remove": [ids[0]],
+                "upsert": [{"id": ids[1], "hash": stranger}, {"id": ids[2], "hash": stranger},
+                           {"id": "rogue", "hash": stranger}],
+            },
         )  # fmt: skip
+        stolen = connect_device(fresh_broker, "rogue", "a password the registry never issued")
+        assert stolen.is_connected
         report = (await api.http.post("/api/v1/reconcile")).json()
         assert report["ok"]
         found = {(d["device_id"], d["kind"]) for d in report["drift"]}
         assert found == {
-            (ids[0], "missing_client"),
-            (ids[1], "acl_mismatch"),
-            (ids[2], "enabled_mismatch"),
-            (ids[3], "role_not_assigned"),
-            ("rogue", "orphan_client"),
-            ("rogue", "orphan_role"),
+            (ids[0], "missing_entry"),
+            (ids[1], "hash_mismatch"),
+            (ids[2], "disabled_present"),
+            ("rogue", "orphan_entry"),
         }
-        assert set(report["unmanaged"]) == {"client other-tool", "role device-other-tool"}
+        await wait_for(lambda: stolen.disconnected_at is not None, what="orphan kicked", within=1.0)
+        stolen.close()
         again = (await api.http.post("/api/v1/reconcile")).json()
         assert again["drift_count"] == 0, again["drift"]
-        assert again["unmanaged_count"] == 2
         text = (await api.http.get("/metrics")).text
         assert "registry_reconcile_drift 0.0" in text
 
-        # The repaired broker enforces the registry's view again.
+        # The repaired broker enforces the registry's view again: the stored hashes came
+        # back, so the passwords issued at creation work without any rotation.
         refused = connect_device(fresh_broker, ids[2], passwords[ids[2]])
         assert refused.connack.value == 135  # type: ignore[union-attr]
         refused.close()
-        device = connect_device(fresh_broker, ids[1], passwords[ids[1]])
-        assert not device.subscribe(f"devices/thermostat/{ids[1]}/commands").is_failure
-        assert device.publish(f"devices/thermostat/{ids[0]}/telemetry", b"{}").value == 135
-        device.close()
-        # The recreated client has a password nobody knows: rotating gives a working one.
-        rotated = (await api.http.post(f"/api/v1/devices/{ids[0]}/rotate-credentials")).json()
-        back = connect_device(fresh_broker, ids[0], rotated["credentials"]["password"])
+        for device_id in (ids[0], ids[1]):
+            device = connect_device(fresh_broker, device_id, passwords[device_id])
+            assert not device.connack.is_failure, device_id  # type: ignore[union-attr]
+            assert device.publish(f"devices/thermostat/{ids[4]}/telemetry", b"{}").value == 135
+            device.close()
+
+        # The agent restarts with a file edited behind everyone's back: the registry sees
+        # the new agent (boot id) and reconciles on its own, no POST needed.
+        assert fresh_broker.agent is not None
+        fresh_broker.agent.stop()
+        passwd = fresh_broker.state_dir / "devices.passwd"
+        passwd.write_text(
+            "".join(line + "\n" for line in passwd.read_text().splitlines() if ids[3] not in line)
+        )
+        runs = api.state.reconciler.last
+        fresh_broker.start_agent()
+        await wait_for(
+            lambda: api.state.reconciler.last is not runs, what="reconcile after agent restart", within=10
+        )
+        last = api.state.reconciler.last.as_dict()
+        assert (ids[3], "missing_entry") in {(d["device_id"], d["kind"]) for d in last["drift"]}
+        back = connect_device(fresh_broker, ids[3], passwords[ids[3]])
         assert not back.connack.is_failure  # type: ignore[union-attr]
         back.close()
 
@@ -226,7 +222,12 @@ async def test_registry_starts_before_the_broker(tmp_path: Path) -> None:
             try:
                 await wait_for(lambda: app.state.registry.broker.connected, what="broker link", within=20)
                 await wait_for(
-                    lambda: app.state.registry.reconciler.last is not None, what="reconcile", within=10
+                    lambda: (
+                        app.state.registry.reconciler.last is not None
+                        and app.state.registry.reconciler.last.ok
+                    ),
+                    what="reconcile",
+                    within=10,
                 )
                 health = await http.get("/healthz")
                 assert health.status_code == 200, health.text
@@ -234,6 +235,40 @@ async def test_registry_starts_before_the_broker(tmp_path: Path) -> None:
                 assert resp.status_code == 201
             finally:
                 broker.stop()
+
+
+@contextlib.contextmanager
+def _writes_blocked(url: str) -> Iterator[None]:
+    """Hold the registry DB's write lock (reads still work): its commit waits, the broker change is done."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.split("///", 1)[1])
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+            conn.close()
+        return
+    locked, release = threading.Event(), threading.Event()
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE devices IN EXCLUSIVE MODE")  # SELECT yes, INSERT waits
+                locked.set()
+                await asyncio.to_thread(release.wait, 30)
+        finally:
+            await conn.close()
+
+    holder = threading.Thread(target=lambda: asyncio.run(hold()))
+    holder.start()
+    try:
+        assert locked.wait(10), "could not lock the devices table"
+        yield
+    finally:
+        release.set()
+        holder.join(timeout=10)
 
 
 def test_kill_9_in_the_middle_of_a_bulk_leaves_no_stray_credentials(
@@ -248,22 +283,22 @@ def test_kill_9_in_the_middle_of_a_bulk_leaves_no_stray_credentials(
             http.post("/api/v1/devices/bulk", json=body)
 
     def device_clients() -> list[str]:
-        [listing] = _dynsec(fresh_broker, [{"command": "listClients", "count": -1}])
-        return [c for c in listing["data"]["clients"] if str(c).startswith(prefix)]  # type: ignore[index]
+        return [c for c in _broker_entries(fresh_broker) if c.startswith(prefix)]
 
+    assert registry_process.database_url is not None
     sender = threading.Thread(target=post)
-    sender.start()
-    probes.wait_until(lambda: len(device_clients()) > 0, timeout=30, what="bulk under way")
-    registry_process.kill()  # broker entries exist, the DB commit never happened
+    with _writes_blocked(registry_process.database_url):
+        sender.start()
+        probes.wait_until(lambda: len(device_clients()) == 400, timeout=30, what="broker entries written")
+        registry_process.kill()  # broker entries exist, the DB commit never happened
     sender.join(timeout=30)
-    assert device_clients(), "the kill came too late to leave broker entries behind"
+    assert len(device_clients()) == 400
 
     registry_process.start()
     with registry_process.client() as http:
         report = _reconcile_report(http)
         assert report["ok"] and report["devices_checked"] == 0
-        assert set(report["drift_by_kind"]) <= {"orphan_client", "orphan_role"}
-        assert report["drift_by_kind"]["orphan_client"] >= 1
+        assert report["drift_by_kind"] == {"orphan_entry": 400}
         assert http.get("/api/v1/devices").json()["items"] == []
         assert http.post("/api/v1/reconcile").json()["drift_count"] == 0
     assert device_clients() == []

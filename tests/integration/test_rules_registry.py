@@ -113,6 +113,7 @@ def platform_settings(
         **common,
         mqtt=registry_mqtt,
         registry=RegistrySettings(port=port, bootstrap_admin_key=ADMIN_KEY),
+        broker_agent=broker.agent_settings(),
         rules=RulesSettings(client_id=f"reg-{suffix}", tracker_sweep_s=0.2),
     )
     engine = Settings(

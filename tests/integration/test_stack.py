@@ -73,6 +73,7 @@ def test_up_status_down(stack_env: dict[str, str], tmp_path: Path) -> None:
     parts = {p["name"]: p for p in info["parts"]}
     assert set(parts) == {
         "mosquitto",
+        "broker-agent",
         "influxd",
         "registry",
         "rules-engine",

@@ -19,7 +19,7 @@ from device_registry.presence import Presence
 from device_registry.problems import Problem
 from device_registry.routers.devices import _decode_cursor, _encode_cursor
 from device_registry.schemas import DeviceBulkCreate, DeviceCreate, DeviceUpdate
-from iotfleet import dynsec
+from iotfleet import broker_files, dynsec, topics
 from iotfleet.errors import ConfigError
 from iotfleet.settings import MqttSettings
 
@@ -82,17 +82,23 @@ def test_cursors_round_trip_and_reject_garbage() -> None:
 
 
 def test_device_broker_identity() -> None:
-    create = broker_admin.create_device_commands("thermostat", "t-1", "pw")
-    assert [c["command"] for c in create] == ["createRole", "createClient"]
-    assert create[0]["acls"] == dynsec.device_acls("thermostat", "t-1")
-    assert create[1]["username"] == create[1]["clientid"] == "t-1"
-    assert create[1]["roles"] == [{"rolename": "device-t-1"}]
-    disabled = broker_admin.create_device_commands("thermostat", "t-1", "pw", enabled=False)
-    assert disabled[-1] == {"command": "disableClient", "username": "t-1"}
-    assert [c["command"] for c in broker_admin.delete_device_commands("t-1")] == [
-        "deleteClient",
-        "deleteRole",
+    """A device is one password-file line ($6$, what Mosquitto accepts) and the shared ACL patterns."""
+    password_hash = broker_files.hash_password("pw", salt=b"0123456789ab")
+    assert broker_files.check_hash(password_hash) == password_hash
+    assert broker_files.password_file_text([("t-1", password_hash)]) == f"t-1:{password_hash}\n"
+    assert broker_files.parse_password_file(f"# c\nt-1:{password_hash}\n") == {"t-1": password_hash}
+    assert broker_files.hash_password("pw") != password_hash  # salted
+    for bad in ["$7$101$x$y", "$6$short$AAAA", "plain"]:
+        with pytest.raises(ValueError):
+            broker_files.check_hash(bad)
+    # Every device ACL comes from the one table in iotfleet.topics.
+    assert topics.device_acl_patterns() == [
+        "pattern write devices/+/%u/telemetry",
+        "pattern write devices/+/%u/status",
+        "pattern write devices/+/%u/acks",
+        "pattern read devices/+/%u/commands",
     ]
+    assert len(dynsec.device_acls("thermostat", "t-1")) == 5
 
 
 def test_control_messages_adapt_to_the_broker() -> None:

@@ -1,0 +1,1 @@
+"""iotfleet-broker-agent: the broker-side owner of the device password and ACL files."""
