@@ -411,14 +411,13 @@ async def test_registry_never_touches_broker_entries_it_did_not_create(
         assert not still.connack.is_failure  # type: ignore[union-attr]
         still.close()
 
-        # A device whose broker client was replaced by another tool's: no change goes through.
+        # A device another tool made a dynsec client for (dynsec answers before the device file): no change goes through.
         device_id = uid("taken")
         assert (
             await api.http.post("/api/v1/devices", json={"id": device_id, "type": "thermostat"})
         ).status_code == 201
         await api.state.broker.run(
             [
-                {"command": "deleteClient", "username": device_id},
                 {
                     "command": "createClient",
                     "username": device_id,
