@@ -91,7 +91,9 @@ def create_app(settings: Settings) -> FastAPI:
         registry = CollectorRegistry()
         metrics = RegistryMetrics(registry)
         broker = BrokerAdmin(settings.mqtt)
-        presence = Presence(settings.mqtt, sessions, registry)
+        presence = Presence(
+            settings.mqtt, sessions, registry, max_payload_bytes=settings.ingest.max_payload_bytes
+        )
         loop = asyncio.get_running_loop()
 
         def reported(report: ReconcileReport) -> None:

@@ -303,8 +303,6 @@ class Admission:
             raise ValueError("max_depth must be at least 2 (an array of reading objects)")
         self.device_type = device_type
         self.limits = limits
-        # `"name"` of every field a reading may have: counted in the bytes for the duplicate test.
-        self._keys = tuple(f'"{name}"'.encode() for name in device_type.reading.model_fields)
         # The catalogue's model, chosen by the payload's first byte (a union would first build the
         # whole document as Python objects: 100 ms for 87,000 empty arrays, 3 ms this way), with
         # the batch length bounded and fail-fast inside the parser: an invalid batch stops at its
@@ -333,7 +331,10 @@ class Admission:
             )
         # A payload with no more groups than a batch may have readings cannot be a batch that is
         # too long, and the schema parser bounds its own nesting: the structure pass is skipped.
-        checked = payload.count(b"{") + payload.count(b"[") > limits.max_readings + 1
+        # (A payload shorter than that many bytes cannot hold that many brackets: not even counted.)
+        checked = len(payload) > limits.max_readings + 1 and (
+            payload.count(b"{") + payload.count(b"[") > limits.max_readings + 1
+        )
         if checked:
             check_structure(payload, limits)
         try:
@@ -352,14 +353,26 @@ class Admission:
         return readings
 
     def _check_duplicates(self, payload: bytes, readings: Sequence[Reading]) -> None:
-        # The schema admitted only known keys, and every key it kept is in model_fields_set. Each
-        # written key appears in the bytes as `"key"` unless escaped; so when no backslash is present
-        # and the known keys occur exactly as often as the readings have fields, no key was written
-        # twice. Occurrences inside string values only make the count higher: then (and with a
-        # backslash) the exact test decides. Cost: a few bytes.count per payload.
-        if b"\\" not in payload:
-            occurrences = sum(payload.count(key) for key in self._keys)
-            if occurrences == sum(len(r.model_fields_set) for r in readings):
+        # Exact without a parse in the common case. With no backslash in the payload a string
+        # cannot hold a quote, so every `"` delimits a string, and a string directly followed by
+        # `:` is a key: with no quote followed by whitespace either (`"key" :`), the count of `":`
+        # is at least the number of keys written (an opening quote followed by `:`, as in the
+        # value ":x", only adds to it). The schema admitted only known keys, each reading's
+        # distinct keys are its fields_set, so a duplicate makes the count exceed their sum.
+        # Anything else (escapes, pretty-printed JSON) goes to the exact re-parse. Measured in
+        # docs/benchmarks.md ("Telemetry admission cost").
+        if (
+            b"\\" not in payload
+            and b'" ' not in payload
+            and b'"\n' not in payload
+            and b'"\t' not in payload
+            and b'"\r' not in payload
+        ):
+            written = payload.count(b'":')
+            if len(readings) == 1:
+                if written == len(readings[0].__pydantic_fields_set__):
+                    return
+            elif written == sum(len(r.__pydantic_fields_set__) for r in readings):
                 return
         key = find_duplicate_key(payload)
         if key is not None:
