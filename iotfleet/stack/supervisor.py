@@ -221,7 +221,11 @@ class Stack:
         s = self.settings
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         configs.write_mosquitto_config(
-            self.layout.mosquitto, host=s.mqtt.host, port=s.mqtt.port, passwords=self._passwords()
+            self.layout.mosquitto,
+            host=s.mqtt.host,
+            port=s.mqtt.port,
+            passwords=self._passwords(),
+            max_payload_bytes=s.ingest.max_payload_bytes,
         )
         configs.write_influxdb_config(
             self.layout.influxdb,
