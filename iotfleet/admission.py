@@ -117,7 +117,12 @@ class FieldError:
     reason: str
 
     def as_json(self) -> dict[str, str]:
-        return {"field": self.field, "message": self.message, "reason": self.reason}
+        # A field is named after the payload's own key, which may be 200 KB long: both are cut.
+        return {"field": _cut(self.field, 256), "message": _cut(self.message, 1024), "reason": self.reason}
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 class Rejected(Exception):
@@ -245,7 +250,12 @@ def explain(exc: ValidationError, payload: bytes, max_errors: int = 1_000_000) -
             payload.decode("utf-8")
         except UnicodeDecodeError as bad:
             return Rejected.one(INVALID_UTF8, f"payload is not valid UTF-8: {bad.reason} at byte {bad.start}")
-        return Rejected.one(NOT_JSON, f"payload is not JSON: {raw[0]['msg']}")
+        message = str(raw[0]["msg"])
+        if "recursion limit" in message:  # the parser's own limit, deeper than max_depth
+            return Rejected.one(TOO_DEEP, f"JSON nested too deep: {message}")
+        if "number out of range" in message:  # an integer of thousands of digits
+            return Rejected.one(OUT_OF_RANGE, f"number out of range: {message}")
+        return Rejected.one(NOT_JSON, f"payload is not JSON: {message}")
     is_array = payload.lstrip()[:1] == b"["
     if not is_array and payload.lstrip()[:1] != b"{":
         return Rejected.one(
