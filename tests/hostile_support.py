@@ -334,19 +334,19 @@ class GoodDevice(threading.Thread):
         self.interval_s = interval_s
         self.sent: dict[int, int] = {}  # seq -> ts
         self.latency_ms: dict[int, float] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._poller = threading.Thread(target=self._poll, daemon=True)
 
     def run(self) -> None:
         self._poller.start()
         seq = 0
         topic = telemetry("thermostat", self.device_id)
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             seq += 1
             ts = time.time_ns() // 1_000_000
             self.sent[seq] = ts
             self.publisher.publish(topic, orjson.dumps(good_reading(ts, seq)))
-            self._stop.wait(self.interval_s)
+            self._halt.wait(self.interval_s)
 
     def _poll(self) -> None:
         since = time.time_ns() // 1_000_000 - 1_000
@@ -355,7 +355,7 @@ class GoodDevice(threading.Thread):
             f" AND time > {since}ms"
         )
         with httpx.Client(timeout=10) as http:
-            while not self._stop.is_set() or len(self.latency_ms) < len(self.sent):
+            while not self._halt.is_set() or len(self.latency_ms) < len(self.sent):
                 try:
                     body = http.post(
                         f"{self.influxd.url}/query", data={"q": q, "db": self.database, "epoch": "ms"}
@@ -368,7 +368,7 @@ class GoodDevice(threading.Thread):
                         for ts, seq in series["values"]:
                             if seq not in self.latency_ms:
                                 self.latency_ms[int(seq)] = seen - ts
-                if self._stop.is_set() and time.monotonic() > self._give_up:
+                if self._halt.is_set() and time.monotonic() > self._give_up:
                     return
                 time.sleep(0.01)
 
@@ -376,7 +376,7 @@ class GoodDevice(threading.Thread):
 
     def stop(self, drain_s: float = 15.0) -> None:
         self._give_up = time.monotonic() + drain_s
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
         self._poller.join(timeout=drain_s + 5)
 
