@@ -78,7 +78,11 @@ def corpus(now_ms: int, max_payload_bytes: int = 256 * 1024) -> list[Case]:
             a.PAYLOAD_TOO_LARGE,
         ),
         Case("valid readings over the limit", big_batch, a.PAYLOAD_TOO_LARGE),
-        Case("1 MiB of {}", b"[" + b"{}," * 349_000 + b"{}]", a.PAYLOAD_TOO_LARGE),
+        Case(
+            "500 KB of {} (between the ingest's and the broker's limits)",
+            b"[" + b"{}," * 166_000 + b"{}]",
+            a.PAYLOAD_TOO_LARGE,
+        ),
         Case("262,141 bytes of [{},{},...]", b"[" + b"{}," * 87_379 + b"{}]", a.BATCH_TOO_LARGE),
         Case("1,001 valid readings", orjson.dumps([good] * 1_001), a.BATCH_TOO_LARGE),
         Case("80,000 empty arrays", b"[" + b"[]," * 79_999 + b"[]]", a.WRONG_SHAPE),

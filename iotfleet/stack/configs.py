@@ -75,15 +75,17 @@ def find_dynsec_plugin() -> str:
     )
 
 
-PLATFORM_MESSAGE_MAX = 1024 * 1024
+PLATFORM_MESSAGE_MAX = 512 * 1024
 """The largest payload a platform service publishes: the registry's dynsec control messages (at
 most ``broker_admin.MAX_CHUNK`` = 500 commands, ~364 KB with 64-character device ids) and the
 rules engine's and registry's events (a few KB). A test keeps the dynsec batch under it."""
 PACKET_OVERHEAD = 64 * 1024
 """Topic, MQTT 5 properties and headers on top of a payload."""
-TELEMETRY_HEADROOM = 4
+TELEMETRY_HEADROOM = 2
 """Payloads up to this multiple of the ingest's limit still reach the ingest, which dead-letters
-them with reason payload_too_large (the device learns why); larger ones the broker refuses."""
+them with reason payload_too_large (the device learns why); larger ones the broker refuses. Kept
+small: every byte the broker accepts is carried to the ingest, the rules engine and the registry
+(bench/hostile.py: a flood's cost is its bytes)."""
 
 
 def broker_packet_limit(max_payload_bytes: int) -> int:
