@@ -139,9 +139,9 @@ def render(result: dict[str, object], command: str) -> str:
             lines.append(f"| {label} | {name} | {cost * 1e6:,.1f} | {cost / base:.2f}× |")
     lines += [
         "",
-        "Chosen: the byte-count test (`Admission._check_duplicates`): with no backslash and no quote"
-        " followed by whitespace, the count of `\":` in the bytes must equal the admitted readings'"
-        " field count (exact: see the code); other payloads (escapes, pretty-printed JSON) are"
+        "Chosen: the byte-count test (`Admission._check_duplicates`): with no backslash and no"
+        ' whitespace before a colon, the count of `":` in the bytes must equal the admitted'
+        ' readings\' field count (exact: see the code); other payloads (escapes, `"key" :`) are'
         " re-parsed by the stdlib parser with an `object_pairs_hook`. The orjson variant is"
         " approximate (colons in strings) and shown for scale only.",
         "",
