@@ -313,7 +313,16 @@ HOT_RULE: dict[str, Any] = {
 def start_services(
     broker: Broker, influxd: Influxd, database: str, work: Path, rules: list[dict[str, Any]]
 ) -> tuple[IngestProcess, RulesProcess]:
-    ingest = IngestProcess(broker, influxd, database, work / "ingest", replica=secrets.token_hex(3)).start()
+    # Its own session, not a member of the shared group: on the session-wide broker an earlier
+    # test's offline ingest session may still hold a share of the group's messages.
+    ingest = IngestProcess(
+        broker,
+        influxd,
+        database,
+        work / "ingest",
+        replica=secrets.token_hex(3),
+        extra_env={"IOTFLEET_INGEST__SHARED_SUBSCRIPTION": "false", "IOTFLEET_MQTT__SESSION_EXPIRY_S": "60"},
+    ).start()
     engine = RulesProcess(broker, influxd, work / "rules", rules).start()
     ingest.wait_healthy(timeout=30)
     engine.wait_healthy(timeout=30)
