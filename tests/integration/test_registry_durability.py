@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -115,13 +116,23 @@ def _dynsec(broker: Broker, commands: list[dict[str, Any]]) -> list[dict[str, An
     client.username_pw_set(dynsec.ADMIN_USER, broker.passwords[dynsec.ADMIN_USER])
     answer: list[list[dict[str, Any]]] = []
     subscribed = threading.Event()
+    # The response topic is shared with the registry's own admin link: our answer is the one
+    # carrying our correlation data (a bulk under way answers on the same topic).
+    tag = secrets.token_hex(4)
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        responses = json.loads(message.payload)["responses"]
+        if responses and str(responses[0].get("correlationData", "")).startswith(f"{tag}:"):
+            answer.append(responses)
+
     client.on_subscribe = lambda *_a: subscribed.set()
-    client.on_message = lambda _c, _u, m: answer.append(json.loads(m.payload)["responses"])
+    client.on_message = on_message
     client.connect(broker.host, broker.port)
     client.loop_start()
     client.subscribe(dynsec.RESPONSE_TOPIC, qos=1)
     assert subscribed.wait(5)
-    client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": commands}), qos=1)
+    tagged = [{**command, "correlationData": f"{tag}:{i}"} for i, command in enumerate(commands)]
+    client.publish(dynsec.CONTROL_TOPIC, json.dumps({"commands": tagged}), qos=1)
     probes.wait_until(lambda: bool(answer), timeout=10, what="dynsec answer")
     client.disconnect()
     client.loop_stop()
