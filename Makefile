@@ -25,7 +25,7 @@ lint: deps
 	$(VENV)/bin/mypy
 
 bench: deps
-	@echo "==> running every benchmark on a freshly started stack (about 15 minutes); writes docs/benchmarks.md"
+	@echo "==> running every benchmark on a freshly started stack (about 17 minutes); writes docs/benchmarks.md"
 	IOTFLEET_BENCH_VIA_MAKE=1 $(VENV)/bin/iotfleet bench
 
 deps: system-deps venv

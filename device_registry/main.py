@@ -97,7 +97,9 @@ def create_app(settings: Settings) -> FastAPI:
         metrics = RegistryMetrics(registry)
         broker = BrokerAdmin(settings.mqtt)
         agent = AgentClient(settings.broker_agent)
-        presence = Presence(settings.mqtt, sessions, registry)
+        presence = Presence(
+            settings.mqtt, sessions, registry, max_payload_bytes=settings.ingest.max_payload_bytes
+        )
 
         def reported(report: ReconcileReport) -> None:
             metrics.reconcile_runs.labels("ok" if report.ok else "failed").inc()

@@ -7,6 +7,17 @@ dict (one assignment), and a task flushes the latest state to the DB once per
 ``flush_interval_s`` in one executemany per kind. Telemetry and acks are taken at
 QoS 0 through a shared subscription: presence is best effort, so a busy registry
 lets the broker drop (never queue) them, and registry replicas split the load.
+
+Hostile telemetry: presence never parses a payload and never uses a device's own
+timestamp (``last_seen`` is the registry's clock at arrival), so no payload can
+poison it. Any telemetry a device publishes on its own topic counts as "seen",
+also a reading the ingest dead-letters: the broker authenticated the device, so it
+is alive and connected, and an operator chasing its dead letters wants to see that
+(AWS IoT's lifecycle events and ThingsBoard's "last activity" count the same way).
+Payloads above the shared admission limit (``IOTFLEET_INGEST__MAX_PAYLOAD_BYTES``,
+iotfleet/admission.py) are counted under ``channel="telemetry_oversized"``; the
+broker's ``message_size_limit`` (derived from the same setting) bounds what paho
+buffers before this code sees a message.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from device_registry.broker_admin import MqttLink
 from device_registry.models import Device
 from iotfleet import topics
-from iotfleet.settings import MqttSettings
+from iotfleet.settings import IngestSettings, MqttSettings
 from iotfleet.topics import Channel
 
 log = logging.getLogger("registry.presence")
@@ -47,8 +58,10 @@ class Presence:
         metrics: CollectorRegistry,
         *,
         flush_interval_s: float = 1.0,
+        max_payload_bytes: int = IngestSettings().max_payload_bytes,
     ) -> None:
         self.sessions = sessions
+        self.max_payload_bytes = max_payload_bytes
         self.flush_interval_s = flush_interval_s
         # device id → epoch seconds it was last heard from (telemetry, acks, live status)
         self._seen: dict[str, float] = {}
@@ -85,6 +98,7 @@ class Presence:
         self._telemetry_counter = self.m_messages.labels(Channel.TELEMETRY.value)
         self._acks_counter = self.m_messages.labels(Channel.ACKS.value)
         self._status_counter = self.m_messages.labels(Channel.STATUS.value)
+        self._oversized_counter = self.m_messages.labels("telemetry_oversized")
         self.last_flush_s = 0.0
         self.last_flush_count = 0
 
@@ -124,7 +138,12 @@ class Presence:
             if not message.retain:
                 self._seen[device_id] = now
         else:
-            (self._telemetry_counter if channel == "telemetry" else self._acks_counter).inc()
+            if channel == "telemetry":
+                self._telemetry_counter.inc()
+                if len(message.payload) > self.max_payload_bytes:  # seen all the same (see above)
+                    self._oversized_counter.inc()
+            else:
+                self._acks_counter.inc()
             self._seen[device_id] = now
 
     async def _flush_loop(self) -> None:

@@ -103,7 +103,17 @@ class IngestSettings(BaseModel):
     device_type: str | None = None
     batch_max_readings: int = Field(5_000, ge=1, le=100_000)
     batch_max_age_ms: int = Field(200, ge=1, le=60_000)
-    max_payload_bytes: int = Field(256 * 1024, ge=64)
+    # The telemetry admission limits (iotfleet/admission.py). Every consumer of telemetry reads
+    # these same settings (the ingest, the rules engine, the registry's presence follower), so
+    # what the ingest refuses no other service acts on; the broker's message size limit is
+    # derived from max_payload_bytes (iotfleet/stack/configs.py).
+    max_payload_bytes: int = Field(
+        256 * 1024, ge=64, le=64 * 1024 * 1024, description="Larger telemetry payloads are refused unparsed"
+    )
+    max_depth: int = Field(8, ge=2, le=64, description="Deeper JSON nesting is refused (readings are flat)")
+    max_readings_per_payload: int = Field(
+        1_000, ge=1, le=100_000, description="Longer arrays of readings are refused before validation"
+    )
     max_future_s: int = Field(300, ge=0, description="Readings further in the future are rejected")
     max_past_s: int = Field(30 * 86_400, ge=0, description="Readings older than this are rejected")
     buffer_max_readings: int = Field(200_000, ge=1_000, description="Bound on readings held unacked")
@@ -140,7 +150,10 @@ class IngestSettings(BaseModel):
     )
     write_concurrency: int = Field(2, ge=1, le=16, description="InfluxDB writes in flight at once")
     deadletter_payload_chars: int = Field(
-        1024, ge=0, description="Characters of the original payload kept in a dead letter"
+        1024, ge=0, le=1_000_000, description="Characters of the original payload kept in a dead letter"
+    )
+    deadletter_max_errors: int = Field(
+        20, ge=1, le=10_000, description="Errors listed in a dead letter; the rest is counted (errors_cut)"
     )
     drain_timeout_s: float = Field(
         10.0, gt=0, description="On stop, how long to wait for InfluxDB to take what was received"

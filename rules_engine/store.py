@@ -60,6 +60,11 @@ class StateStore:
             rows,
         )
 
+    def forget_last_seen_after(self, max_ts: int) -> int:
+        """Delete last-seen times later than ``max_ts`` (never from an admitted reading); return how many."""
+        with self._lock:
+            return self._db.execute("DELETE FROM last_seen WHERE ts > ?", (max_ts,)).rowcount
+
     def _many(self, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
         if not rows:
             return

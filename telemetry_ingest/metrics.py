@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from telemetry_ingest.validation import REASONS
+from iotfleet.admission import REASONS
 
 
 class IngestMetrics:

@@ -40,10 +40,10 @@ from telemetry_ingest.validation import (
     INVALID_VALUE,
     STORAGE_REFUSED,
     UNKNOWN_DEVICE_TYPE,
+    Admission,
+    Limits,
     Rejected,
-    check_times,
     dead_letter,
-    parse,
 )
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,8 @@ class Pipeline:
         self._encoder = LineEncoder(device_type, settings.extra_tags) if device_type else None
         self._on_influx_state = on_influx_state or (lambda _ok, _why: None)
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
-        self._max_future_ms = settings.max_future_s * 1000
-        self._max_past_ms = settings.max_past_s * 1000
+        # The same admission check (and settings) the rules engine applies to the same readings.
+        self._admission = Admission(device_type, Limits.from_settings(settings)) if device_type else None
         self._topics: dict[str, _TopicInfo] = {}
         self._batch = Batch()
         self._batch_readings = 0
@@ -160,7 +160,8 @@ class Pipeline:
                 self._reject(topic.split("/")[1:3], payload, token, rejected, now_ms)
                 return
         encoder = self._encoder
-        if encoder is None or self.device_type is None:  # catch-all: only types nobody ingests
+        admission = self._admission
+        if encoder is None or admission is None:  # catch-all: only types nobody ingests
             if info.prefix:
                 self._ack_in_order(token)
             else:
@@ -178,13 +179,7 @@ class Pipeline:
                 )
             return
         try:
-            readings = parse(self.device_type, payload, max_payload_bytes=self.settings.max_payload_bytes)
-            lo = now_ms - self._max_past_ms
-            hi = now_ms + self._max_future_ms
-            for reading in readings:
-                ts = reading.ts
-                if ts is not None and not lo <= ts <= hi:
-                    check_times(readings, now_ms, self._max_future_ms, self._max_past_ms)
+            readings = admission.admit(payload, now_ms)
             prefix = info.prefix
             encode = encoder.encode
             new_lines = [encode(prefix, reading, reading.ts or now_ms) for reading in readings]
@@ -253,6 +248,7 @@ class Pipeline:
             rejected=rejected,
             payload=payload,
             max_payload_chars=self.settings.deadletter_payload_chars,
+            max_errors=self.settings.deadletter_max_errors,
         )
         self.transport.publish(deadletter_topic(dtype, dev), body)
         # The MQTT dead letter is the authoritative record; this count in InfluxDB lets

@@ -50,7 +50,9 @@ class Reading(BaseModel):
     reason instead of silently stored wrong.
     """
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    # allow_inf_nan off: NaN/Infinity (not JSON, but accepted by the parser) and 1e400 are refused
+    # as not finite instead of failing a range check with a confusing message, or passing one.
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     ts: TimestampMs | None = Field(
         default=None,

@@ -83,6 +83,27 @@ def find_dynsec_plugin() -> str:
 AUTOSAVE_ON_CHANGES = True
 AUTOSAVE_INTERVAL = 1_000
 
+PLATFORM_MESSAGE_MAX = 512 * 1024
+"""The largest payload a platform service publishes: the registry's dynsec control messages (at
+most ``broker_admin.MAX_CHUNK`` = 500 commands, ~364 KB with 64-character device ids) and the
+rules engine's and registry's events (a few KB). A test keeps the dynsec batch under it."""
+PACKET_OVERHEAD = 64 * 1024
+"""Topic, MQTT 5 properties and headers on top of a payload."""
+TELEMETRY_HEADROOM = 2
+"""Payloads up to this multiple of the ingest's limit still reach the ingest, which dead-letters
+them with reason payload_too_large (the device learns why); larger ones the broker refuses. Kept
+small: every byte the broker accepts is carried to the ingest, the rules engine and the registry
+(bench/hostile.py: a flood's cost is its bytes)."""
+
+
+def broker_packet_limit(max_payload_bytes: int) -> int:
+    """Mosquitto's ``max_packet_size``, from the telemetry admission limit (IOTFLEET_INGEST__MAX_PAYLOAD_BYTES).
+
+    The broker refuses a larger packet from its fixed header, before reading the payload, and
+    disconnects the client (MQTT 5: DISCONNECT 0x95): the first wall, with bounded broker memory.
+    """
+    return max(TELEMETRY_HEADROOM * max_payload_bytes, PLATFORM_MESSAGE_MAX) + PACKET_OVERHEAD
+
 
 @dataclass(frozen=True)
 class BrokerFiles:
@@ -101,6 +122,7 @@ def write_mosquitto_config(
     connection_messages: bool = True,
     autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
     autosave_interval: int = AUTOSAVE_INTERVAL,
+    max_payload_bytes: int = 256 * 1024,
 ) -> BrokerFiles:
     """Render mosquitto.conf; write the dynsec bootstrap file only if there is none yet.
 
@@ -129,6 +151,7 @@ def write_mosquitto_config(
             dynsec_plugin=find_dynsec_plugin(),
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
+            max_packet_size=broker_packet_limit(max_payload_bytes),
             connection_messages="true" if connection_messages else "false",
             autosave_on_changes="true" if autosave_on_changes else "false",
             autosave_interval=autosave_interval,

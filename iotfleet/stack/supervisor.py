@@ -263,6 +263,7 @@ class Stack:
             port=s.mqtt.port,
             passwords=self._passwords(),
             autosave_interval=s.stack.broker_autosave_changes,
+            max_payload_bytes=s.ingest.max_payload_bytes,
         )
         configs.write_influxdb_config(
             self.layout.influxdb,
