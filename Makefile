@@ -35,7 +35,7 @@ system-deps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml mosquitto/plugin/iotfleet_devices.c
 	@echo "==> creating $(VENV) and installing iotfleet with its dev tools (pip)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true

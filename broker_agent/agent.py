@@ -1,14 +1,14 @@
-"""The device table of one broker, applied to Mosquitto's files in coalesced batches.
+"""The device table of one broker, applied to the broker's device file in coalesced batches.
 
 Every change request (the registry's) waits in a queue; one writer task takes
 everything that arrived within ``batch_window_ms``, applies it to the in-memory
-table, writes the password file (temp file, fsync, rename: the broker never
+table, writes the device file (temp file, fsync, rename: the broker never
 reads a half-written file), SIGHUPs the broker and waits until the broker has
 reloaded — proven by a probe CONNECT with a password that only the new file
 holds — before answering every request of the batch. So when the registry's
-API call returns, a created device can connect and a disabled, deleted or
-rotated one has been kicked (a reload disconnects clients whose entry went
-away or whose password no longer matches).
+API call returns, a created device can connect and a disabled, deleted,
+rotated or re-typed one has been kicked (the device plugin kicks every device
+whose entry went away or changed: mosquitto/plugin/README.md).
 
 The agent only ever writes its own files: the platform's accounts live in
 dynamic security, which the agent never touches, and usernames in the
@@ -37,7 +37,9 @@ log = logging.getLogger("broker-agent")
 PLATFORM_PREFIX = "iotfleet-"
 """The platform's account namespace: never a device entry."""
 PROBE_USER = "iotfleet-broker-agent"
-"""The agent's own password-file entry, re-keyed at every write to prove the broker reloaded."""
+"""The agent's own device-file entry, re-keyed at every write to prove the broker reloaded."""
+PROBE_TYPE = "iotfleet_probe"
+"""Its type: no device type has it, so the probe owns no device's topics."""
 
 
 class AgentError(Exception):
@@ -46,7 +48,7 @@ class AgentError(Exception):
 
 @dataclass
 class Change:
-    upsert: dict[str, str]
+    upsert: dict[str, broker_files.DeviceEntry]
     remove: list[str]
     done: asyncio.Future[ApplyResult]
 
@@ -62,21 +64,18 @@ class ApplyResult:
 
 @dataclass
 class AgentFiles:
-    password_file: Path
-    acl_file: Path
+    devices_file: Path
     broker_pid_file: Path
 
 
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.devices = Gauge("broker_agent_devices", "Device entries in the password file", registry=registry)
+        self.devices = Gauge("broker_agent_devices", "Device entries in the device file", registry=registry)
         self.changes = Counter("broker_agent_changes", "Device entries changed", ["kind"], registry=registry)
-        self.writes = Counter(
-            "broker_agent_writes", "Password file writes (one per batch)", registry=registry
-        )
+        self.writes = Counter("broker_agent_writes", "Device file writes (one per batch)", registry=registry)
         self.write_seconds = Histogram(
             "broker_agent_write_seconds",
-            "Render + write + fsync + rename of the password file",
+            "Render + write + fsync + rename of the device file",
             registry=registry,
         )
         self.reload_seconds = Histogram(
@@ -96,7 +95,7 @@ class Agent:
     batch_window_s: float = 0.005
     reload_timeout_s: float = 10.0
     boot_id: str = field(default_factory=lambda: secrets.token_hex(8))
-    entries: dict[str, str] = field(default_factory=dict)
+    entries: dict[str, broker_files.DeviceEntry] = field(default_factory=dict)
     generation: int = 0
     last_error: str | None = None
     """Why the last write failed (None: the files are current)."""
@@ -106,17 +105,17 @@ class Agent:
     _probe_password: str = ""
 
     def load(self) -> None:
-        """Start from the password file this agent wrote before (the broker keeps working meanwhile)."""
+        """Start from the device file this agent wrote before (the broker keeps working meanwhile)."""
         try:
-            stored = broker_files.parse_password_file(self.files.password_file.read_text())
+            stored = broker_files.parse_devices_file(self.files.devices_file.read_text())
         except FileNotFoundError:
             stored = {}
         stored.pop(PROBE_USER, None)
         self.entries = stored
         self.metrics.devices.set(len(self.entries))
-        log.info("loaded %d device entries from %s", len(self.entries), self.files.password_file)
+        log.info("loaded %d device entries from %s", len(self.entries), self.files.devices_file)
 
-    async def submit(self, upsert: dict[str, str], remove: list[str]) -> ApplyResult:
+    async def submit(self, upsert: dict[str, broker_files.DeviceEntry], remove: list[str]) -> ApplyResult:
         """Queue a change; returns once it is on disk and the broker reloaded (or could not)."""
         bad = [u for u in [*upsert, *remove] if u.startswith(PLATFORM_PREFIX)]
         if bad:
@@ -143,11 +142,11 @@ class Agent:
                 for username in change.remove:
                     if self.entries.pop(username, None) is not None:
                         self.metrics.changes.labels("removed").inc()
-                for username, password_hash in change.upsert.items():
+                for username, entry in change.upsert.items():
                     kind = "changed" if username in self.entries else "added"
-                    if self.entries.get(username) != password_hash:
+                    if self.entries.get(username) != entry:
                         self.metrics.changes.labels(kind).inc()
-                    self.entries[username] = password_hash
+                    self.entries[username] = entry
             try:
                 result = await self._write_and_reload()
             except Exception as exc:  # every waiting request learns it; the next batch retries
@@ -164,7 +163,8 @@ class Agent:
     async def _write_and_reload(self) -> ApplyResult:
         self.generation += 1
         self._probe_password = broker_files.new_device_password()
-        entries = [*self.entries.items(), (PROBE_USER, broker_files.hash_password(self._probe_password))]
+        probe = broker_files.DeviceEntry(PROBE_TYPE, broker_files.hash_password(self._probe_password))
+        entries = [*self.entries.items(), (PROBE_USER, probe)]
         started = time.monotonic()
         # Rendering 100,000 lines and fsyncing ~11 MB takes tens of ms: off the event loop.
         await asyncio.to_thread(self._write, entries)
@@ -193,9 +193,8 @@ class Agent:
             self.generation, len(self.entries), reloaded, round(write_s, 4), round(reload_s, 4)
         )
 
-    def _write(self, entries: list[tuple[str, str]]) -> None:
-        broker_files.write_atomic(self.files.acl_file, broker_files.acl_file_text(), mode=0o644)
-        broker_files.write_atomic(self.files.password_file, broker_files.password_file_text(entries))
+    def _write(self, entries: list[tuple[str, broker_files.DeviceEntry]]) -> None:
+        broker_files.write_atomic(self.files.devices_file, broker_files.devices_file_text(entries))
 
     def _broker_pid(self) -> int | None:
         try:
@@ -231,7 +230,8 @@ class Agent:
         )
         try:
             writer.write(
-                _connect_packet(f"{PROBE_USER}-{secrets.token_hex(4)}", PROBE_USER, self._probe_password)
+                # client id = username: the device plugin accepts nothing else
+                _connect_packet(PROBE_USER, PROBE_USER, self._probe_password)
             )
             await writer.drain()
             connack = await asyncio.wait_for(reader.readexactly(4), timeout=self.reload_timeout_s)

@@ -23,6 +23,7 @@ MAX_CHANGES = 200_000
 
 class Entry(BaseModel):
     id: str
+    type: str
     hash: str
 
     @field_validator("id")
@@ -30,6 +31,14 @@ class Entry(BaseModel):
     def _id(cls, value: str) -> str:
         try:
             return topics.check_device_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        try:
+            return topics.check_device_type(value)
         except TopicError as exc:
             raise ValueError(str(exc)) from None
 
@@ -50,10 +59,10 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.broker_agent.token is None:
         raise ValueError("IOTFLEET_BROKER_AGENT__TOKEN is required")
     token = settings.broker_agent.token.get_secret_value()
-    password_file, acl_file, pid_file = settings.agent_files()
+    devices_file, pid_file = settings.agent_files()
     registry = CollectorRegistry()
     agent = Agent(
-        AgentFiles(password_file, acl_file, pid_file),
+        AgentFiles(devices_file, pid_file),
         settings.mqtt.host,
         settings.mqtt.port,
         AgentMetrics(registry),
@@ -98,17 +107,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/devices", dependencies=auth)
     async def devices() -> dict[str, Any]:
-        """Every device entry as id → fingerprint of its hash (for the registry's reconcile)."""
+        """Every device entry as id → fingerprint of its type and hash (for the registry's reconcile)."""
         return {
             "boot_id": agent.boot_id,
             "generation": agent.generation,
-            "devices": {u: broker_files.fingerprint(h) for u, h in agent.entries.items()},
+            "devices": {u: e.fingerprint() for u, e in agent.entries.items()},
         }
 
     @app.post("/v1/changes", dependencies=auth)
     async def changes(body: Changes) -> dict[str, Any]:
         try:
-            result: ApplyResult = await agent.submit({e.id: e.hash for e in body.upsert}, body.remove)
+            result: ApplyResult = await agent.submit(
+                {e.id: broker_files.DeviceEntry(e.type, e.hash) for e in body.upsert}, body.remove
+            )
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
         except AgentError as exc:

@@ -26,9 +26,9 @@ def main() -> None:
     configure_logging(settings.log_level)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     lifecycle = ServiceLifecycle(SERVICE)
-    password_file, _, pid_file = settings.agent_files()
+    devices_file, pid_file = settings.agent_files()
     lifecycle.starting(
-        port=settings.broker_agent.port, password_file=str(password_file), broker_pid_file=str(pid_file)
+        port=settings.broker_agent.port, devices_file=str(devices_file), broker_pid_file=str(pid_file)
     )
     uvicorn.run(app, host=settings.broker_agent.host, port=settings.broker_agent.port, log_level="warning")
     lifecycle.stopped()

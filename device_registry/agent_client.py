@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from device_registry.broker_admin import BrokerError
+from iotfleet import broker_files
 from iotfleet.settings import BrokerAgentSettings
 
 log = logging.getLogger("registry.agent")
@@ -65,16 +66,21 @@ class AgentClient:
         result: dict[str, Any] = response.json()
         return result
 
-    async def apply(self, upsert: Mapping[str, str], remove: Sequence[str] = ()) -> dict[str, Any]:
-        """Add/replace entries (id → password-file hash) and remove ids; returns after the broker reloaded."""
-        body = {"upsert": [{"id": i, "hash": h} for i, h in upsert.items()], "remove": list(remove)}
+    async def apply(
+        self, upsert: Mapping[str, broker_files.DeviceEntry], remove: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """Add/replace entries (id → type and hash) and remove ids; returns after the broker reloaded."""
+        body = {
+            "upsert": [{"id": i, "type": e.device_type, "hash": e.password_hash} for i, e in upsert.items()],
+            "remove": list(remove),
+        }
         result = await self._call("POST", "/v1/changes", body)
         if not result.get("reloaded", False):
             log.warning("broker agent wrote the change but the broker did not confirm a reload (down?)")
         return result
 
     async def devices(self) -> tuple[str, dict[str, str]]:
-        """(agent boot id, id → hash fingerprint) of every entry the broker has."""
+        """(agent boot id, id → fingerprint of type and hash) of every entry the broker has."""
         result = await self._call("GET", "/v1/devices")
         return str(result["boot_id"]), dict(result["devices"])
 

@@ -141,7 +141,9 @@ async def _refuse_foreign(state: RegistryState, ids: Sequence[str]) -> None:
         raise ForeignEntryError(list(foreign), f"the broker holds accounts not made by the registry: {some}")
 
 
-async def _apply(state: RegistryState, upsert: Mapping[str, str], remove: Sequence[str] = ()) -> None:
+async def _apply(
+    state: RegistryState, upsert: Mapping[str, broker_files.DeviceEntry], remove: Sequence[str] = ()
+) -> None:
     if not upsert and not remove:
         return
     try:
@@ -191,7 +193,13 @@ async def create_devices(
             # Any entry the agent still has for these ids is a leftover of a crash
             # between an agent change and the DB commit: no device, no request owns
             # it, so the upsert replaces it.
-            await _apply(state, dict(zip(ids, hashes, strict=True)))
+            await _apply(
+                state,
+                {
+                    device_id: broker_files.DeviceEntry(item.type, password_hash)
+                    for device_id, item, password_hash in zip(ids, items, hashes, strict=True)
+                },
+            )
         except BrokerError as exc:
             await _undo(state, ids)
             raise _unavailable(exc) from None
@@ -268,7 +276,7 @@ async def _broker_change(
     state: RegistryState,
     session: AsyncSession,
     device_id: str,
-    upsert: Mapping[str, str],
+    upsert: Mapping[str, broker_files.DeviceEntry],
     remove: Sequence[str] = (),
     *,
     legacy: bool = False,
@@ -309,7 +317,8 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
                 f"device {device_id!r} has no broker credentials stored (made before they were kept);"
                 " rotate its credentials to enable it"
             )
-        await _broker_change(state, session, device_id, {device_id: device.password_hash})
+        entry = broker_files.DeviceEntry(device.type, device.password_hash)
+        await _broker_change(state, session, device_id, {device_id: entry})
     else:
         # Removing the entry and reloading kicks the live connection and refuses reconnects.
         await _broker_change(state, session, device_id, {}, [device_id], legacy=device.password_hash is None)
@@ -337,7 +346,8 @@ async def rotate_credentials(
     if device.enabled:
         # The reload re-checks every live session's password against the file:
         # the device's connection made with the old password is closed.
-        await _broker_change(state, session, device_id, {device_id: password_hash}, legacy=legacy)
+        entry = broker_files.DeviceEntry(device.type, password_hash)
+        await _broker_change(state, session, device_id, {device_id: entry}, legacy=legacy)
     else:
         # Takes the busy mark; the entry stays absent while disabled.
         await _broker_change(state, session, device_id, {}, legacy=legacy)

@@ -9,8 +9,8 @@ repair, and keeps a report of what differed (``GET /api/v1/reconcile``,
 
 Drift kinds: ``missing_entry`` (an enabled device the broker does not know: its
 stored hash is written back, the device's password works again),
-``hash_mismatch`` (the broker holds another password: the stored one is written
-back), ``disabled_present`` (a disabled device the broker still accepts:
+``hash_mismatch`` (the broker holds another password or type: the stored ones are
+written back), ``disabled_present`` (a disabled device the broker still accepts:
 removed, kicked), ``orphan_entry`` (an entry for a device the registry no longer
 has: removed — the agent's file holds only entries the registry made; the
 platform's accounts live in dynamic security and are never touched),
@@ -153,10 +153,12 @@ class Reconciler:
         if self.broker is not None and self.broker.connected:
             legacy, foreign = await legacy_dynsec.classify_clients(self.broker)
         async with self.sessions() as session:
-            devices = (await session.execute(select(Device.id, Device.enabled, Device.password_hash))).all()
+            devices = (
+                await session.execute(select(Device.id, Device.type, Device.enabled, Device.password_hash))
+            ).all()
         report.devices_checked = len(devices)
         report.broker_clients = len(entries)
-        upsert: dict[str, str] = {}
+        upsert: dict[str, broker_files.DeviceEntry] = {}
         remove: list[str] = []
         stale_legacy: list[str] = []
         known: set[str] = set()
@@ -165,7 +167,7 @@ class Reconciler:
         def drift(device_id: str, kind: str, action: str) -> None:
             report.drift.append(Drift(device_id, kind, action))
 
-        for device_id, enabled, password_hash in devices:
+        for device_id, device_type, enabled, password_hash in devices:
             known.add(device_id)
             if device_id in skip:
                 continue
@@ -192,12 +194,13 @@ class Reconciler:
                 if device_id not in legacy:
                     drift(device_id, "no_credentials", "none: rotate the credentials to give it a password")
                 continue
+            want = broker_files.DeviceEntry(device_type, password_hash)
             if have is None:
                 drift(device_id, "missing_entry", "stored password hash written back")
-                upsert[device_id] = password_hash
-            elif have != broker_files.fingerprint(password_hash):
-                drift(device_id, "hash_mismatch", "stored password hash written back (kicked)")
-                upsert[device_id] = password_hash
+                upsert[device_id] = want
+            elif have != want.fingerprint():
+                drift(device_id, "hash_mismatch", "stored type and password hash written back (kicked)")
+                upsert[device_id] = want
         for device_id in sorted(entries.keys() - known - skip):
             drift(device_id, "orphan_entry", "removed (kicked)")
             remove.append(device_id)

@@ -202,11 +202,9 @@ class BrokerAgentSettings(BaseModel):
     token: SecretStr | None = Field(
         None, description="Bearer token the registry presents to the agent (required by both)"
     )
-    password_file: Path | None = Field(
-        None, description="The broker's password_file; default <state_dir>/mosquitto/devices.passwd"
-    )
-    acl_file: Path | None = Field(
-        None, description="The broker's acl_file; default <state_dir>/mosquitto/devices.acl"
+    devices_file: Path | None = Field(
+        None,
+        description="The device file the broker's device plugin reads; default <state_dir>/mosquitto/devices",
     )
     broker_pid_file: Path | None = Field(
         None,
@@ -281,15 +279,11 @@ class Settings(BaseSettings):
     broker_agent: BrokerAgentSettings = BrokerAgentSettings()
     stack: StackSettings = StackSettings()
 
-    def agent_files(self) -> tuple[Path, Path, Path]:
-        """The broker agent's password file, ACL file and broker pid file (defaults under the state dir)."""
+    def agent_files(self) -> tuple[Path, Path]:
+        """The broker agent's device file and the broker's pid file (defaults under the state dir)."""
         folder = self.state_dir / "mosquitto"
         agent = self.broker_agent
-        return (
-            agent.password_file or folder / "devices.passwd",
-            agent.acl_file or folder / "devices.acl",
-            agent.broker_pid_file or folder / "mosquitto.pid",
-        )
+        return (agent.devices_file or folder / "devices", agent.broker_pid_file or folder / "mosquitto.pid")
 
     def registry_database_url(self) -> str:
         if self.registry.database_url:

@@ -53,7 +53,7 @@ DEVICE_ACL: tuple[tuple[Access, Channel], ...] = (
 )
 """What a device may do on its own topics, and nothing else: publish (write) its telemetry,
 status and acks; subscribe to and receive (read) its commands. Every broker ACL of a
-device (dynsec roles, the acl_file patterns) is generated from this table: a new
+device (the device plugin's options, legacy dynsec roles) is generated from this table: a new
 device channel is one line here."""
 
 
@@ -119,13 +119,10 @@ def device_filter(channel: Channel | str, device_type: str = "+", device_id: str
     return f"{DEVICES_ROOT}/{device_type}/{device_id}/{Channel(channel).value}"
 
 
-def device_acl_patterns() -> list[str]:
-    """Mosquitto ``acl_file`` lines giving every device (username ``%u`` = its id) its own topics only.
-
-    Mosquitto 2.0.11 substitutes only ``%u``/``%c`` in patterns, so the type level is
-    ``+``: the broker pins the device id, not its type (see mosquitto/README.md).
-    """
-    return [f"pattern {access} {device_filter(channel, '+', '%u')}" for access, channel in DEVICE_ACL]
+def device_channels(access: Access) -> list[str]:
+    """The channels of ``DEVICE_ACL`` with this access: the broker's device plugin options
+    (``plugin_opt_publish`` = write, ``plugin_opt_subscribe`` = read), rendered into mosquitto.conf."""
+    return [channel.value for a, channel in DEVICE_ACL if a == access]
 
 
 def shared_filter(group: str, topic_filter: str) -> str:

@@ -2,7 +2,8 @@
 # Installs the Debian packages iotfleet runs on (mosquitto, its clients, influxdb,
 # and postgresql, which the registry tests start a throwaway cluster of, and
 # chromium with a font, which the dashboard's browser tests drive, and jq, which the
-# README's "Connect a device" walk-through uses and a test runs),
+# README's "Connect a device" walk-through uses and a test runs, and what the broker's
+# device plugin compiles with at pip install: a C compiler, Mosquitto's plugin headers and OpenSSL's),
 # only if something is missing. Idempotent; uses sudo when not root.
 set -euo pipefail
 
@@ -19,9 +20,14 @@ have_initdb || missing+=(postgresql)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing+=(fonts-dejavu-core)
 have jq || missing+=(jq)
+have gcc || missing+=(gcc)
+[ -f /usr/include/mosquitto_plugin.h ] || missing+=(mosquitto-dev)
+[ -f /usr/include/mosquitto.h ] || missing+=(libmosquitto-dev)
+[ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+[ -f /usr/include/stdio.h ] || missing+=(libc6-dev)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql, chromium, jq already installed"
+  echo "==> system packages: mosquitto, mosquitto-clients, influxdb, postgresql, chromium, jq, the plugin build tools already installed"
   exit 0
 fi
 

@@ -150,8 +150,7 @@ class Broker(_Restartable):
             "IOTFLEET_MQTT__PORT": str(self.port),
             "IOTFLEET_BROKER_AGENT__PORT": str(self.agent_port),
             "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token,
-            "IOTFLEET_BROKER_AGENT__PASSWORD_FILE": str(self.state_dir / "devices.passwd"),
-            "IOTFLEET_BROKER_AGENT__ACL_FILE": str(self.state_dir / "devices.acl"),
+            "IOTFLEET_BROKER_AGENT__DEVICES_FILE": str(self.state_dir / "devices"),
             "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.state_dir / "mosquitto.pid"),
         }
         agent = self.agent

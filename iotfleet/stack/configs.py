@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from iotfleet import broker_files, dynsec
+from iotfleet import broker_files, dynsec, topics
 from iotfleet.errors import StackError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -76,6 +77,24 @@ def find_dynsec_plugin() -> str:
         + ", ".join(DYNSEC_PLUGIN_CANDIDATES)
         + "); install the Debian package 'mosquitto' (make demo does)"
     )
+
+
+DEVICES_PLUGIN_MODULE = "iotfleet.stack.mosquitto_devices_plugin"
+
+
+def devices_plugin_path() -> str:
+    """The broker plugin that authenticates and authorises devices (mosquitto/plugin/), built at install.
+
+    It is compiled as an extension module of this package (pyproject.toml), so every install
+    (editable or wheel) carries it; importlib finds it without importing it.
+    """
+    spec = importlib.util.find_spec(DEVICES_PLUGIN_MODULE)
+    if spec is None or spec.origin is None or not Path(spec.origin).exists():
+        raise StackError(
+            "the broker's device plugin is not built (mosquitto/plugin/iotfleet_devices.c): reinstall iotfleet"
+            " with a C compiler and the packages mosquitto-dev and libssl-dev present (make deps does)"
+        )
+    return spec.origin
 
 
 # Broker snapshots (Mosquitto 2.0 has no write-ahead log): see mosquitto/README.md and
@@ -149,6 +168,10 @@ def write_mosquitto_config(
             port=port,
             state_dir=str(state_dir.resolve()),
             dynsec_plugin=find_dynsec_plugin(),
+            devices_plugin=devices_plugin_path(),
+            devices_root=topics.DEVICES_ROOT,
+            device_publish=",".join(topics.device_channels("write")),
+            device_subscribe=",".join(topics.device_channels("read")),
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
             max_packet_size=broker_packet_limit(max_payload_bytes),
@@ -157,13 +180,9 @@ def write_mosquitto_config(
             autosave_interval=autosave_interval,
         )
     )
-    # The broker refuses to start without its device files; the agent rewrites them.
-    for name, text, mode in (
-        ("devices.passwd", "", 0o600),
-        ("devices.acl", broker_files.acl_file_text(), 0o644),
-    ):
-        if not (state_dir / name).exists():
-            broker_files.write_atomic(state_dir / name, text, mode=mode)
+    # An empty device file until the agent writes its own (the plugin would start with none anyway).
+    if not (state_dir / "devices").exists():
+        broker_files.write_atomic(state_dir / "devices", "")
     dynsec_file = state_dir / "dynamic-security.json"
     if not dynsec_file.exists():
         dynsec_file.write_text(json.dumps(dynsec.bootstrap_config(passwords), indent=2))

@@ -191,8 +191,7 @@ class Stack:
                 {
                     **base_env,
                     # The agent's files are the broker's: in the broker's folder of the state dir.
-                    "IOTFLEET_BROKER_AGENT__PASSWORD_FILE": str(self.layout.mosquitto / "devices.passwd"),
-                    "IOTFLEET_BROKER_AGENT__ACL_FILE": str(self.layout.mosquitto / "devices.acl"),
+                    "IOTFLEET_BROKER_AGENT__DEVICES_FILE": str(self.layout.mosquitto / "devices"),
                     "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.layout.mosquitto / "mosquitto.pid"),
                     "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token(),
                 },

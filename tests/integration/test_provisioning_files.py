@@ -1,7 +1,7 @@
 """The broker's device file end to end (issue #15): thousands of devices, then one more, kicks, isolation, drift.
 
-Devices are lines of Mosquitto's password_file written by iotfleet-broker-agent
-(the ACL is the shared pattern set); every change is one atomic file write and
+Devices are lines of the broker's device file, written by iotfleet-broker-agent
+and read by the broker's device plugin; every change is one atomic file write and
 one SIGHUP. With a few thousand devices present, each single-device change must
 still take effect within 1 s, and a reconcile must see a change made behind the
 registry's back.
@@ -54,7 +54,7 @@ async def test_one_more_device_kicks_and_drift_with_thousands_present(
         print(f"{FLEET} devices provisioned in {time.monotonic() - started:.2f} s")
         fleet = resp.json()["devices"]
         # The file holds exactly one line per device (plus the agent's probe entry), nothing half-written.
-        lines = (fresh_broker.state_dir / "devices.passwd").read_text().splitlines()
+        lines = (fresh_broker.state_dir / "devices").read_text().splitlines()
         assert sum(line.startswith(prefix) for line in lines) == FLEET
 
         # One more device: usable as soon as the API answered (the agent waited for the reload).
@@ -68,13 +68,22 @@ async def test_one_more_device_kicks_and_drift_with_thousands_present(
         print(f"create → connected: {connect_s * 1000:.0f} ms")
         assert connect_s < 1.0
 
-        # Isolation: own topics yes; another device's id (same type or not): PUBACK 135.
+        # Isolation: own topics yes; another device's id (same type or not), or its own id under
+        # another type: PUBACK/SUBACK 135.
         other = fleet[0]["id"]
         assert device.publish(late["topics"]["telemetry"], b"{}").value == 0
         assert device.publish(topics.device_topic("smart_plug", other, Channel.TELEMETRY), b"{}").value == 135
         assert device.publish(topics.device_topic("thermostat", other, Channel.TELEMETRY), b"{}").value == 135
         assert device.publish(topics.device_topic("thermostat", other, Channel.ACKS), b"{}").value == 135
         assert device.publish(topics.device_topic("smart_plug", other, Channel.COMMANDS), b"{}").value == 135
+        assert (
+            device.publish(topics.device_topic("thermostat", late["id"], Channel.TELEMETRY), b"{}").value
+            == 135
+        )
+        assert device.subscribe(topics.device_topic("thermostat", other, Channel.COMMANDS)).value == 135
+        assert device.subscribe(topics.device_topic("thermostat", late["id"], Channel.COMMANDS)).value == 135
+        assert device.subscribe("devices/#").value == 135
+        assert not device.subscribe(late["topics"]["commands"]).is_failure
 
         # Rotate, disable, delete: each kicks within 1 s; the old credentials get CONNACK 135.
         rotate_s = await _timed_kick(api, device, "POST", f"/api/v1/devices/{late['id']}/rotate-credentials")

@@ -145,8 +145,9 @@ async def test_reconcile_repairs_every_kind_of_drift(
             "/v1/changes",
             {
                 "remove": [ids[0]],
-                "upsert": [{"id": ids[1], "hash": stranger}, {"id": ids[2], "hash": stranger},
-                           {"id": "rogue", "hash": stranger}],
+                "upsert": [{"id": ids[1], "type": "thermostat", "hash": stranger},
+                           {"id": ids[2], "type": "thermostat", "hash": stranger},
+                           {"id": "rogue", "type": "thermostat", "hash": stranger}],
             },
         )  # fmt: skip
         stolen = connect_device(fresh_broker, "rogue", "a password the registry never issued")
@@ -182,7 +183,7 @@ async def test_reconcile_repairs_every_kind_of_drift(
         # the new agent (boot id) and reconciles on its own, no POST needed.
         assert fresh_broker.agent is not None
         fresh_broker.agent.stop()
-        passwd = fresh_broker.state_dir / "devices.passwd"
+        passwd = fresh_broker.state_dir / "devices"
         passwd.write_text(
             "".join(line + "\n" for line in passwd.read_text().splitlines() if ids[3] not in line)
         )

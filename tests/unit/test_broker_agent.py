@@ -14,7 +14,7 @@ from iotfleet import broker_files
 
 
 def _agent(tmp_path: Path) -> Agent:
-    files = AgentFiles(tmp_path / "devices.passwd", tmp_path / "devices.acl", tmp_path / "no-broker.pid")
+    files = AgentFiles(tmp_path / "devices", tmp_path / "no-broker.pid")
     return Agent(files, "127.0.0.1", 1, AgentMetrics(CollectorRegistry()), batch_window_s=0.005)
 
 
@@ -23,7 +23,10 @@ async def test_concurrent_changes_share_one_write_and_survive_a_restart(tmp_path
     agent.load()
     writer = asyncio.create_task(agent.run())
     try:
-        hashes = {f"dev-{i:03d}": broker_files.hash_password(f"pw-{i}") for i in range(50)}
+        hashes = {
+            f"dev-{i:03d}": broker_files.DeviceEntry("thermostat", broker_files.hash_password(f"pw-{i}"))
+            for i in range(50)
+        }
         results = await asyncio.gather(*(agent.submit({u: h}, []) for u, h in hashes.items()))
         # 50 requests, one initial write and very few batches: they were coalesced.
         assert {r.devices for r in results} <= set(range(1, 51)) and results[-1].devices == 50
@@ -38,14 +41,11 @@ async def test_concurrent_changes_share_one_write_and_survive_a_restart(tmp_path
     finally:
         writer.cancel()
 
-    on_disk = broker_files.parse_password_file((tmp_path / "devices.passwd").read_text())
+    on_disk = broker_files.parse_devices_file((tmp_path / "devices").read_text())
     assert set(on_disk) == {*hashes, PROBE_USER} - {"dev-000"}
-    assert (tmp_path / "devices.acl").read_text() == broker_files.acl_file_text()
-    assert sorted(os.listdir(tmp_path)) == [
-        "devices.acl",
-        "devices.passwd",
-    ]  # no temp files left
-    assert (tmp_path / "devices.passwd").stat().st_mode & 0o777 == 0o600
+    assert on_disk["dev-001"] == hashes["dev-001"]
+    assert sorted(os.listdir(tmp_path)) == ["devices"]  # no temp files left
+    assert (tmp_path / "devices").stat().st_mode & 0o777 == 0o600
 
     restarted = _agent(tmp_path)
     restarted.load()

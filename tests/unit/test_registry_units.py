@@ -82,22 +82,20 @@ def test_cursors_round_trip_and_reject_garbage() -> None:
 
 
 def test_device_broker_identity() -> None:
-    """A device is one password-file line ($6$, what Mosquitto accepts) and the shared ACL patterns."""
+    """A device is one device-file line ($6$ hash and its type) and the channels of the one ACL table."""
     password_hash = broker_files.hash_password("pw", salt=b"0123456789ab")
     assert broker_files.check_hash(password_hash) == password_hash
-    assert broker_files.password_file_text([("t-1", password_hash)]) == f"t-1:{password_hash}\n"
-    assert broker_files.parse_password_file(f"# c\nt-1:{password_hash}\n") == {"t-1": password_hash}
+    entry = broker_files.DeviceEntry("thermostat", password_hash)
+    assert broker_files.devices_file_text([("t-1", entry)]) == f"t-1 thermostat {password_hash}\n"
+    assert broker_files.parse_devices_file(f"# c\nt-1 thermostat {password_hash}\n") == {"t-1": entry}
     assert broker_files.hash_password("pw") != password_hash  # salted
+    assert entry.fingerprint() != broker_files.DeviceEntry("smart_plug", password_hash).fingerprint()
     for bad in ["$7$101$x$y", "$6$short$AAAA", "plain"]:
         with pytest.raises(ValueError):
             broker_files.check_hash(bad)
-    # Every device ACL comes from the one table in iotfleet.topics.
-    assert topics.device_acl_patterns() == [
-        "pattern write devices/+/%u/telemetry",
-        "pattern write devices/+/%u/status",
-        "pattern write devices/+/%u/acks",
-        "pattern read devices/+/%u/commands",
-    ]
+    # Every device ACL comes from the one table in iotfleet.topics (the plugin's options).
+    assert topics.device_channels("write") == ["telemetry", "status", "acks"]
+    assert topics.device_channels("read") == ["commands"]
     assert len(dynsec.device_acls("thermostat", "t-1")) == 5
 
 
