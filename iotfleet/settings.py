@@ -261,6 +261,17 @@ class StackSettings(BaseModel):
         " subscription changes (autosave_on_changes): a broker kill -9 loses at most this many minus one;"
         " each snapshot rewrites the whole database (sizing: mosquitto/README.md)",
     )
+    device_rate_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="Bytes a second one device may publish (0: no limit); beyond its burst the broker's device"
+        " plugin refuses its publishes (PUBACK 135): one flooding device cannot fill the broker or delay others",
+    )
+    device_burst_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes one device may publish at once above its rate (e.g. a backlog after a reconnect)",
+    )
 
 
 class Settings(BaseSettings):

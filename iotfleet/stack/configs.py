@@ -12,6 +12,7 @@ from string import Template
 
 from iotfleet import broker_files, dynsec, topics
 from iotfleet.errors import StackError
+from iotfleet.settings import StackSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Package data: in a source checkout this file is a symlink to mosquitto/mosquitto.conf.tmpl
@@ -80,6 +81,8 @@ def find_dynsec_plugin() -> str:
 
 
 DEVICES_PLUGIN_MODULE = "iotfleet.stack.mosquitto_devices_plugin"
+DEVICE_RATE_BYTES = StackSettings().device_rate_bytes
+DEVICE_BURST_BYTES = StackSettings().device_burst_bytes
 
 
 def devices_plugin_path() -> str:
@@ -142,6 +145,8 @@ def write_mosquitto_config(
     autosave_on_changes: bool = AUTOSAVE_ON_CHANGES,
     autosave_interval: int = AUTOSAVE_INTERVAL,
     max_payload_bytes: int = 256 * 1024,
+    device_rate_bytes: int = DEVICE_RATE_BYTES,
+    device_burst_bytes: int = DEVICE_BURST_BYTES,
 ) -> BrokerFiles:
     """Render mosquitto.conf; write the dynsec bootstrap file only if there is none yet.
 
@@ -172,6 +177,8 @@ def write_mosquitto_config(
             devices_root=topics.DEVICES_ROOT,
             device_publish=",".join(topics.device_channels("write")),
             device_subscribe=",".join(topics.device_channels("read")),
+            device_rate_bytes=device_rate_bytes,
+            device_burst_bytes=device_burst_bytes,
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
             max_packet_size=broker_packet_limit(max_payload_bytes),

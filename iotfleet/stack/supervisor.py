@@ -263,6 +263,8 @@ class Stack:
             passwords=self._passwords(),
             autosave_interval=s.stack.broker_autosave_changes,
             max_payload_bytes=s.ingest.max_payload_bytes,
+            device_rate_bytes=s.stack.device_rate_bytes,
+            device_burst_bytes=s.stack.device_burst_bytes,
         )
         configs.write_influxdb_config(
             self.layout.influxdb,

@@ -17,8 +17,15 @@
  *   MOSQ_EVT_TICK), so the agent only needs an atomic rename. Devices removed or whose hash changed
  *   are kicked at once (disable, delete, credential rotation).
  *
+ * - Per-device byte budget (token bucket): a device may publish at most `rate_bytes` bytes a second
+ *   with bursts of `burst_bytes`; beyond, its publishes are refused (PUBACK 135, QoS 0 dropped)
+ *   before the broker queues them for the platform's sessions. Mosquitto 2.0 has no per-client
+ *   rate limit, and one flooding device otherwise fills the broker's memory and delays every other
+ *   device's readings behind its own (docs/benchmarks.md, hostile flood).
+ *
  * Options: plugin_opt_devices_file PATH (required), plugin_opt_root (default "devices"),
- *          plugin_opt_publish "telemetry,status,acks", plugin_opt_subscribe "commands".
+ *          plugin_opt_publish "telemetry,status,acks", plugin_opt_subscribe "commands",
+ *          plugin_opt_rate_bytes (default 1048576, 0 = no limit), plugin_opt_burst_bytes (default 8388608).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -45,6 +52,8 @@ struct device {
 	char *type;
 	unsigned char salt[SALT_LEN];
 	unsigned char hash[HASH_LEN];
+	double tokens;     /* bytes it may still publish now (token bucket) */
+	double refilled_at; /* monotonic seconds of the last refill */
 };
 
 struct table {
@@ -64,6 +73,17 @@ static struct table devices;
 static struct stat loaded_stat;
 static bool have_loaded_stat;
 static time_t last_stat_check;
+static double rate_bytes = 1048576.0;
+static double burst_bytes = 8388608.0;
+static unsigned long refused_over_rate;
+static time_t last_rate_report;
+
+static double monotonic_s(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
 
 static uint64_t fnv1a(const char *s)
 {
@@ -173,6 +193,8 @@ static int table_load(const char *path, struct table *out, struct stat *st)
 			d->id = strdup(id);
 			d->type = strdup(type);
 			if(d->id == NULL || d->type == NULL) break;
+			d->tokens = burst_bytes;
+			d->refilled_at = monotonic_s();
 			out->count++;
 		}
 		memcpy(d->salt, salt, SALT_LEN);
@@ -205,6 +227,10 @@ static void reload(const char *why)
 				|| strcmp(now->type, old->type) != 0){
 			mosquitto_kick_client_by_username(old->id, false);
 			kicked++;
+		}else{
+			/* a reload must not hand a flooding device a fresh burst */
+			now->tokens = old->tokens;
+			now->refilled_at = old->refilled_at;
 		}
 	}
 	table_free(&devices);
@@ -249,11 +275,27 @@ static bool channel_in(const char *channel, char **set, int count)
 	return false;
 }
 
+/* Token bucket per device: refill at rate_bytes/s up to burst_bytes, then pay the payload. */
+static bool within_budget(struct device *d, uint32_t payloadlen)
+{
+	if(rate_bytes <= 0) return true;
+	double now = monotonic_s();
+	d->tokens += (now - d->refilled_at) * rate_bytes;
+	if(d->tokens > burst_bytes) d->tokens = burst_bytes;
+	d->refilled_at = now;
+	if((double)payloadlen > d->tokens){
+		refused_over_rate++;
+		return false;
+	}
+	d->tokens -= (double)payloadlen;
+	return true;
+}
+
 static int on_acl_check(int event, void *event_data, void *userdata)
 {
 	(void)event; (void)userdata;
 	struct mosquitto_evt_acl_check *ed = event_data;
-	const struct device *d = table_find(&devices, mosquitto_client_username(ed->client));
+	struct device *d = table_find(&devices, mosquitto_client_username(ed->client));
 	if(d == NULL) return MOSQ_ERR_PLUGIN_DEFER;
 	if(ed->access == MOSQ_ACL_UNSUBSCRIBE) return MOSQ_ERR_SUCCESS;
 	/* devices/<type>/<id>/<channel>, exactly */
@@ -270,7 +312,8 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	if(strchr(channel, '/') != NULL) return MOSQ_ERR_ACL_DENIED;
 	switch(ed->access){
 		case MOSQ_ACL_WRITE:
-			return channel_in(channel, publish_channels, publish_count) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
+			if(!channel_in(channel, publish_channels, publish_count)) return MOSQ_ERR_ACL_DENIED;
+			return within_budget(d, ed->payloadlen) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
 		case MOSQ_ACL_READ:
 		case MOSQ_ACL_SUBSCRIBE:
 			return channel_in(channel, subscribe_channels, subscribe_count) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_ACL_DENIED;
@@ -292,6 +335,13 @@ static int on_tick(int event, void *event_data, void *userdata)
 	time_t now = time(NULL);
 	if(now == last_stat_check) return MOSQ_ERR_SUCCESS; /* at most one stat() a second */
 	last_stat_check = now;
+	if(refused_over_rate && now - last_rate_report >= 10){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "iotfleet_devices: %lu publishes refused over the per-device byte budget"
+				" (%.0f B/s, burst %.0f B) in the last %ld s", refused_over_rate, rate_bytes, burst_bytes,
+				(long)(last_rate_report ? now - last_rate_report : 10));
+		refused_over_rate = 0;
+		last_rate_report = now;
+	}
 	struct stat st;
 	if(stat(devices_file, &st) != 0) return MOSQ_ERR_SUCCESS;
 	if(!have_loaded_stat || st.st_ino != loaded_stat.st_ino || st.st_mtim.tv_sec != loaded_stat.st_mtim.tv_sec
@@ -333,6 +383,8 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 		else if(strcmp(opts[i].key, "publish") == 0) publish = opts[i].value;
 		else if(strcmp(opts[i].key, "subscribe") == 0) subscribe = opts[i].value;
 		else if(strcmp(opts[i].key, "root") == 0) root_opt = opts[i].value;
+		else if(strcmp(opts[i].key, "rate_bytes") == 0) rate_bytes = strtod(opts[i].value, NULL);
+		else if(strcmp(opts[i].key, "burst_bytes") == 0) burst_bytes = strtod(opts[i].value, NULL);
 	}
 	if(devices_file == NULL){
 		mosquitto_log_printf(MOSQ_LOG_ERR, "iotfleet_devices: plugin_opt_devices_file is required");

@@ -43,6 +43,10 @@ class PluginBroker:
         broker_files.write_atomic(self.devices_file, "".join(self.lines.values()))
 
 
+RATE_BYTES = 1_000
+BURST_BYTES = 20_000
+
+
 @pytest.fixture
 def plugin_broker(tmp_path: Path) -> Iterator[PluginBroker]:
     port = probes.free_port()
@@ -51,6 +55,7 @@ def plugin_broker(tmp_path: Path) -> Iterator[PluginBroker]:
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous false\n"
         f"plugin {configs.devices_plugin_path()}\nplugin_opt_devices_file {devices_file}\n"
+        f"plugin_opt_rate_bytes {RATE_BYTES}\nplugin_opt_burst_bytes {BURST_BYTES}\n"
         # A log file is flushed per line (stdout is not); as root, keep root to write it.
         f"log_dest file {tmp_path / 'broker.log'}\nlog_type all\n"
         + ("user root\n" if os.geteuid() == 0 else "")
@@ -100,8 +105,8 @@ class Device:
             self.client.disconnect()
         self.answered.set()
 
-    def publish(self, topic: str) -> int:
-        info = self.client.publish(topic, b"{}", qos=1)
+    def publish(self, topic: str, payload: bytes = b"{}") -> int:
+        info = self.client.publish(topic, payload, qos=1)
         probes.wait_until(lambda: info.mid in self.pubacks, timeout=10, what=f"PUBACK on {topic}")
         return self.pubacks[info.mid]
 
@@ -227,3 +232,26 @@ def test_malformed_lines_are_skipped_not_fatal(plugin_broker: PluginBroker) -> N
     finally:
         late.close()
         device.close()
+
+
+def test_a_flooding_device_is_held_to_its_byte_budget(plugin_broker: PluginBroker) -> None:
+    """Past its burst, a device's publishes are refused (PUBACK 135); another device is unaffected."""
+    flooder = Device(plugin_broker.port, "th-1", "th-1", "pw-1")
+    other = Device(plugin_broker.port, "th-2", "th-2", "pw-2")
+    try:
+        chunk = b"x" * 4_000
+        topic = "devices/thermostat/th-1/telemetry"
+        codes = [flooder.publish(topic, chunk) for _ in range(10)]
+        accepted = sum(code < 0x80 for code in codes)
+        # The burst (20,000 B) takes 5 chunks, plus what the 1,000 B/s rate refilled meanwhile.
+        assert 5 <= accepted <= 7, codes
+        assert codes[-1] == 135
+        assert other.publish("devices/thermostat/th-2/telemetry", chunk) < 0x80
+        # The budget refills at its rate: 4,000 B take 4 s; a small reading fits again far sooner.
+        deadline = time.monotonic() + 5
+        while flooder.publish(topic, b"{}") == 135:
+            assert time.monotonic() < deadline, "budget never refilled"
+            time.sleep(0.1)
+    finally:
+        flooder.close()
+        other.close()
