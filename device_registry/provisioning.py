@@ -61,6 +61,7 @@ def _topics(device_type: str, device_id: str) -> DeviceTopics:
         status=own[Channel.STATUS],
         commands=own[Channel.COMMANDS],
         acks=own[Channel.ACKS],
+        errors=own[Channel.ERRORS],
     )
 
 

@@ -107,6 +107,7 @@ class DeviceTopics(BaseModel):
     status: str
     commands: str
     acks: str
+    errors: str = Field(description="Subscribe here to learn why the ingest rejected a reading (optional)")
 
 
 class DeviceCredentials(BaseModel):

@@ -29,6 +29,7 @@ counted, not listed): a dead letter stays small whatever the payload.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -500,6 +501,27 @@ def dead_letter(
         "payload": text,
         "payload_bytes": len(payload),
         "payload_truncated": len(head) < len(payload) or len(text) < len(decoded),
+    }
+    return orjson.dumps(body)
+
+
+_SEQ = re.compile(rb'"seq"\s*:\s*(\d{1,19})')
+
+
+def device_error(*, received_at_ms: int, rejected: Rejected, payload: bytes, max_errors: int = 20) -> bytes:
+    """What the device learns on its own ``errors`` topic: the reading's seq, the reason and the errors.
+
+    The seq is looked up in the first 4 KiB of the payload without parsing it (a rejected payload
+    may not be JSON): the first reading's, for a batch; the errors' field paths say which reading.
+    """
+    found = _SEQ.search(payload[:4096])
+    shown = rejected.capped(max_errors)
+    body: dict[str, Any] = {
+        "seq": int(found.group(1)) if found else None,
+        "reason": rejected.reason,
+        "errors": [error.as_json() for error in shown.errors],
+        "errors_cut": shown.errors_cut,
+        "received_at": _iso(received_at_ms),
     }
     return orjson.dumps(body)
 

@@ -89,7 +89,7 @@ def service_roles() -> list[dict[str, Any]]:
         ),
         _service_role(
             "svc-ingest",
-            publish=[f"{topics.DEADLETTER_ROOT}/#", platform],
+            publish=[f"{topics.DEADLETTER_ROOT}/#", topics.device_filter(Channel.ERRORS), platform],
             subscribe=[topics.device_filter(Channel.TELEMETRY), "$share/+/#", platform],
         ),
         _service_role(

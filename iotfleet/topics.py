@@ -41,6 +41,7 @@ class Channel(StrEnum):
     STATUS = "status"
     COMMANDS = "commands"
     ACKS = "acks"
+    ERRORS = "errors"
 
 
 Access = Literal["read", "write"]
@@ -50,9 +51,11 @@ DEVICE_ACL: tuple[tuple[Access, Channel], ...] = (
     ("write", Channel.STATUS),
     ("write", Channel.ACKS),
     ("read", Channel.COMMANDS),
+    ("read", Channel.ERRORS),
 )
 """What a device may do on its own topics, and nothing else: publish (write) its telemetry,
-status and acks; subscribe to and receive (read) its commands. Every broker ACL of a
+status and acks; subscribe to and receive (read) its commands and the ingest's reports of
+its rejected readings (``errors``). Every broker ACL of a
 device (the device plugin's options, legacy dynsec roles) is generated from this table: a new
 device channel is one line here."""
 

@@ -32,7 +32,7 @@ from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.errors import TopicError
 from iotfleet.influx import InfluxError, encode_point
 from iotfleet.settings import IngestSettings
-from iotfleet.topics import Channel, deadletter_topic, parse_device_topic
+from iotfleet.topics import Channel, deadletter_topic, device_topic, parse_device_topic
 from telemetry_ingest.lines import LineEncoder
 from telemetry_ingest.metrics import IngestMetrics
 from telemetry_ingest.validation import (
@@ -44,6 +44,7 @@ from telemetry_ingest.validation import (
     Limits,
     Rejected,
     dead_letter,
+    device_error,
 )
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,18 @@ class Pipeline:
             max_errors=self.settings.deadletter_max_errors,
         )
         self.transport.publish(deadletter_topic(dtype, dev), body)
+        if dtype != "_" and dev != "_":
+            # The device's own feedback (it may subscribe to its errors topic; if it does not,
+            # the broker drops the message: no subscriber, no cost).
+            self.transport.publish(
+                device_topic(dtype, dev, Channel.ERRORS),
+                device_error(
+                    received_at_ms=now_ms,
+                    rejected=rejected,
+                    payload=payload,
+                    max_errors=self.settings.deadletter_max_errors,
+                ),
+            )
         # The MQTT dead letter is the authoritative record; this count in InfluxDB lets
         # operators query dead letters per type, device and reason over time (the fleet
         # summary's "dead-lettered in the last hour"). Best effort: lost if we crash first.

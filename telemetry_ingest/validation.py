@@ -27,6 +27,7 @@ from iotfleet.admission import (
     Rejected,
     check_times,
     dead_letter,
+    device_error,
     explain,
     parse,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "Rejected",
     "check_times",
     "dead_letter",
+    "device_error",
     "explain",
     "parse",
 ]

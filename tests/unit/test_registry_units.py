@@ -95,8 +95,8 @@ def test_device_broker_identity() -> None:
             broker_files.check_hash(bad)
     # Every device ACL comes from the one table in iotfleet.topics (the plugin's options).
     assert topics.device_channels("write") == ["telemetry", "status", "acks"]
-    assert topics.device_channels("read") == ["commands"]
-    assert len(dynsec.device_acls("thermostat", "t-1")) == 5
+    assert topics.device_channels("read") == ["commands", "errors"]
+    assert len(dynsec.device_acls("thermostat", "t-1")) == 7
 
 
 def test_control_messages_adapt_to_the_broker() -> None:
