@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from iotfleet.catalogue import DEVICE_TYPES, DeviceType
 from iotfleet.errors import TopicError
 from iotfleet.influx import InfluxError, encode_point
@@ -54,6 +56,8 @@ BACKOFF_CAP_S = 5.0
 
 
 DEADLETTER_MEASUREMENT = "deadletters"
+DEADLETTER_RECORD_ERRORS = 5
+"""Field-level errors kept with each dead-letter record in InfluxDB (the MQTT dead letter has more)."""
 """InfluxDB measurement counting dead letters: tags device_type, device_id, reason; field count=1i."""
 
 
@@ -271,11 +275,17 @@ class Pipeline:
         # (same series and time would overwrite each other).
         self._records_written = (self._records_written + 1) % 1_000_000
         batch = self._batch
+        # The field-level errors ride along (a few, JSON): GET /api/v1/devices/{id}/deadletters shows them.
+        shown = rejected.capped(DEADLETTER_RECORD_ERRORS)
         batch.records.append(
             encode_point(
                 DEADLETTER_MEASUREMENT,
                 {"device_type": dtype, "device_id": dev, "reason": rejected.reason},
-                {"count": 1},
+                {
+                    "count": 1,
+                    "errors": orjson.dumps([e.as_json() for e in shown.errors]).decode(),
+                    "errors_cut": shown.errors_cut,
+                },
                 now_ms * 1_000_000 + self._records_written,
             )
         )

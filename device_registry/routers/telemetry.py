@@ -115,9 +115,30 @@ class TelemetryPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as cursor= for the next page; null on the last one")
 
 
+class DeadLetterError(BaseModel):
+    field: str = Field(description="Where in the payload: `temperature_c`, `[3].ts`, `payload`")
+    message: str
+    reason: str
+
+
 class DeadLetterRecord(BaseModel):
     time: str
     reason: str
+    errors: list[DeadLetterError] = Field(
+        default_factory=list, description="The first field-level errors (the MQTT dead letter has up to 20)"
+    )
+    errors_cut: int = Field(0, description="Errors of this payload not listed here")
+
+
+def _record_errors(raw: object) -> list[DeadLetterError]:
+    """The errors the ingest stored with a record (JSON text); none for records older than that."""
+    if not isinstance(raw, str):
+        return []
+    try:
+        items = orjson.loads(raw)
+        return [DeadLetterError.model_validate(item) for item in items[:20]]
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return []
 
 
 class DeviceDeadLetters(BaseModel):
@@ -395,7 +416,15 @@ async def device_deadletters(
     device_type = await _device_type(session, device_id)
     time_range = _checked(query.parse_range, start, end, now_ms=_now_ms(), default_span_ms=86_400_000)
     rows = await _guard(service.device_deadletters(influx, device_id, time_range, limit=limit))
-    items = [DeadLetterRecord(time=query.format_time(int(r["time"])), reason=str(r["reason"])) for r in rows]
+    items = [
+        DeadLetterRecord(
+            time=query.format_time(int(r["time"])),
+            reason=str(r["reason"]),
+            errors=_record_errors(r.get("errors")),
+            errors_cut=int(r.get("errors_cut") or 0),
+        )
+        for r in rows
+    ]
     by_reason: dict[str, int] = {}
     for item in items:
         by_reason[item.reason] = by_reason.get(item.reason, 0) + 1

@@ -728,12 +728,13 @@ def readings_count_statement(device_types: Sequence[DeviceType], rp: str, *, win
 
 
 def device_deadletters_statement(device_id: str, time_range: TimeRange, rp: str, *, limit: int) -> Statement:
-    """A device's newest dead-letter records (time and reason), newest first."""
+    """A device's newest dead-letter records (time, reason, the first field-level errors), newest first."""
     if not 1 <= limit <= MAX_RAW_LIMIT:
         raise QueryError(f"limit must be between 1 and {MAX_RAW_LIMIT}", param="limit")
     where, params = _device_filter(device_id)
     text = (
-        f"SELECT {quote_identifier('count')}, {quote_identifier('reason')}"
+        f"SELECT {quote_identifier('count')}, {quote_identifier('reason')}, {quote_identifier('errors')},"
+        f" {quote_identifier('errors_cut')}"
         f" FROM {source(DEADLETTER_MEASUREMENT, rp)} WHERE {where} AND {time_range.where()}"
         f" ORDER BY time DESC LIMIT {int(limit)}"
     )

@@ -544,6 +544,9 @@ async def test_no_database_yet_is_empty_and_influxdb_down_is_503(world: World) -
         app_state.telemetry_influx = original
 
 
+ERRORS_JSON = '[{"field": "temperature_c", "message": "Input should be less than or equal to 85", "reason": "out_of_range"}]'
+
+
 async def test_device_deadletters_lists_the_newest_first(world: World) -> None:
     w = world
     now = time.time_ns() // 1_000_000
@@ -553,7 +556,12 @@ async def test_device_deadletters_lists_the_newest_first(world: World) -> None:
             [
                 encode_point("deadletters", {**tags, "reason": "out_of_range"}, {"count": 1}, now - 3 * MIN),
                 encode_point("deadletters", {**tags, "reason": "not_json"}, {"count": 1}, now - 2 * MIN),
-                encode_point("deadletters", {**tags, "reason": "out_of_range"}, {"count": 1}, now - 1 * MIN),
+                encode_point(
+                    "deadletters",
+                    {**tags, "reason": "out_of_range"},
+                    {"count": 1, "errors": ERRORS_JSON, "errors_cut": 3},  # as the ingest writes them
+                    now - 1 * MIN,
+                ),
                 encode_point(
                     "deadletters", {**tags, "reason": "not_json"}, {"count": 1}, now - 30 * 60 * MIN
                 ),
@@ -564,6 +572,15 @@ async def test_device_deadletters_lists_the_newest_first(world: World) -> None:
     assert [item["reason"] for item in body["items"]] == ["out_of_range", "not_json", "out_of_range"]
     assert body["by_reason"] == {"out_of_range": 2, "not_json": 1}
     assert body["items"][0]["time"] == query.format_time(now - 1 * MIN)
+    assert body["items"][0]["errors"] == [
+        {
+            "field": "temperature_c",
+            "message": "Input should be less than or equal to 85",
+            "reason": "out_of_range",
+        }
+    ]
+    assert body["items"][0]["errors_cut"] == 3
+    assert body["items"][1]["errors"] == [] and body["items"][1]["errors_cut"] == 0  # an older record
     limited = await get(w, f"/api/v1/devices/{w.multi}/deadletters", limit=1)
     assert [item["reason"] for item in limited["items"]] == ["out_of_range"]
     # a device with none, an unknown device, a bad bound

@@ -11,7 +11,8 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from device_registry.broker_admin import MAX_CHUNK, create_device_commands
+from device_registry import legacy_dynsec
+from device_registry.broker_admin import MAX_CHUNK
 from device_registry.presence import Presence
 from iotfleet import admission as a
 from iotfleet.catalogue import get_device_type
@@ -207,7 +208,8 @@ def test_presence_counts_oversized_telemetry_as_seen_without_parsing_it() -> Non
 def test_the_largest_dynsec_control_message_fits_the_broker_packet_limit() -> None:
     commands: list[dict[str, object]] = []
     for i in range(MAX_CHUNK):
-        commands += create_device_commands("gps_tracker", f"{'d' * 60}{i:04d}", "p" * 32)
+        # Devices live in the agent's file now: the registry's dynsec messages are the upgrade path's.
+        commands += legacy_dynsec.delete_commands(f"{'d' * 60}{i:04d}")
     batch = [{**c, "correlationData": f"{'a' * 16}:{i}"} for i, c in enumerate(commands[:MAX_CHUNK])]
     size = len(json.dumps({"commands": batch}))
     limit = broker_packet_limit(IngestSettings().max_payload_bytes)

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from device_registry.broker_admin import ForeignEntryError, create_device_commands, refuse_reserved
+from device_registry import legacy_dynsec
+from device_registry.broker_admin import ForeignEntryError, refuse_reserved
 from device_registry.schemas import DeviceCreate
 from device_registry.schemas_rules import stored_rule_problem
 from iotfleet import dynsec
@@ -60,7 +61,7 @@ def test_device_create_refuses_reserved_ids_with_their_own_error_type() -> None:
 
 
 def test_broker_commands_naming_platform_entries_never_leave_the_registry() -> None:
-    refuse_reserved(create_device_commands("thermostat", "thermostat-1", "pw"))
+    refuse_reserved(legacy_dynsec.delete_commands("thermostat-1"))
     for command in (
         {"command": "deleteClient", "username": "iotfleet-ingest"},
         {"command": "setClientPassword", "username": "Iotfleet-Rules", "password": "x"},

@@ -206,7 +206,8 @@ async def test_catch_all_dead_letters_only_unknown_types() -> None:
     pipe = Pipeline(None, IngestSettings(), ScriptedWriter(), transport, IngestMetrics("unknown-types"))
     pipe.handle("devices/thermostat/t1/telemetry", reading(1), 0)
     pipe.handle("devices/toaster/x1/telemetry", reading(1), 0)
-    assert [t for t, _ in transport.published] == ["deadletter/toaster/x1"]
+    # the dead letter, then the device's own feedback on its errors topic
+    assert [t for t, _ in transport.published] == ["deadletter/toaster/x1", "devices/toaster/x1/errors"]
     body = orjson.loads(transport.published[0][1])
     assert body["errors"][0]["field"] == "topic"
     assert "toaster" in body["errors"][0]["message"]
