@@ -96,7 +96,9 @@ def create_app(settings: Settings) -> FastAPI:
         registry = CollectorRegistry()
         metrics = RegistryMetrics(registry)
         broker = BrokerAdmin(settings.mqtt)
-        presence = Presence(settings.mqtt, sessions, registry)
+        presence = Presence(
+            settings.mqtt, sessions, registry, history_days=settings.registry.presence_history_days
+        )
         loop = asyncio.get_running_loop()
 
         def reported(report: ReconcileReport) -> None:

@@ -67,6 +67,9 @@ class RegistrySettings(BaseModel):
         le=256 * 1024 * 1024,
         description="Largest request body (413 beyond): a 10,000-device bulk with names and tags is ~2 MB",
     )
+    presence_history_days: int = Field(
+        30, ge=1, le=3650, description="Presence transitions older than this are deleted (checked hourly)"
+    )
 
 
 class IngestSettings(BaseModel):
