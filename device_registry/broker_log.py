@@ -45,7 +45,8 @@ class ConnectionEvent:
     client_id: str
     online: bool
     cause: Cause
-    broker_ts: int
+    broker_time: str
+    """The line's own stamp: epoch seconds, or as ``log_timestamp_format`` says (ours: ISO 8601)."""
 
 
 _CONNECTED = re.compile(r"New client connected from \S+ as (\S+) \(")
@@ -62,7 +63,7 @@ MAX_LINE = 1024
 
 
 def parse_line(payload: bytes | bytearray) -> ConnectionEvent | None:
-    """``b"1796103282: New client connected from ... as dev-1 (p5, c1, k60, u'dev-1')."`` → an event, or None.
+    """``b"2026-12-01T05:38:10: New client connected from ... as dev-1 (p5, c1, k60, u'dev-1')."`` → an event, or None.
 
     "Client X disconnected, not authorised." is deliberately no event: a refused
     CONNECT under a live device's id must not mark that device offline.
@@ -71,16 +72,15 @@ def parse_line(payload: bytes | bytearray) -> ConnectionEvent | None:
         return None
     try:
         stamp, sep, message = bytes(payload).decode().partition(": ")
-        broker_ts = int(stamp)
-    except (UnicodeDecodeError, ValueError):
+    except UnicodeDecodeError:
         return None
     if not sep:
         return None
     if message.startswith("New client connected"):
         found = _CONNECTED.match(message)
-        return ConnectionEvent(found.group(1), True, Cause.connected, broker_ts) if found else None
+        return ConnectionEvent(found.group(1), True, Cause.connected, stamp) if found else None
     for pattern, cause in _ENDINGS:
         found = pattern.match(message)
         if found:
-            return ConnectionEvent(found.group(1), False, cause, broker_ts)
+            return ConnectionEvent(found.group(1), False, cause, stamp)
     return None
