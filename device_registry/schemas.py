@@ -215,5 +215,7 @@ class PresenceHistory(BaseModel):
     connected_since: datetime | None
     start: datetime
     end: datetime
-    items: list[PresenceTransitionRead] = Field(description="Transitions with start ≤ at < end, oldest first")
+    items: list[PresenceTransitionRead] = Field(
+        description="Transitions with start ≤ at < end, in the requested order"
+    )
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")

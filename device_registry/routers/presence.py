@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import UTC, datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query
 from sqlalchemy import and_, or_, select
@@ -61,7 +61,7 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
 
 @router.get(
     "/{device_id}/presence",
-    summary="A device's presence timeline: transitions with their cause, oldest first, paged",
+    summary="A device's presence timeline: transitions with their cause, paged (served from the registry DB)",
     responses={404: {}},
 )
 async def device_presence(  # noqa: PLR0917  (one parameter per query option)
@@ -75,6 +75,9 @@ async def device_presence(  # noqa: PLR0917  (one parameter per query option)
         str | None, Query(max_length=64, description=f"Exclusive; default now. {_TIME_HELP}")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+    order: Annotated[
+        Literal["asc", "desc"], Query(description="asc: oldest first; desc: newest first")
+    ] = "asc",
     cursor: Annotated[
         str | None, Query(max_length=200, description="next_cursor of the previous page")
     ] = None,
@@ -90,8 +93,12 @@ async def device_presence(  # noqa: PLR0917  (one parameter per query option)
     stmt = select(t).where(t.device_id == device_id, t.at >= start_at, t.at < end_at)
     if cursor:
         after_at, after_id = _decode_cursor(cursor)
-        stmt = stmt.where(or_(t.at > after_at, and_(t.at == after_at, t.id > after_id)))
-    rows = list((await session.scalars(stmt.order_by(t.at, t.id).limit(limit + 1))).all())
+        if order == "asc":
+            stmt = stmt.where(or_(t.at > after_at, and_(t.at == after_at, t.id > after_id)))
+        else:
+            stmt = stmt.where(or_(t.at < after_at, and_(t.at == after_at, t.id < after_id)))
+    keys = (t.at, t.id) if order == "asc" else (t.at.desc(), t.id.desc())
+    rows = list((await session.scalars(stmt.order_by(*keys).limit(limit + 1))).all())
     page = rows[:limit]
     next_cursor = _encode_cursor(page[-1].at, page[-1].id) if len(rows) > limit else None
     return PresenceHistory(
