@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -69,6 +75,32 @@ async def raw_disconnect(writer: asyncio.StreamWriter, *, clean: bool) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
         await writer.wait_closed()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def device_process(
+    argv_prefix: list[str], host: str, port: int, device_id: str, password: str, *, keepalive: int
+) -> Iterator[subprocess.Popen[str]]:
+    """A device in its own process; always killed (SIGKILL, after SIGCONT if it was stopped)."""
+    proc = subprocess.Popen(
+        [*argv_prefix, sys.executable, "-m", "tests.presence_device", host, str(port), device_id, password,
+         str(keepalive)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "connected", f"device process said {line!r}"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.kill()
+        proc.wait(timeout=10)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from sqlalchemy import func, insert, select
 from device_registry.models import Device, PresenceTransition
 from iotfleet import dynsec
 from tests.harness import Broker, Influxd
-from tests.presence_device import raw_connect, raw_disconnect
+from tests.presence_device import device_process, raw_connect, raw_disconnect
 from tests.registry_harness import (
     Api,
     connect_device,
@@ -60,29 +59,6 @@ async def _wait_state(api: Api, device_id: str, online: bool, within: float = 5.
         return await _online(api, device_id) is online
 
     await wait_for(check, what=f"{device_id} {'online' if online else 'offline'}", within=within)
-
-
-@contextmanager
-def device_process(
-    argv_prefix: list[str], host: str, port: int, device_id: str, password: str, *, keepalive: int
-) -> Iterator[subprocess.Popen[str]]:
-    """A device in its own process; always killed (SIGKILL, after SIGCONT if it was stopped)."""
-    proc = subprocess.Popen(
-        [*argv_prefix, sys.executable, "-m", "tests.presence_device", host, str(port), device_id, password,
-         str(keepalive)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        assert line == "connected", f"device process said {line!r}"
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 async def _provision(api: Api, ids: list[str]) -> dict[str, str]:
