@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from device_registry.broker_log import Cause, parse_line
-from device_registry.presence import parse_status
+from device_registry.presence import _Event, _replay, parse_status
 
 
 @pytest.mark.parametrize(
@@ -56,3 +56,25 @@ def test_other_lines_are_no_event(line: bytes) -> None:
 )  # fmt: skip
 def test_status_formats(payload: bytes, expected: bool | None) -> None:
     assert parse_status(payload) is expected
+
+
+def test_replay_applies_events_in_order_and_skips_unknown_clients() -> None:
+    current = {"a": (False, None), "b": (True, 5.0), "c": (False, None)}
+    events = [
+        _Event("a", True, Cause.connected, 10.0),
+        _Event("a", True, Cause.connected, 11.0),  # a take-over: no transition
+        _Event("b", False, Cause.timeout, 12.0),
+        _Event("iotfleet-ingest-1", True, Cause.connected, 12.5),  # no registry device
+        _Event("a", False, Cause.will, 13.0),
+        _Event("c", True, Cause.message, 14.0),  # spoke while shown offline
+        _Event("c", True, Cause.message, 15.0),
+    ]
+    out = _replay(events, current)
+    assert [(t["device_id"], t["online"], t["cause"]) for t in out.transitions] == [
+        ("a", True, "connected"),
+        ("b", False, "timeout"),
+        ("a", False, "will"),
+        ("c", True, "message"),
+    ]
+    assert out.states == {"a": (False, None), "b": (False, None), "c": (True, 14.0)}
+    assert out.last_seen == {"a": 11.0, "c": 15.0}
