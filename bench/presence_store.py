@@ -60,6 +60,10 @@ def disk_bytes(paths: Iterable[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.is_file())
 
 
+def sqlite_bytes(root: Path) -> int:
+    return disk_bytes(root.glob("registry.db*"))
+
+
 def tree_bytes(root: Path) -> int:
     return disk_bytes(root.rglob("*"))
 
@@ -138,7 +142,7 @@ async def run(root: Path) -> dict[str, float]:
 
     out["table_prune_s"] = await timed("prune the oldest quarter", table_prune)
     await engine.dispose()
-    out["table_bytes"] = disk_bytes(root.glob("registry.db*"))
+    out["table_bytes"] = sqlite_bytes(root)
 
     # --- InfluxDB measurement --------------------------------------------------------------
     influxd = Influxd(root / "influxd").start()
