@@ -130,6 +130,8 @@ async def test_online_last_seen_offline_follow_the_device(
                 return d["online"] is False and d["enabled"] is False
 
             await wait_for(offline_disabled, what="offline after the kick", within=5)
+            history = (await api.http.get(f"/api/v1/devices/{device_id}/presence")).json()
+            assert [(t["online"], t["cause"]) for t in history["items"]][-1] == (False, "kicked"), history
     finally:
         client.close()
 
