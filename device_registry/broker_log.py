@@ -56,7 +56,8 @@ _ENDINGS: tuple[tuple[re.Pattern[str], Cause], ...] = (
     (re.compile(r"Client (\S+) has exceeded timeout, disconnecting\.$"), Cause.timeout),
     (re.compile(r"Socket error on client (\S+), disconnecting\.$"), Cause.will),
     (re.compile(r"Client (\S+) disconnected due to protocol error\.$"), Cause.will),
-    (re.compile(r"Client (\S+) has been disconnected by administrative action\.$"), Cause.kicked),
+    # 2.0.11 writes "Client X been disconnected …" (sic); later versions add the "has".
+    (re.compile(r"Client (\S+) (?:has )?been disconnected by administrative action\.$"), Cause.kicked),
 )
 MAX_LINE = 1024
 """Longer payloads are no log line of interest (client ids are ≤ 64 characters here)."""

@@ -16,6 +16,7 @@ from device_registry.models import PresenceTransition
 from device_registry.problems import PROBLEM_RESPONSES, Problem
 from device_registry.schemas import PresenceHistory, PresenceTransitionRead
 from device_registry.telemetry import query
+from iotfleet.catalogue.base import MAX_TS_MS, MIN_TS_MS
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"], responses=PROBLEM_RESPONSES)
 
@@ -30,6 +31,8 @@ def _bound(text: str | None, param: str, now_ms: int) -> datetime | None:
         ms = query.parse_time(text, param=param, now_ms=now_ms)
     except query.QueryError as error:
         raise _invalid(param, error.detail) from None
+    if not MIN_TS_MS <= ms <= MAX_TS_MS:  # e.g. a relative "-9999999w"
+        raise _invalid(param, f"{param} {text[:40]!r} is outside the years 2000-2100")
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
@@ -54,7 +57,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, int]:
         at = datetime.fromisoformat(at_text)
         if at.tzinfo is None:
             raise ValueError("naive")
-        return at, int(row_id)
+        row = int(row_id)
+        if not 0 < row < 2**63:
+            raise ValueError("row id out of range")
+        return at, row
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise _invalid("cursor", "cursor is not one this API returned; pass next_cursor unchanged") from None
 

@@ -137,7 +137,7 @@ async def test_clean_disconnect_kill_9_keepalive_expiry_and_take_over(
         ]
         assert second_page["next_cursor"] is None
         assert await _history(api, clean, start="2000-01-01T00:00:00Z", end="2000-01-02T00:00:00Z") == []
-        for params in ({"start": "yesterday"}, {"end": "2026-12-01T10:00:00"}, {"cursor": "!!"},
+        for params in ({"start": "yesterday"}, {"end": "2026-12-01T10:00:00"}, {"cursor": "!!"}, {"start": "-99999999w"},
                        {"start": "2026-12-02T00:00:00Z", "end": "2026-12-01T00:00:00Z"}, {"limit": 0}):  # fmt: skip
             bad = await api.http.get(f"/api/v1/devices/{clean}/presence", params=params)
             assert bad.status_code == 422, (params, bad.text)
@@ -173,6 +173,21 @@ async def test_live_status_formats_are_hints_and_unknown_ones_are_counted(
         client.close()
         await _wait_state(api, device, False)
         assert await _history(api, device) == [(True, "connected"), (False, "disconnected")]
+
+
+async def test_rotated_credentials_kick_and_refused_reconnects_change_nothing(
+    broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    async with running_registry(registry_settings(broker, tmp_path)) as api:
+        device = uid("rotate")
+        password = (await _provision(api, [device]))[device]
+        client = connect_device(broker, device, password)  # paho retries with the old password
+        await _wait_state(api, device, True)
+        assert (await api.http.post(f"/api/v1/devices/{device}/rotate-credentials")).status_code == 200
+        await _wait_state(api, device, False)
+        await asyncio.sleep(2.5)  # paho's retries ("disconnected, not authorised") are no events
+        assert await _history(api, device) == [(True, "connected"), (False, "kicked")]
+        client.close()
 
 
 @contextmanager

@@ -21,6 +21,8 @@ from device_registry.presence import _Event, _replay, parse_status
         (b"1796103282: Socket error on client dev-x, disconnecting.", ("dev-x", False, Cause.will)),
         (b"1796103282: Client dev-y has been disconnected by administrative action.",
          ("dev-y", False, Cause.kicked)),
+        (b"2026-12-01T05:46:50: Client kk been disconnected by administrative action.",  # 2.0.11, verbatim
+         ("kk", False, Cause.kicked)),
     ],
 )  # fmt: skip
 def test_connection_lines(line: bytes, expected: tuple[str, bool, Cause]) -> None:
