@@ -38,6 +38,8 @@ class Cause(StrEnum):
     """The registry's link to the broker dropped: every device is offline until it is heard from again."""
     registry_restart = "registry_restart"
     """The registry (re)started: events while it was away are unknown; devices are re-confirmed as they speak."""
+    events_lost = "events_lost"
+    """The registry's DB stayed away so long that its in-memory backlog hit its bound: treated like a restart."""
 
 
 @dataclass(frozen=True, slots=True)

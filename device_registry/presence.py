@@ -55,6 +55,8 @@ SELECT_CHUNK = 500
 """Devices per ``IN (…)`` lookup: far below SQLite's and asyncpg's parameter limits."""
 MAX_STATUS_BYTES = 1024
 PRUNE_EVERY_S = 3600.0
+MAX_PENDING_EVENTS = 1_000_000
+"""Connection events kept while the DB is away (~100 B each); beyond, they collapse into one reset."""
 
 
 def _ts(epoch_s: float) -> datetime:
@@ -151,6 +153,11 @@ class Presence:
             "Status messages in no known format (online/offline, JSON status/online)",
             registry=metrics,
         )
+        self.m_events_lost = Counter(
+            "registry_presence_event_overflows",
+            f"Times {MAX_PENDING_EVENTS:,} unwritten connection events were replaced by 'everyone offline'",
+            registry=metrics,
+        )
         self.m_transitions = Counter(
             "registry_presence_transitions", "Presence transitions recorded", ["cause"], registry=metrics
         )
@@ -203,7 +210,14 @@ class Presence:
         else:
             cause = Cause.broker_restart
         with self._lock:
-            self._events.append(_Event(None, False, cause, time.time()))
+            self._append(_Event(None, False, cause, time.time()))
+
+    def _append(self, event: _Event) -> None:
+        """Queue an event (lock held). Memory stays bounded if the DB is away for long."""
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events = [_Event(None, False, Cause.events_lost, time.time())]
+            self.m_events_lost.inc()
+        self._events.append(event)
 
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
         topic = message.topic
@@ -214,7 +228,7 @@ class Presence:
                 return
             self._log_event.inc()
             with self._lock:
-                self._events.append(_Event(event.client_id, event.online, event.cause, time.time()))
+                self._append(_Event(event.client_id, event.online, event.cause, time.time()))
             return
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != topics.DEVICES_ROOT:
@@ -276,6 +290,9 @@ class Presence:
             count = await self._write(events, seen)
         except Exception:
             with self._lock:
+                if len(events) + len(self._events) > MAX_PENDING_EVENTS:
+                    self.m_events_lost.inc()
+                    events = [_Event(None, False, Cause.events_lost, time.time())]
                 self._events[:0] = events
                 for device_id, at in seen.items():
                     self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))

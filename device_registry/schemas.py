@@ -203,7 +203,7 @@ class PresenceTransitionRead(BaseModel):
         description="connected, message (spoke while shown offline), disconnected (clean DISCONNECT),"
         " will (connection ended without DISCONNECT: killed, socket error), timeout (keepalive expired:"
         " network cut, frozen device), kicked (disabled, deleted, credentials rotated), broker_restart"
-        " (the registry's link to the broker dropped), registry_restart",
+        " (the registry's link to the broker dropped), registry_restart, events_lost (backlog bound hit)",
         examples=["timeout"],
     )
 

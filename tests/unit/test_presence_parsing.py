@@ -80,3 +80,19 @@ def test_replay_applies_events_in_order_and_skips_unknown_clients() -> None:
     ]
     assert out.states == {"a": (False, None), "b": (False, None), "c": (True, 14.0)}
     assert out.last_seen == {"a": 11.0, "c": 15.0}
+
+
+def test_pending_events_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from device_registry import presence as module
+    from iotfleet.settings import MqttSettings
+
+    monkeypatch.setattr(module, "MAX_PENDING_EVENTS", 10)
+    p = module.Presence(MqttSettings(), sessions=None, metrics=CollectorRegistry())  # type: ignore[arg-type]
+    for i in range(25):
+        p._append(_Event(f"d-{i}", True, Cause.connected, float(i)))
+    # Over the bound, the backlog becomes "everyone offline" followed by what came since.
+    assert len(p._events) <= 10
+    assert p._events[0].device_id is None and p._events[0].cause is Cause.events_lost
+    assert p._events[-1].device_id == "d-24"
