@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,15 @@ async def test_live_status_formats_are_hints_and_unknown_ones_are_counted(
         client.close()
         await _wait_state(api, device, False)
         assert await _history(api, device) == [(True, "connected"), (False, "disconnected")]
+
+        # Retention: older than IOTFLEET_REGISTRY__PRESENCE_HISTORY_DAYS (30) is pruned.
+        async with api.state.sessions() as session:
+            old = datetime.now(UTC) - timedelta(days=31)
+            session.add(PresenceTransition(device_id=device, at=old, online=True, cause="connected"))
+            await session.commit()
+        assert len(await _history(api, device, start="-32d")) == 3
+        assert await api.state.presence.prune() == 1
+        assert len(await _history(api, device, start="-32d")) == 2
 
 
 async def test_rotated_credentials_kick_and_refused_reconnects_change_nothing(
