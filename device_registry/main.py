@@ -98,7 +98,11 @@ def create_app(settings: Settings) -> FastAPI:
         broker = BrokerAdmin(settings.mqtt)
         agent = AgentClient(settings.broker_agent)
         presence = Presence(
-            settings.mqtt, sessions, registry, max_payload_bytes=settings.ingest.max_payload_bytes
+            settings.mqtt,
+            sessions,
+            registry,
+            history_days=settings.registry.presence_history_days,
+            max_payload_bytes=settings.ingest.max_payload_bytes,
         )
 
         def reported(report: ReconcileReport) -> None:

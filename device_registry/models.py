@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Index, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Index, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -87,3 +87,24 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
     __table_args__ = (Index("ix_api_keys_role", "role"),)
+
+
+class PresenceTransition(Base):
+    """One change of a device's presence: online or offline, when, and why (``broker_log.Cause``).
+
+    No foreign key: rows are written in batches by the presence flusher, which must
+    not fail because a device was deleted meanwhile; retention prunes them.
+    """
+
+    __tablename__ = "presence_transitions"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UtcDateTime)
+    online: Mapped[bool] = mapped_column(Boolean)
+    cause: Mapped[str] = mapped_column(String(32))
+
+    __table_args__ = (
+        Index("ix_presence_transitions_device_at", "device_id", "at"),
+        Index("ix_presence_transitions_at", "at"),
+    )

@@ -1,40 +1,59 @@
-"""Presence: ``online``, ``last_seen`` and ``connected_since`` per device, from the broker.
+"""Presence: ``online``, ``last_seen``, ``connected_since`` and every transition, from the broker.
 
-The registry follows the retained ``status`` topics (online/offline, the LWT) and
-every device's telemetry and acks. Readings can arrive at 15,000+/s, so nothing
-is written per message: the MQTT thread only records "device X seen at t" in a
-dict (one assignment), and a task flushes the latest state to the DB once per
-``flush_interval_s`` in one executemany per kind. Telemetry and acks are taken at
-QoS 0 through a shared subscription: presence is best effort, so a busy registry
-lets the broker drop (never queue) them, and registry replicas split the load.
+Sources, in order of authority:
+
+1. The broker's own log lines on ``$SYS/broker/log/N`` (see ``broker_log``):
+   connect, clean disconnect, unclean close (will), keepalive timeout, kick.
+   They are the truth about connections, whatever the device publishes.
+2. Telemetry, acks and *live* status messages: the device is speaking, so it
+   is online (cause ``message`` when it was shown offline); they move ``last_seen``.
+3. The retained ``status`` replayed on (re)subscribe is only the device's own
+   hint, possibly stale: parsed and counted, never taken as presence.
+
+Readings arrive at 15,000+/s, so nothing is written per message: paho's thread
+appends an event or sets "seen at" under a lock, and a task flushes once per
+``flush_interval_s``: one ``SELECT … WHERE id IN`` per 500 devices involved
+(which also drops clients that are no registry device), then executemany
+updates and one batched insert of transitions. Telemetry and acks come at QoS 0
+through a shared subscription (best effort; replicas split them).
+
+Log lines are QoS 0 and missed while the registry's link is down, so when the
+link drops (and when the registry starts) every device is marked offline
+(``broker_restart`` / ``registry_restart``) and re-confirmed by its next
+connect or message: the documented bound is in device_registry/README.md.
 
 Hostile telemetry: presence never parses a payload and never uses a device's own
 timestamp (``last_seen`` is the registry's clock at arrival), so no payload can
 poison it. Any telemetry a device publishes on its own topic counts as "seen",
 also a reading the ingest dead-letters: the broker authenticated the device, so it
-is alive and connected, and an operator chasing its dead letters wants to see that
-(AWS IoT's lifecycle events and ThingsBoard's "last activity" count the same way).
-Payloads above the shared admission limit (``IOTFLEET_INGEST__MAX_PAYLOAD_BYTES``,
-iotfleet/admission.py) are counted under ``channel="telemetry_oversized"``; the
-broker's ``message_size_limit`` (derived from the same setting) bounds what paho
-buffers before this code sees a message.
+is alive and connected (AWS IoT's lifecycle events and ThingsBoard's "last
+activity" count the same way). Payloads above the shared admission limit
+(``IOTFLEET_INGEST__MAX_PAYLOAD_BYTES``) are counted under
+``channel="telemetry_oversized"``; the broker's ``max_packet_size`` (derived from
+the same setting) bounds what paho buffers before this code sees a message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sqlalchemy import Table, and_, bindparam, update
+from sqlalchemy import Table, bindparam, delete, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from device_registry import broker_log
 from device_registry.broker_admin import MqttLink
-from device_registry.models import Device
+from device_registry.broker_log import Cause
+from device_registry.models import Device, PresenceTransition
 from iotfleet import topics
 from iotfleet.settings import IngestSettings, MqttSettings
 from iotfleet.topics import Channel
@@ -42,12 +61,58 @@ from iotfleet.topics import Channel
 log = logging.getLogger("registry.presence")
 
 SHARE_GROUP = "iotfleet-registry"
-_ONLINE = topics.STATUS_ONLINE
-_OFFLINE = topics.STATUS_OFFLINE
+SELECT_CHUNK = 500
+"""Devices per ``IN (…)`` lookup: far below SQLite's and asyncpg's parameter limits."""
+MAX_STATUS_BYTES = 1024
+PRUNE_EVERY_S = 3600.0
+MAX_PENDING_EVENTS = 1_000_000
+"""Connection events kept while the DB is away (~100 B each); beyond, they collapse into one reset."""
 
 
 def _ts(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, UTC)
+
+
+def parse_status(payload: bytes | bytearray) -> bool | None:
+    """``online``/``offline`` (any case), or JSON ``{"status": "online"}`` / ``{"online": true}``; else None."""
+    text = bytes(payload).strip()
+    if len(text) > MAX_STATUS_BYTES:
+        return None
+    word = text.lower()
+    if word in (topics.STATUS_ONLINE, topics.STATUS_OFFLINE):
+        return word == topics.STATUS_ONLINE
+    if not text.startswith(b"{"):
+        return None
+    try:
+        body = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(body, dict):
+        return None
+    online = body.get("online")
+    if isinstance(online, bool):
+        return online
+    status = body.get("status")
+    if isinstance(status, str) and status.lower() in ("online", "offline"):
+        return status.lower() == "online"
+    return None
+
+
+@dataclass(slots=True)
+class _Event:
+    """A device came online / went offline at ``at``; ``device_id`` None = every device offline."""
+
+    device_id: str | None
+    online: bool
+    cause: Cause
+    at: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+    states: dict[str, tuple[bool, float | None]] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
 
 
 class Presence:
@@ -58,29 +123,55 @@ class Presence:
         metrics: CollectorRegistry,
         *,
         flush_interval_s: float = 1.0,
+        history_days: int = 30,
         max_payload_bytes: int = IngestSettings().max_payload_bytes,
     ) -> None:
         self.sessions = sessions
         self.max_payload_bytes = max_payload_bytes
         self.flush_interval_s = flush_interval_s
-        # device id → epoch seconds it was last heard from (telemetry, acks, live status)
+        self.history_days = history_days
+        self._lock = threading.Lock()
+        # Connection events in arrival order (one MQTT connection: the broker's order).
+        self._events: list[_Event] = []
+        # device id → epoch seconds it last spoke (telemetry, acks, live status)
         self._seen: dict[str, float] = {}
-        # device id → (online, epoch seconds, retained) of its latest status message
-        self._status: dict[str, tuple[bool, float, bool]] = {}
+        self._ever_connected = False
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._last_prune = 0.0
         self.link = MqttLink(
             settings,
             "presence",
             subscriptions=[
+                (broker_log.LOG_TOPIC, 0),
                 (topics.device_filter(Channel.STATUS), 1),
                 (topics.shared_filter(SHARE_GROUP, topics.device_filter(Channel.TELEMETRY)), 0),
                 (topics.shared_filter(SHARE_GROUP, topics.device_filter(Channel.ACKS)), 0),
             ],
             on_message=self._on_message,
+            on_state=self._on_link_state,
         )
         self.m_messages = Counter(
             "registry_presence_messages", "Device messages seen by presence", ["channel"], registry=metrics
+        )
+        self.m_log_lines = Counter(
+            "registry_presence_broker_log_lines",
+            "Broker log lines read, by what they were",
+            ["kind"],
+            registry=metrics,
+        )
+        self.m_status_unparsed = Counter(
+            "registry_presence_status_unparsed",
+            "Status messages in no known format (online/offline, JSON status/online)",
+            registry=metrics,
+        )
+        self.m_events_lost = Counter(
+            "registry_presence_event_overflows",
+            f"Times {MAX_PENDING_EVENTS:,} unwritten connection events were replaced by 'everyone offline'",
+            registry=metrics,
+        )
+        self.m_transitions = Counter(
+            "registry_presence_transitions", "Presence transitions recorded", ["cause"], registry=metrics
         )
         self.m_flush = Histogram(
             "registry_presence_flush_seconds",
@@ -94,11 +185,13 @@ class Presence:
         self.m_pending = Gauge(
             "registry_presence_pending_devices", "Devices with presence not yet written", registry=metrics
         )
-        self.m_pending.set_function(lambda: len(self._seen) + len(self._status))
+        self.m_pending.set_function(lambda: len(self._seen) + len(self._events))
         self._telemetry_counter = self.m_messages.labels(Channel.TELEMETRY.value)
         self._acks_counter = self.m_messages.labels(Channel.ACKS.value)
         self._status_counter = self.m_messages.labels(Channel.STATUS.value)
         self._oversized_counter = self.m_messages.labels("telemetry_oversized")
+        self._log_event = self.m_log_lines.labels("connection_event")
+        self._log_other = self.m_log_lines.labels("other")
         self.last_flush_s = 0.0
         self.last_flush_count = 0
 
@@ -119,32 +212,63 @@ class Presence:
             await self._task
         await self.flush()
 
-    # Runs on paho's network thread: keep it to a split and a dict assignment.
+    # --- paho's network thread: keep it to a parse and an append -----------------------------
+
+    def _on_link_state(self, up: bool) -> None:
+        # Down: log lines are being missed from now on. Up: subscriptions are sent before
+        # this runs, so the reset is queued before any line of the new connection.
+        if up:
+            cause = Cause.broker_restart if self._ever_connected else Cause.registry_restart
+            self._ever_connected = True
+        else:
+            cause = Cause.broker_restart
+        with self._lock:
+            self._append(_Event(None, False, cause, time.time()))
+
+    def _append(self, event: _Event) -> None:
+        """Queue an event (lock held). Memory stays bounded if the DB is away for long."""
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events = [_Event(None, False, Cause.events_lost, time.time())]
+            self.m_events_lost.inc()
+        self._events.append(event)
+
     def _on_message(self, message: mqtt.MQTTMessage) -> None:
-        parts = message.topic.split("/")
+        topic = message.topic
+        if topic == broker_log.LOG_TOPIC:
+            event = broker_log.parse_line(message.payload)
+            if event is None:
+                self._log_other.inc()
+                return
+            self._log_event.inc()
+            with self._lock:
+                self._append(_Event(event.client_id, event.online, event.cause, time.time()))
+            return
+        parts = topic.split("/")
         if len(parts) != 4 or parts[0] != topics.DEVICES_ROOT:
             return
         device_id, channel = parts[2], parts[3]
-        now = time.time()
         if channel == "status":
             self._status_counter.inc()
-            payload = message.payload.strip().lower()
-            if payload == _ONLINE:
-                self._status[device_id] = (True, now, bool(message.retain))
-            elif payload == _OFFLINE:
-                self._status[device_id] = (False, now, bool(message.retain))
-            else:
+            said = parse_status(message.payload)
+            if said is None:
+                self.m_status_unparsed.inc()
+            # A replayed retained status may be stale (the device may have left without a
+            # will while the registry was away); a live one means the device (or its will)
+            # just spoke. Only the broker's log says "offline", so only "it spoke" counts.
+            if message.retain or said is not True:
                 return
-            if not message.retain:
-                self._seen[device_id] = now
+        elif channel == "telemetry":
+            self._telemetry_counter.inc()
+            if len(message.payload) > self.max_payload_bytes:  # seen all the same (see above)
+                self._oversized_counter.inc()
+        elif channel == "acks":
+            self._acks_counter.inc()
         else:
-            if channel == "telemetry":
-                self._telemetry_counter.inc()
-                if len(message.payload) > self.max_payload_bytes:  # seen all the same (see above)
-                    self._oversized_counter.inc()
-            else:
-                self._acks_counter.inc()
-            self._seen[device_id] = now
+            return
+        with self._lock:
+            self._seen[device_id] = time.time()
+
+    # --- the flusher -------------------------------------------------------------------------
 
     async def _flush_loop(self) -> None:
         while not self._stop.is_set():
@@ -155,61 +279,152 @@ class Presence:
                 pass
             try:
                 await self.flush()
+                if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
+                    await self.prune()
             except Exception as exc:  # the DB may be briefly away: keep the data, retry next tick
                 log.warning("presence flush failed (%s); retrying in %.1f s", exc, self.flush_interval_s)
 
+    async def prune(self) -> int:
+        """Delete transitions older than ``history_days``; return how many."""
+        self._last_prune = time.monotonic()
+        cutoff = datetime.now(UTC) - timedelta(days=self.history_days)
+        async with self.sessions() as session:
+            result = await session.execute(delete(PresenceTransition).where(PresenceTransition.at < cutoff))
+            await session.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
+
     async def flush(self) -> int:
-        """Write what was seen since the last flush; return the number of devices updated."""
-        # Swap, not copy: the MQTT thread keeps writing into the fresh dicts.
-        seen, self._seen = self._seen, {}
-        status, self._status = self._status, {}
-        if not seen and not status:
+        """Write what happened since the last flush; return the number of devices updated."""
+        with self._lock:
+            events, self._events = self._events, []
+            seen, self._seen = self._seen, {}
+        if not events and not seen:
             return 0
         started = time.monotonic()
         try:
-            await self._write(seen, status)
+            count = await self._write(events, seen)
         except Exception:
-            for device_id, at in seen.items():
-                self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
-            for device_id, state in status.items():
-                self._status.setdefault(device_id, state)
+            with self._lock:
+                if len(events) + len(self._events) > MAX_PENDING_EVENTS:
+                    self.m_events_lost.inc()
+                    events = [_Event(None, False, Cause.events_lost, time.time())]
+                self._events[:0] = events
+                for device_id, at in seen.items():
+                    self._seen[device_id] = max(at, self._seen.get(device_id, 0.0))
             raise
         self.last_flush_s = time.monotonic() - started
-        self.last_flush_count = len(seen) + len(status)
+        self.last_flush_count = count
         self.m_flush.observe(self.last_flush_s)
-        self.m_flushed.inc(self.last_flush_count)
-        return self.last_flush_count
+        self.m_flushed.inc(count)
+        return count
 
-    async def _write(self, seen: dict[str, float], status: dict[str, tuple[bool, float, bool]]) -> None:
+    async def _write(self, events: list[_Event], seen: dict[str, float]) -> int:
+        # "Spoke at t" is an online event at t, ordered among the connection events by
+        # arrival time (all come over the one MQTT connection, in the broker's order).
+        timeline = events + [_Event(d, True, Cause.message, at) for d, at in seen.items()]
+        timeline.sort(key=lambda e: e.at)
+        updated = 0
+        async with self.sessions() as session:
+            segment: list[_Event] = []
+            for event in timeline:
+                if event.device_id is None:
+                    updated += await self._apply(session, segment)
+                    segment = []
+                    updated += await self._all_offline(session, event)
+                else:
+                    segment.append(event)
+            updated += await self._apply(session, segment)
+            await session.commit()
+        return updated
+
+    async def _apply(self, session: AsyncSession, events: Sequence[_Event]) -> int:
+        if not events:
+            return 0
+        ids = sorted({e.device_id for e in events if e.device_id is not None})
+        current = await _load_states(session, ids)
+        outcome = _replay(events, current)
         table = cast(Table, Device.__table__)
         c = table.c
-        came_online: list[dict[str, Any]] = []
-        went_offline: list[dict[str, Any]] = []
-        for device_id, (online, at, _retained) in status.items():
-            (came_online if online else went_offline).append({"b_id": device_id, "b_ts": _ts(at)})
         # updated_at=updated_at: presence is not an operator change (the column's onupdate would bump it).
-        async with self.sessions() as session:
-            if came_online:
-                # connected_since is kept when the device was already online (e.g. the
-                # retained "online" replayed to a restarted registry).
-                await session.execute(
-                    update(table)
-                    .where(and_(c.id == bindparam("b_id"), c.online.is_(False)))
-                    .values(online=True, connected_since=bindparam("b_ts"), updated_at=c.updated_at),
-                    came_online,
-                )
-            if went_offline:
-                await session.execute(
-                    update(table)
-                    .where(c.id == bindparam("b_id"))
-                    .values(online=False, connected_since=None, updated_at=c.updated_at),
-                    went_offline,
-                )
-            if seen:
-                await session.execute(
-                    update(table)
-                    .where(c.id == bindparam("b_id"))
-                    .values(last_seen=bindparam("b_ts"), updated_at=c.updated_at),
-                    [{"b_id": device_id, "b_ts": _ts(at)} for device_id, at in seen.items()],
-                )
-            await session.commit()
+        if outcome.states:
+            await session.execute(
+                update(table)
+                .where(c.id == bindparam("b_id"))
+                .values(
+                    online=bindparam("b_online"),
+                    connected_since=bindparam("b_since"),
+                    updated_at=c.updated_at,
+                ),
+                [
+                    {"b_id": d, "b_online": online, "b_since": _ts(since) if since is not None else None}
+                    for d, (online, since) in outcome.states.items()
+                ],
+            )
+        if outcome.last_seen:
+            await session.execute(
+                update(table)
+                .where(c.id == bindparam("b_id"))
+                .values(last_seen=bindparam("b_ts"), updated_at=c.updated_at),
+                [{"b_id": d, "b_ts": _ts(at)} for d, at in outcome.last_seen.items()],
+            )
+        if outcome.transitions:
+            await session.execute(insert(PresenceTransition), outcome.transitions)
+            for row in outcome.transitions:
+                self.m_transitions.labels(row["cause"]).inc()
+        return len(outcome.states) + len(outcome.last_seen)
+
+    async def _all_offline(self, session: AsyncSession, event: _Event) -> int:
+        """Every online device goes offline (one INSERT … SELECT and one UPDATE, whatever the fleet size)."""
+        at = _ts(event.at)
+        table = cast(Table, Device.__table__)
+        d = table.c
+        transitions = insert(PresenceTransition).from_select(
+            ["device_id", "at", "online", "cause"],
+            select(
+                d.id, literal(at, PresenceTransition.at.type), literal(False), literal(event.cause.value)
+            ).where(d.online.is_(True)),
+        )
+        result = await session.execute(transitions)
+        count = int(getattr(result, "rowcount", 0) or 0)
+        await session.execute(
+            update(table)
+            .where(d.online.is_(True))
+            .values(online=False, connected_since=None, updated_at=d.updated_at)
+        )
+        if count > 0:
+            self.m_transitions.labels(event.cause.value).inc(count)
+            log.info("presence: %d devices marked offline (%s)", count, event.cause.value)
+        return count
+
+
+async def _load_states(session: AsyncSession, ids: Sequence[str]) -> dict[str, tuple[bool, float | None]]:
+    """Registry devices among ``ids`` → (online, connected_since); other client ids are absent."""
+    d = Device.__table__.c
+    states: dict[str, tuple[bool, float | None]] = {}
+    for start in range(0, len(ids), SELECT_CHUNK):
+        chunk = ids[start : start + SELECT_CHUNK]
+        rows = await session.execute(select(d.id, d.online, d.connected_since).where(d.id.in_(chunk)))
+        for device_id, online, since in rows:
+            states[device_id] = (bool(online), since.timestamp() if since is not None else None)
+    return states
+
+
+def _replay(events: Iterable[_Event], current: dict[str, tuple[bool, float | None]]) -> _Outcome:
+    """Apply events in order to the devices' current states; unknown ids are skipped."""
+    out = _Outcome()
+    state = dict(current)
+    for event in events:
+        device_id = event.device_id
+        if device_id is None or device_id not in state:
+            continue
+        if event.online:
+            out.last_seen[device_id] = event.at
+        online, _since = state[device_id]
+        if online == event.online:
+            continue  # a take-over's new connect, telemetry while online, a second end line
+        state[device_id] = (event.online, event.at if event.online else None)
+        out.states[device_id] = state[device_id]
+        out.transitions.append(
+            {"device_id": device_id, "at": _ts(event.at), "online": event.online, "cause": event.cause.value}
+        )
+    return out

@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from device_registry import legacy_dynsec
 from device_registry.agent_client import BrokerRefused
 from device_registry.broker_admin import BrokerError, DynsecCommandError, ForeignEntryError
-from device_registry.models import Device
+from device_registry.broker_log import Cause
+from device_registry.models import Device, PresenceTransition, utcnow
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
 from device_registry.schemas import (
     CredentialsRotated,
@@ -326,7 +327,11 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
     try:
         device = await get_device(session, device_id)
         device.enabled = enabled
-        if not enabled:
+        if not enabled and device.online:
+            # The broker's "kicked" log line will find it offline already: record the transition here.
+            session.add(
+                PresenceTransition(device_id=device_id, at=utcnow(), online=False, cause=Cause.kicked.value)
+            )
             device.online = False
             device.connected_since = None
         await session.commit()

@@ -195,3 +195,28 @@ class DeviceTypeRead(BaseModel):
 
 class DeviceTypeList(BaseModel):
     items: list[DeviceTypeSummary]
+
+
+class PresenceTransitionRead(BaseModel):
+    at: datetime = Field(description="When the registry learnt of the change (UTC)")
+    online: bool
+    cause: str = Field(
+        description="connected, message (spoke while shown offline), disconnected (clean DISCONNECT),"
+        " will (connection ended without DISCONNECT: killed, socket error), timeout (keepalive expired:"
+        " network cut, frozen device), kicked (disabled, deleted, credentials rotated), broker_restart"
+        " (the registry's link to the broker dropped), registry_restart, events_lost (backlog bound hit)",
+        examples=["timeout"],
+    )
+
+
+class PresenceHistory(BaseModel):
+    device_id: str
+    online: bool = Field(description="Now; the same truth as the device's `online` and the fleet summary")
+    last_seen: datetime | None
+    connected_since: datetime | None
+    start: datetime
+    end: datetime
+    items: list[PresenceTransitionRead] = Field(
+        description="Transitions with start ≤ at < end, in the requested order"
+    )
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page")

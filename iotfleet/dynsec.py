@@ -85,7 +85,13 @@ def service_roles() -> list[dict[str, Any]]:
         _service_role(
             "svc-registry",
             publish=[commands, platform],
-            subscribe=[all_devices, platform, f"{topics.DEADLETTER_ROOT}/#", "$share/+/#"],
+            subscribe=[
+                all_devices,
+                platform,
+                f"{topics.DEADLETTER_ROOT}/#",
+                "$share/+/#",
+                "$SYS/broker/log/N",
+            ],
         ),
         _service_role(
             "svc-ingest",

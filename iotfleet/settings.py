@@ -73,6 +73,10 @@ class RegistrySettings(BaseModel):
         " last commits back after an OS crash or power loss, for ~5-10 ms less per API write",
     )
 
+    presence_history_days: int = Field(
+        30, ge=1, le=3650, description="Presence transitions older than this are deleted (checked hourly)"
+    )
+
 
 class JournalSettings(BaseModel):
     """The ingest's local write-ahead journal (telemetry_ingest/journal.py)."""

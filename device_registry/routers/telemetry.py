@@ -185,7 +185,9 @@ class TypeAggregate(BaseModel):
 class TypeSummary(BaseModel):
     device_type: str = Field(description="The type, or '*' for the totals")
     devices: int = Field(description="Devices of the type in the registry")
-    online: int = Field(description="Of those, online now (retained status)")
+    online: int = Field(
+        description="Of those, online now (broker connection events and device messages, as the device's `online`)"
+    )
     readings_last_minute: int = Field(description="Readings stored with a device time in the last minute")
     readings_last_hour: int
     deadlettered_last_hour: int = Field(description="Payloads the ingest dead-lettered in the last hour")

@@ -1,4 +1,4 @@
-"""Presence: online/offline from the retained status (LWT), last_seen from telemetry, batched writes."""
+"""Presence: online/offline from the broker's connection events, last_seen from telemetry, batched writes."""
 
 from __future__ import annotations
 
@@ -106,22 +106,32 @@ async def test_online_last_seen_offline_follow_the_device(
             d = await _device(api, device_id)
             return d["online"] is False and d["connected_since"] is None
 
-        await wait_for(offline, what="offline after the LWT", within=5)
+        await wait_for(offline, what="offline after the disconnect", within=5)
 
-    # While the registry is down the device comes back; the retained status tells the restarted registry.
+    # While the registry is down the device comes back. Its retained "online" is only a hint
+    # (it may be stale): the restarted registry shows it offline (registry_restart) until it
+    # speaks, then online again (cause "message").
     client = _online_device(broker, dev)
     try:
         async with running_registry(settings) as api:
-
-            async def back_online() -> bool:
-                return (await _device(api, device_id))["online"] is True
-
-            await wait_for(back_online, what="online from the retained status", within=5)
-            # Disabling kicks it: the broker publishes its will, the registry marks it offline.
+            await wait_for(lambda: api.state.presence.connected, what="presence link", within=5)
+            assert client.publish(dev["topics"]["telemetry"], b'{"temperature_c": 20.0}').value == 0
+            await wait_for(online, what="online again once it spoke", within=5)
+            history = (await api.http.get(f"/api/v1/devices/{device_id}/presence")).json()
+            causes = [(t["online"], t["cause"]) for t in history["items"]]
+            assert causes[:2] == [(True, "connected"), (False, "disconnected")], causes
+            assert causes[-1] == (True, "message"), causes
+            # Disabling kicks it: the broker closes the connection, the registry marks it offline.
             assert (await api.http.post(f"/api/v1/devices/{device_id}/disable")).status_code == 200
             await wait_for(lambda: client.disconnected_at is not None, what="kicked", within=1)
-            d = await _device(api, device_id)
-            assert d["online"] is False and d["enabled"] is False
+
+            async def offline_disabled() -> bool:
+                d = await _device(api, device_id)
+                return d["online"] is False and d["enabled"] is False
+
+            await wait_for(offline_disabled, what="offline after the kick", within=5)
+            history = (await api.http.get(f"/api/v1/devices/{device_id}/presence")).json()
+            assert [(t["online"], t["cause"]) for t in history["items"]][-1] == (False, "kicked"), history
     finally:
         client.close()
 
@@ -139,9 +149,11 @@ async def test_presence_ignores_unknown_devices_and_junk(
         async def seen() -> bool:
             return (await _device(api, dev["id"]))["last_seen"] is not None
 
-        # The junk telemetry still counts as "seen"; the junk status changes nothing.
+        # The junk telemetry still counts as "seen"; the junk status is counted as unparsed.
         await wait_for(seen, what="last_seen from junk telemetry", within=5)
         health = await api.http.get("/healthz")
         assert health.status_code == 200
-        assert (await _device(api, dev["id"]))["online"] is False
+        assert (await _device(api, dev["id"]))["online"] is True  # connected, whatever it published
+        metrics = (await api.http.get("/metrics")).text
+        assert _metric(metrics, "registry_presence_status_unparsed_total") >= 1
         client.close()

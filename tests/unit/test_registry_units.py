@@ -158,8 +158,12 @@ def test_presence_keeps_only_the_latest_state_in_memory() -> None:
     presence._on_message(_message("devices/thermostat/t-4/status", b"garbage"))
     presence._on_message(_message("devices/thermostat/t-5/acks", b"{}"))
     presence._on_message(_message("elsewhere/t-6/telemetry", b"{}"))
-    # 1000 readings of one device are one pending write.
-    assert set(presence._seen) == {"t-1", "t-3", "t-5"}  # a retained status is not a sign of life now
-    assert presence._status["t-2"][0] is True and presence._status["t-2"][2] is True
-    assert presence._status["t-3"][0] is False  # the latest status wins
-    assert "t-4" not in presence._status
+    presence._on_message(_message("$SYS/broker/log/N", b"1: Client t-7 disconnected."))
+    presence._on_message(_message("$SYS/broker/log/N", b"1: New connection from 127.0.0.1:1 on port 2."))
+    # 1000 readings of one device are one pending write; a retained status is only a (possibly
+    # stale) hint and a live "offline" is the device's word, not the broker's: neither is a sign of life.
+    assert set(presence._seen) == {"t-1", "t-3", "t-5"}
+    assert [(e.device_id, e.online, e.cause.value) for e in presence._events] == [
+        ("t-7", False, "disconnected")
+    ]
+    assert presence.m_status_unparsed._value.get() == 1  # "garbage"

@@ -562,6 +562,30 @@ async function initDevice() {
   renderPresence(device);
   setupManage(device, base, renderPresence);
 
+  const CAUSES = {
+    connected: "connected",
+    message: "spoke (telemetry, ack or status)",
+    disconnected: "clean disconnect",
+    will: "connection lost (will sent)",
+    timeout: "keepalive timeout",
+    kicked: "disconnected by an operator",
+    broker_restart: "registry lost the broker",
+    registry_restart: "registry restarted",
+  };
+  const renderTimeline = (history) => {
+    const rows = history.items.map((t) =>
+      el(
+        "tr",
+        { "data-cause": t.cause, "data-online": String(t.online) },
+        el("td", { text: fmtTime(t.at), title: t.at }),
+        el("td", {}, t.online ? badge("online", "ok") : badge("offline", "neutral")),
+        el("td", { text: CAUSES[t.cause] || t.cause, title: t.cause }),
+      ),
+    );
+    if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: "3", class: "muted", text: "No change in the last 24 h." })));
+    $("#presence-timeline tbody").replaceChildren(...rows);
+  };
+
   const units = deviceType.units || {};
   const renderLatest = (latest) => {
     $("#latest-table tbody").replaceChildren(
@@ -720,13 +744,15 @@ async function initDevice() {
   const commandPoller = poll(refreshCommands, () => (busy ? POLL_MS.commandsBusy : POLL_MS.device));
 
   const refresh = async () => {
-    const [d, latest, summary, own] = await Promise.all([
+    const [d, latest, summary, own, history] = await Promise.all([
       api(base),
       api(`${base}/telemetry/latest`),
       api("/api/v1/fleet/summary"),
       api(`${base}/deadletters`),
+      api(`${base}/presence${query({ start: "-24h", order: "desc", limit: 50 })}`),
     ]);
     renderPresence(d);
+    renderTimeline(history);
     renderLatest(latest);
     renderDeadLetters(summary, own);
     await liveCharts();
