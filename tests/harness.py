@@ -148,6 +148,7 @@ class Broker(_Restartable):
             "IOTFLEET_STATE_DIR": str(self.state_dir.parent),
             "IOTFLEET_MQTT__HOST": self.host,
             "IOTFLEET_MQTT__PORT": str(self.port),
+            "IOTFLEET_BROKER_AGENT__HOST": self.host,
             "IOTFLEET_BROKER_AGENT__PORT": str(self.agent_port),
             "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token,
             "IOTFLEET_BROKER_AGENT__DEVICES_FILE": str(self.state_dir / "devices"),
