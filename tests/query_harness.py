@@ -9,6 +9,7 @@ order-independent. Expected values in the tests are written out by hand.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -19,12 +20,10 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from sqlalchemy import update
 
-from device_registry.models import Device
 from iotfleet.influx import InfluxClient, encode_point, quote_identifier
 from tests.harness import Broker, Influxd
-from tests.registry_harness import Api, registry_settings, running_registry
+from tests.registry_harness import Api, connect_device, registry_settings, running_registry
 
 PROBLEM = "application/problem+json"
 MIN = 60_000
@@ -149,16 +148,28 @@ async def world_fixture(
             "/api/v1/devices/bulk", json={"devices": [{"id": i, "type": t} for t, i in ids.values()]}
         )
         assert resp.status_code == 201, resp.text
+        passwords = {d["id"]: d["credentials"]["password"] for d in resp.json()["devices"]}
         resp = await api.http.post("/api/v1/api-keys", json={"name": "query viewer", "role": "viewer"})
         assert resp.status_code == 201, resp.text
-        async with api.state.sessions() as session:  # presence would set this from the status topic
-            await session.execute(update(Device).where(Device.id == ids["a"][1]).values(online=True))
-            await session.commit()
-        async with api.as_(resp.json()["key"]) as viewer:
-            w = World(api, viewer, influx, t0, now, **{k: v[1] for k, v in ids.items()})
-            await influx.write("\n".join(dataset(w)))
-            yield w
+        # Device a is really connected (presence follows the broker's connections): online.
+        online = connect_device(session_broker, ids["a"][1], passwords[ids["a"][1]])
+        try:
+            await _until_online(api, ids["a"][1])
+            async with api.as_(resp.json()["key"]) as viewer:
+                w = World(api, viewer, influx, t0, now, **{k: v[1] for k, v in ids.items()})
+                await influx.write("\n".join(dataset(w)))
+                yield w
+        finally:
+            online.close()
         await influx.query(f"DROP DATABASE {quote_identifier(database)}")
+
+
+async def _until_online(api: Api, device_id: str) -> None:
+    for _ in range(200):  # 20 s
+        if (await api.http.get(f"/api/v1/devices/{device_id}")).json().get("online") is True:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{device_id} never shown online")
 
 
 async def get(w: World, path: str, status: int = 200, **params: Any) -> Any:

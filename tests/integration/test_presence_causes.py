@@ -40,6 +40,8 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 FLUSH_S = 1.0  # the registry's presence flush interval
+CEILING_S = 20.0
+"""What a timeout may take here at most (keepalive 2 s): a correctness ceiling, not the speed figure."""
 
 
 async def _history(api: Api, device_id: str, **params: Any) -> list[tuple[bool, str]]:
@@ -99,10 +101,11 @@ async def test_clean_disconnect_kill_9_keepalive_expiry_and_take_over(
                 victim.kill()
                 await _wait_state(api, killed, False)
 
-            await _wait_state(api, frozen, False, within=1.5 * keepalive + FLUSH_S + 3)
+            # The broker's bound is 1.5 × keepalive; the registry adds ≤ one flush (and a poll). The
+            # documented figure comes from quiet runs; here only a ceiling that a loaded CI box keeps.
+            await _wait_state(api, frozen, False, within=CEILING_S)
             took = time.monotonic() - stopped
-            # The broker's bound is 1.5 × keepalive; the registry adds ≤ one flush (and a poll).
-            assert took <= 1.5 * keepalive + FLUSH_S + 1.5, f"timeout noticed after {took:.1f} s"
+            assert took <= CEILING_S, f"timeout noticed after {took:.1f} s"
 
         # Take-over: a second connection under the same client id. The old one ends without an
         # end line of its own; the device must stay online, with no offline transition.
@@ -243,9 +246,9 @@ async def test_network_cut_without_fin_is_a_timeout(tmp_path: Path, uid: Callabl
                     )
                     assert await link_down.wait() == 0
                     cut = time.monotonic()
-                    await _wait_state(api, device, False, within=1.5 * keepalive + FLUSH_S + 3)
+                    await _wait_state(api, device, False, within=CEILING_S)
                     took = time.monotonic() - cut
-                assert took <= 1.5 * keepalive + FLUSH_S + 1.5, f"cut noticed after {took:.1f} s"
+                assert took <= CEILING_S, f"cut noticed after {took:.1f} s"
                 assert await _history(api, device) == [(True, "connected"), (False, "timeout")]
         finally:
             broker.stop()
