@@ -15,7 +15,7 @@ demo: deps
 
 test: deps lint
 	@echo "==> running the test suite (real mosquitto and influxd on free ports)"
-	$(VENV)/bin/pytest -p no:cacheprovider
+	$(VENV)/bin/pytest -p no:cacheprovider --durations=20
 
 lint: deps
 	@echo "==> ruff"
