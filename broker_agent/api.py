@@ -11,41 +11,20 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, HTTPException, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 
 from broker_agent.agent import Agent, AgentError, AgentFiles, AgentMetrics, ApplyResult
 from iotfleet import broker_files, topics
-from iotfleet.errors import TopicError
 from iotfleet.settings import Settings
 
 MAX_CHANGES = 200_000
 
 
 class Entry(BaseModel):
-    id: str
-    type: str
-    hash: str
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, value: str) -> str:
-        try:
-            return topics.check_device_id(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("type")
-    @classmethod
-    def _type(cls, value: str) -> str:
-        try:
-            return topics.check_device_type(value)
-        except TopicError as exc:
-            raise ValueError(str(exc)) from None
-
-    @field_validator("hash")
-    @classmethod
-    def _hash(cls, value: str) -> str:
-        return broker_files.check_hash(value)
+    # The checks raise ValueError subclasses (TopicError): pydantic reports them as 422 details.
+    id: Annotated[str, AfterValidator(topics.check_device_id)]
+    type: Annotated[str, AfterValidator(topics.check_device_type)]
+    hash: Annotated[str, AfterValidator(broker_files.check_hash)]
 
 
 class Changes(BaseModel):

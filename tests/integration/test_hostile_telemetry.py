@@ -281,7 +281,9 @@ def test_the_broker_refuses_a_packet_over_its_limit_before_any_service(stack: St
     finally:
         client.disconnect()
         client.loop_stop()
-    assert reasons[0] == 0x95  # Packet too large
+    # DISCONNECT 0x95 (Packet too large); or, when the broker's close resets the socket before the
+    # client read that DISCONNECT (the rest of the packet is still unread on the broker's side), 0x80.
+    assert reasons[0] in (0x95, 0x80), reasons
     # The small readings after it still flow, and no service ever saw the packet.
     wait_for(
         lambda: len(stack.good.latency_ms) > stack.baseline_samples + 20, timeout=20, what="good readings"
