@@ -31,7 +31,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import random
 import re
 import struct
 import time
@@ -46,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from iotfleet.errors import ConfigError
 from iotfleet.influx import InfluxError
+from telemetry_ingest.backoff import retry_delay
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,6 @@ HEADER = struct.Struct("<IIB")  # body length, CRC32 of the body, precision code
 PRECISIONS = ("ms", "ns")
 SEGMENT_SUFFIX = ".seg"
 INLINE_READ_BYTES = 256 * 1024
-BACKOFF_FIRST_S = 0.1
-BACKOFF_CAP_S = 5.0
 _DEVICE_ID = re.compile(rb",device_id=((?:[^,\\ ]|\\.)*)")
 
 
@@ -505,10 +503,8 @@ class Drainer:
                         self.last_error = str(ensure_error)
                 if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
                     return None
-                delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt) * random.uniform(0.5, 1.0)
+                delay = retry_delay(attempt, self._stop_deadline)
                 attempt += 1
-                if self._stop_deadline is not None:
-                    delay = max(0.0, min(delay, self._stop_deadline - time.monotonic()))
                 await asyncio.sleep(delay)
             else:
                 if precision == "ms":  # ns: the dead-letter counts, not readings

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from iotfleet.errors import TopicError
 from iotfleet.influx import InfluxError, encode_point
 from iotfleet.settings import IngestSettings
 from iotfleet.topics import Channel, deadletter_topic, device_topic, parse_device_topic
+from telemetry_ingest.backoff import retry_delay
 from telemetry_ingest.lines import LineEncoder
 from telemetry_ingest.metrics import IngestMetrics
 from telemetry_ingest.validation import (
@@ -50,9 +50,6 @@ from telemetry_ingest.validation import (
 )
 
 log = logging.getLogger(__name__)
-
-BACKOFF_FIRST_S = 0.1
-BACKOFF_CAP_S = 5.0
 
 
 DEADLETTER_MEASUREMENT = "deadletters"
@@ -396,10 +393,8 @@ class Pipeline:
                         self.last_write_error = str(ensure_error)
                 if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
                     return None
-                delay = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2**attempt) * random.uniform(0.5, 1.0)
+                delay = retry_delay(attempt, self._stop_deadline)
                 attempt += 1
-                if self._stop_deadline is not None:
-                    delay = max(0.0, min(delay, self._stop_deadline - time.monotonic()))
                 await asyncio.sleep(delay)
             else:
                 self.metrics.write_seconds.observe(time.perf_counter() - started)

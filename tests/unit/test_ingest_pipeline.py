@@ -11,7 +11,7 @@ import pytest
 from iotfleet.catalogue import get_device_type
 from iotfleet.influx import InfluxError
 from iotfleet.settings import IngestSettings
-from telemetry_ingest import pipeline as pipeline_module
+from telemetry_ingest import backoff
 from telemetry_ingest.metrics import IngestMetrics
 from telemetry_ingest.pipeline import Pipeline
 
@@ -102,8 +102,8 @@ async def until(check: Callable[[], object]) -> None:
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_module, "BACKOFF_FIRST_S", 0.001)
-    monkeypatch.setattr(pipeline_module, "BACKOFF_CAP_S", 0.01)
+    monkeypatch.setattr(backoff, "BACKOFF_FIRST_S", 0.001)
+    monkeypatch.setattr(backoff, "BACKOFF_CAP_S", 0.01)
 
 
 async def test_acks_wait_for_storage_and_keep_arrival_order() -> None:
