@@ -215,8 +215,9 @@ class Presence:
     # --- paho's network thread: keep it to a parse and an append -----------------------------
 
     def _on_link_state(self, up: bool) -> None:
-        # Down: log lines are being missed from now on. Up: subscriptions are sent before
-        # this runs, so the reset is queued before any line of the new connection.
+        # Down: log lines are being missed from now on. Up: this runs on the SUBACK, which the
+        # broker sends before any message of the new subscriptions, so the reset is queued
+        # before any line of the new connection.
         if up:
             cause = Cause.broker_restart if self._ever_connected else Cause.registry_restart
             self._ever_connected = True

@@ -166,6 +166,11 @@ class RulesEngine:
         self._acks: deque[tuple[int, list[int] | None]] = deque()
         self._ack_flush_due = False
         self._hold: list[int] | None = None
+        # While firings are acted on, their messages are collected here (then stored with the
+        # firing state in one transaction, then sent); outbox rows whose PUBACK came wait in
+        # _outbox_acked to be deleted by the store writer.
+        self._collecting: list[tuple[str, bytes, bytes, Callable[[int], None] | None]] | None = None
+        self._outbox_acked: list[int] = []
         self._handling = False
         self._connected_once = False
         self._inbound_down_logged = False
@@ -248,7 +253,14 @@ class RulesEngine:
         properties: bytes = b"",
         on_ack: Callable[[int], None] | None = None,
     ) -> None:
-        """Publish on the outbound session; while a reading is handled, its ack waits for this one's."""
+        """Publish on the outbound session; while a reading is handled, its ack waits for this one's.
+
+        While firings are acted on, the message is only collected: :meth:`_act` stores it in the
+        outbox with the firing state, then sends it.
+        """
+        if self._collecting is not None:
+            self._collecting.append((topic, payload, properties, on_ack))
+            return
         if not self._handling:
             self.outbound.publish(topic, payload, properties=properties, on_ack=on_ack)
             return
@@ -334,11 +346,51 @@ class RulesEngine:
     def _act(self, firings: Iterable[Firing]) -> None:
         """Publish the firings' commands and alert events, then persist the firing state.
 
-        Publish first, persist second: a crash in between re-fires after the
-        restart (at least once) rather than forgetting a firing. The write is
-        inline (one small SQLite transaction, no fsync) because the reading is
-        acked right after: its firing must be on disk by then.
+        A transactional outbox: the firing state and the messages it sends are written in one
+        SQLite transaction (inline, no fsync: the reading is acked right after, so its firing
+        must be on disk by then), then sent; each outbox row is deleted once the broker acked
+        it, and rows left by a crash are sent again at start. So a kill -9 at any point neither
+        loses a firing's command or alert event nor fires it a second time (a message may be
+        sent twice, with the same command id / event, if the crash fell between its PUBACK and
+        the row's deletion).
         """
+        self._collecting = []
+        try:
+            self._collect(firings)
+        finally:
+            batch, self._collecting = self._collecting, None
+        ids = self.store.save(self.evaluator.take_dirty(), [(t, p, props) for t, p, props, _ in batch])
+        for row_id, (topic, payload, properties, on_ack) in zip(ids, batch, strict=True):
+            self._publish(
+                topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, on_ack)
+            )
+
+    def _forget_when_acked(self, row_id: int, on_ack: Callable[[int], None] | None) -> Callable[[int], None]:
+        def acked(reason: int) -> None:
+            # Deleted within milliseconds, off the loop: the PUBACKs of one read burst share one
+            # DELETE, and a crash re-sends only what was acked in that instant.
+            if not self._outbox_acked and self._loop is not None:
+                self._loop.call_soon(self._forget_acked_outbox)
+            self._outbox_acked.append(row_id)
+            if on_ack is not None:
+                on_ack(reason)
+
+        return acked
+
+    def _send_outbox_left(self) -> None:
+        """Send again what a crash left in the outbox (before any new reading is evaluated)."""
+        left = self.store.load_outbox()
+        if left:
+            log.info("sending %d command(s)/event(s) left in the outbox by the last run", len(left))
+        for row_id, (topic, payload, properties) in left:
+            self._publish(topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, None))
+
+    def _forget_acked_outbox(self) -> None:
+        acked, self._outbox_acked = self._outbox_acked, []
+        if acked:
+            self._store_writer.submit(self.store.forget_outbox, acked)
+
+    def _collect(self, firings: Iterable[Firing]) -> None:
         for firing in firings:
             self.metrics.firings.labels(firing.kind).inc()
             program = self.evaluator.programs.get(firing.rule_id)
@@ -386,7 +438,6 @@ class RulesEngine:
                 if rule is not None:
                     for command in rule.on_clear:
                         self._send_all(rule, command, firing.device_id)
-        self.store.save(self.evaluator.take_dirty())
 
     def _send_all(self, rule: StoredRule, action: CommandAction, source_device: str | None) -> None:
         for entry in self.directory.resolve(action.target, rule.scope.device_type, source_device):
@@ -616,6 +667,7 @@ class RulesEngine:
             self.store.forget_last_seen_after(wire.now_ms() + self.limits.max_future_ms)
             saved, last_seen = self.store.load()
             self.evaluator.restore(saved, last_seen)
+            self._send_outbox_left()  # queued on the outbound session, written once it connects
             self._load_cache()
             self.scheduler.start()
             self.scheduler.add_job(
@@ -659,6 +711,7 @@ class RulesEngine:
         if self.outbound.connected and not await self.outbound.flush(DRAIN_COMMANDS_S):
             log.warning("%d commands/events not acked by the broker at stop", self.outbound.unacked)
         self._flush_acks()
+        self._forget_acked_outbox()  # what is left is sent again at the next start
         await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
         await self.outbound.disconnect()
         for task in (*self._sessions, reloading):
