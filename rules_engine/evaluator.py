@@ -515,12 +515,20 @@ class Evaluator:
         return out
 
     def on_presence(
-        self, device_type: str, device_id: str, online: bool, ts: int, tags: Mapping[str, str] | None = None
+        self,
+        device_type: str,
+        device_id: str,
+        online: bool,
+        ts: int,
+        tags: Mapping[str, str] | None = None,
+        *,
+        since: int | None = None,
     ) -> list[Firing]:
+        """Presence changed, seen at ``ts``; ``since`` is when it really changed (default ``ts``)."""
         device = self.device(device_type, device_id, tags)
         if device.online == online:
             return []
-        device.online, device.presence_since = online, ts
+        device.online, device.presence_since = online, min(since, ts) if since is not None else ts
         out: list[Firing] = []
         for program in self._by_type.get(device_type, ()):
             if program.presence and program.applies_to(device):
