@@ -713,8 +713,10 @@ async function initDevice() {
   };
   const loadRange = async () => {
     loading = true;
+    delete chartsBox.dataset.range;
     try {
       await loadRangeNow();
+      chartsBox.dataset.range = $("#range").value; // the range on screen (tests wait for it)
     } finally {
       loading = false;
     }
