@@ -20,7 +20,7 @@ Semantics (documented for operators in docs/rules.md):
 - ``rate_per``: (x - x_prev) / (t - t_prev) × rate_per, consecutive readings.
 - ``absent_for``: no reading for that long; checked by ticks, fired at the
   logical time last reading + absent_for.
-- ``presence``: the last status (LWT) of the device, optionally held ``for``.
+- ``presence``: the registry's presence of the device (its last transition), optionally held ``for``.
 - Readings older than the device's newest evaluated reading are ignored (late
   arrivals, redelivery after a reconnect). Equal timestamps are evaluated: a
   burst may share a millisecond, and edge triggering makes a duplicate harmless.
