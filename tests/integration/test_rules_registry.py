@@ -7,6 +7,7 @@ sessions with credentials the registry provisioned.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from rules_engine.engine import RulesEngine
 from rules_engine.sources import RegistrySource
 from tests.harness import Broker
 from tests.registry_harness import ADMIN_KEY
-from tests.rules_support import RegistryServer, SimThermostat, start_engine, wait
+from tests.rules_support import Listener, RegistryServer, SimThermostat, start_engine, wait
 
 pytestmark = pytest.mark.integration
 
@@ -538,6 +539,8 @@ def test_presence_rule_uses_the_registry_presence(platform: Platform, uid: Calla
     )
     platform.wait_rule_loaded(rule["id"])
     status = topics.device_topic("thermostat", device_id, Channel.STATUS)
+    presence = topics.presence_topic("thermostat", device_id)
+    published = Listener(platform.broker, presence)
 
     def session() -> mqtt.Client:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
@@ -560,6 +563,29 @@ def test_presence_rule_uses_the_registry_presence(platform: Platform, uid: Calla
     device = session()
     try:
         wait(lambda: platform.alerts(device_id=device_id, status="cleared"), "reconnect clears it")
+        # What the registry published: each transition, in order, with its cause.
+        said = [(m["online"], m["cause"]) for m in published.events(presence)]
+        assert said == [(True, "connected"), (False, "disconnected"), (True, "connected")], said
+        assert platform.http.post(f"/api/v1/devices/{device_id}/disable").status_code == 200
+        wait(lambda: len(published.events(presence)) == 4, "the operator's kick published")
+        assert published.events(presence)[-1]["online"] is False
+        assert published.events(presence)[-1]["cause"] == "kicked"
+        wait(lambda: platform.alerts(device_id=device_id, status="active"), "disabled: offline alert again")
+        # Deleting the device clears its retained presence: a new subscriber gets nothing.
+        assert platform.http.delete(f"/api/v1/devices/{device_id}").status_code == 204
+        wait(lambda: published.events(presence)[-1] == {"raw": ""}, "the retained presence cleared")
+        late = Listener(platform.broker, presence)
+        try:
+            # Barrier: the broker sends a subscription's retained messages before it answers the
+            # next SUBSCRIBE on the same connection.
+            second = threading.Event()
+            late.client.on_subscribe = lambda *_a: second.set()
+            late.client.subscribe(f"{topics.PRESENCE_ROOT}/barrier/{device_id}", qos=1)
+            assert second.wait(10)
+            assert late.events(presence) == []
+        finally:
+            late.close()
     finally:
+        published.close()
         device.disconnect()
         device.loop_stop()
