@@ -66,6 +66,8 @@ SELECT_CHUNK = 500
 """Devices per ``IN (…)`` lookup: far below SQLite's and asyncpg's parameter limits."""
 MAX_STATUS_BYTES = 1024
 PRUNE_EVERY_S = 3600.0
+PUBLISH_INLINE_MAX = 1000
+"""Transitions of one flush published on the event loop; more go through a worker thread."""
 MAX_PENDING_EVENTS = 1_000_000
 """Connection events kept while the DB is away (~100 B each); beyond, they collapse into one reset."""
 
@@ -342,7 +344,12 @@ class Presence:
                     segment.append(event)
             updated += await self._apply(session, segment, published)
             await session.commit()
-        self._publish(published)
+        if len(published) > PUBLISH_INLINE_MAX:
+            # A fleet-wide reset (100,000 devices: ~4 s of paho calls) must not stall the API's loop;
+            # flushes are awaited one after the other, so the order still holds.
+            await asyncio.to_thread(self._publish, published)
+        elif published:
+            self._publish(published)
         return updated
 
     def _publish(self, published: list[tuple[str, str, PresenceEvent]]) -> None:

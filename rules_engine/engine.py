@@ -7,7 +7,7 @@ the broker on a second connection before the next reading is read. No queue
 and no thread hop between reading and command: with paho's network threads,
 the GIL hand-overs put tens of milliseconds on the p99 (docs/benchmarks.md).
 Because everything that touches the evaluator runs on that loop (readings,
-status, the APScheduler clock tick and cron schedules, rule reloads), a burst
+presence, the APScheduler clock tick and cron schedules, rule reloads), a burst
 of readings for one device can never fire twice and needs no lock.
 
 Off the loop: fetching rules over HTTP (a worker thread; the result is applied
