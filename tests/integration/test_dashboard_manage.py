@@ -302,6 +302,7 @@ def test_axis_labels_never_overlap_at_any_range_or_zoom(browser: Browser, world:
 
 
 def test_admin_manages_api_keys_with_the_secret_shown_once(browser: Browser, world: World) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     name = f"ci-bot-{secrets.token_hex(3)}"
     with signed_in(browser, world, ADMIN_KEY, "/api-keys") as (page, console):
         rows = page.locator("#keys-table tbody tr")
@@ -317,6 +318,7 @@ def test_admin_manages_api_keys_with_the_secret_shown_once(browser: Browser, wor
         row = page.locator(f"#keys-table tbody tr:has-text('{name}')")
         expect(row).to_contain_text("operator")
         assert secret not in page.url and secret not in row.inner_text()
+        page.screenshot(path=str(SCREENSHOTS / "api-keys.png"), full_page=True)
         with world.http(secret) as as_new:
             assert as_new.get("/api/v1/api-keys/me").json()["role"] == "operator"
         page.reload()
@@ -371,6 +373,7 @@ def test_viewer_sees_why_and_cannot_manage(browser: Browser, world: World) -> No
 
 
 def test_admin_edits_and_deletes_a_rule_with_the_api_errors_shown(browser: Browser, world: World) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     name = f"edit-me-{secrets.token_hex(3)}"
     with world.http() as http:
         rule = http.post(
@@ -398,6 +401,7 @@ def test_admin_edits_and_deletes_a_rule_with_the_api_errors_shown(browser: Brows
             page.click("#rule-save")
             expect(page.locator("#rule-edit-errors")).to_contain_text("temperature_f")
         assert editor.get_attribute("aria-invalid") == "true"
+        page.screenshot(path=str(SCREENSHOTS / "rule-edit.png"), full_page=True)
         with world.http() as http:
             assert http.get(f"/api/v1/rules/{rule['id']}").json()["version"] == 1
 
