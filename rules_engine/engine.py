@@ -7,7 +7,7 @@ the broker on a second connection before the next reading is read. No queue
 and no thread hop between reading and command: with paho's network threads,
 the GIL hand-overs put tens of milliseconds on the p99 (docs/benchmarks.md).
 Because everything that touches the evaluator runs on that loop (readings,
-status, the APScheduler clock tick and cron schedules, rule reloads), a burst
+presence, the APScheduler clock tick and cron schedules, rule reloads), a burst
 of readings for one device can never fire twice and needs no lock.
 
 Off the loop: fetching rules over HTTP (a worker thread; the result is applied
@@ -42,7 +42,7 @@ from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from iotfleet import topics
+from iotfleet import presence_event, topics
 from iotfleet.admission import Admission, Limits, Rejected
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import TopicError
@@ -141,7 +141,10 @@ class RulesEngine:
                 client_id=rules.client_id,
                 topic_filters=(
                     topics.device_filter(Channel.TELEMETRY),
-                    topics.device_filter(Channel.STATUS),
+                    # Presence is the registry's (broker connection log, timeouts, messages), not the
+                    # device's own retained status, which a device can leave stale: one truth for the
+                    # dashboard, the API and the rules (iotfleet/presence_event.py).
+                    topics.presence_filter(),
                     topics.RULES_CHANGED,
                 ),
                 qos=1,
@@ -282,6 +285,9 @@ class RulesEngine:
         if topic == topics.RULES_CHANGED:
             self._want_reload()
             return
+        if topic.startswith(topics.PRESENCE_ROOT + "/"):
+            self._on_presence(topic, payload)
+            return
         try:
             parsed = topics.parse_device_topic(topic)
         except TopicError:
@@ -289,8 +295,20 @@ class RulesEngine:
             return
         if parsed.channel is Channel.TELEMETRY:
             self.on_telemetry(parsed.device_type, parsed.device_id, payload)
-        elif parsed.channel is Channel.STATUS and payload in (topics.STATUS_ONLINE, topics.STATUS_OFFLINE):
-            self.on_status(parsed.device_type, parsed.device_id, payload == topics.STATUS_ONLINE)
+        # A device's own status (a subscription of engines before 2026-12) is only its hint: ignored.
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        try:
+            device_type, device_id = topics.parse_presence_topic(topic)
+        except TopicError:
+            self.metrics.skipped.labels("bad_topic").inc()
+            return
+        event = presence_event.parse(payload)
+        if event is None:  # a deleted device's cleared entry, or not ours
+            return
+        # The registry's time of the transition: a retained replay after an engine restart keeps
+        # the real "offline since" for `presence … for` conditions.
+        self.on_status(device_type, device_id, event.online, since_ms=event.at_ms)
 
     # --- events in -----------------------------------------------------------------------
     def on_telemetry(self, device_type: str, device_id: str, payload: bytes) -> None:
@@ -322,12 +340,13 @@ class RulesEngine:
             self.metrics.skipped.labels("stale").inc(stale)
         self.metrics.eval_seconds.observe(time.perf_counter() - started)
 
-    def on_status(self, device_type: str, device_id: str, online: bool) -> None:
+    def on_status(self, device_type: str, device_id: str, online: bool, since_ms: int | None = None) -> None:
+        """A presence transition (from the registry's ``iotfleet/presence/…``) that happened at ``since_ms``."""
         if device_type not in DEVICE_TYPES:
             return
         self.directory.seen(device_type, device_id)
         firings = self.evaluator.on_presence(
-            device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id)
+            device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id), since=since_ms
         )
         if firings:
             self._act(firings)
