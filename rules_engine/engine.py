@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -362,8 +362,8 @@ class RulesEngine:
             self._store_writer.submit(self.store.save_last_seen, [(t, d, ts) for (t, d), ts in seen.items()])
 
     # --- actions out -----------------------------------------------------------------------
-    def _act(self, firings: Iterable[Firing]) -> None:
-        """Publish the firings' commands and alert events, then persist the firing state.
+    def _act(self, firings: Sequence[Firing]) -> None:
+        """Store the firings' state with their commands and alert events, then publish those.
 
         A transactional outbox: the firing state and the messages it sends are written in one
         SQLite transaction (inline, no fsync: the reading is acked right after, so its firing
@@ -378,7 +378,16 @@ class RulesEngine:
             self._collect(firings)
         finally:
             batch, self._collecting = self._collecting, None
-        ids = self.store.save(self.evaluator.take_dirty(), [(t, p, props) for t, p, props, _ in batch])
+        seen: dict[tuple[str, str], int] = {}
+        for firing in firings:
+            device = self.evaluator.devices.get((firing.device_type, firing.device_id))
+            if device is not None and device.last_ts is not None:
+                seen[(firing.device_type, firing.device_id)] = device.last_ts
+        ids = self.store.save(
+            self.evaluator.take_dirty(),
+            [(t, p, props) for t, p, props, _ in batch],
+            [(t, d, ts) for (t, d), ts in seen.items()],
+        )
         for row_id, (topic, payload, properties, on_ack) in zip(ids, batch, strict=True):
             self._publish(
                 topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, on_ack)

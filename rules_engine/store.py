@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     properties BLOB NOT NULL);
 """
 
+SAVE_LAST_SEEN = "INSERT INTO last_seen VALUES (?, ?, ?) ON CONFLICT (device_type, device_id) DO UPDATE SET ts = max(ts, excluded.ts)"
+
 #: A message a firing caused: (topic, payload, MQTT 5 property block).
 OutboxMessage = tuple[str, bytes, bytes]
 
@@ -50,12 +52,20 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(SCHEMA)
 
-    def save(self, states: Iterable[SavedState], outbox: Sequence[OutboxMessage] = ()) -> list[int]:
-        """Store firing states and the messages those firings send, in one transaction.
+    def save(
+        self,
+        states: Iterable[SavedState],
+        outbox: Sequence[OutboxMessage] = (),
+        seen: Sequence[tuple[str, str, int]] = (),
+    ) -> list[int]:
+        """Store firing states, the messages those firings send and their devices' newest reading
+        times, in one transaction.
 
         The transactional outbox: a firing is on disk if and only if its commands and alert events
-        are, so a crash at any point neither forgets a firing's messages nor fires it again. Returns
-        the outbox row ids, in order, for :meth:`forget_outbox` once the broker acked each.
+        are, so a crash at any point neither forgets a firing's messages nor fires it again; with
+        the reading time stored too, the readings the broker delivers again after a crash are
+        older than it and skipped (not evaluated a second time). Returns the outbox row ids, in
+        order, for :meth:`forget_outbox` once the broker acked each.
         """
         rows = [(s.rule_id, s.device_id, int(s.active), s.last_fired) for s in states]
         if not rows and not outbox:
@@ -68,6 +78,7 @@ class StateStore:
                     "DO UPDATE SET active = excluded.active, last_fired = excluded.last_fired",
                     rows,
                 )
+                self._db.executemany(SAVE_LAST_SEEN, seen)
                 ids = [
                     int(
                         self._db.execute(
@@ -96,12 +107,7 @@ class StateStore:
         self._many("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def save_last_seen(self, items: Iterable[tuple[str, str, int]]) -> None:
-        rows = list(items)
-        self._many(
-            "INSERT INTO last_seen VALUES (?, ?, ?) ON CONFLICT (device_type, device_id) "
-            "DO UPDATE SET ts = max(ts, excluded.ts)",
-            rows,
-        )
+        self._many(SAVE_LAST_SEEN, list(items))
 
     def forget_last_seen_after(self, max_ts: int) -> int:
         """Delete last-seen times later than ``max_ts`` (never from an admitted reading); return how many."""
