@@ -11,6 +11,8 @@ Public API (used by ``iotfleet up``, the registry and the simulator):
   signed by the current CA. Bring your own through settings (``IOTFLEET_TLS__CA_CERT`` /
   ``__CA_KEY`` / ``__SERVER_CERT`` / ``__SERVER_KEY`` / ``__CRL``): given files are used as they
   are, never rewritten. Without a CA key the platform cannot issue device certificates (PkiError).
+- ``platform_pki_paths(tls_settings, state_dir) -> PlatformPki`` — the same paths without creating
+  or checking anything (for ``iotfleet status`` and the registry, which must not re-issue).
 - ``PlatformPki`` — frozen dataclass: ``ca_cert_path``, ``ca_key_path`` (None for a BYO CA
   without its key), ``server_cert_path``, ``server_key_path``, ``crl_path`` (None when there is
   neither a CA key nor a BYO CRL).
@@ -256,6 +258,17 @@ def _server_cert_current(
         and cert.not_valid_after_utc - _now() > RENEW_BEFORE
         and _signed_by(cert, ca_cert)
     )
+
+
+def platform_pki_paths(tls_settings: TlsSettings, state_dir: Path) -> PlatformPki:
+    """Where the PKI files are (or will be) for these settings; nothing is read or written."""
+    tls, folder = tls_settings, state_dir / TLS_DIR
+    ca_cert = tls.ca_cert or folder / CA_CERT
+    ca_key = tls.ca_key if tls.ca_cert is not None else folder / CA_KEY
+    server_cert = tls.server_cert or folder / SERVER_CERT
+    server_key = tls.server_key or folder / SERVER_KEY
+    crl = tls.crl or (folder / CRL if ca_key is not None else None)
+    return PlatformPki(ca_cert, ca_key, server_cert, server_key, crl, tls.crl_days)
 
 
 def ensure_platform_pki(tls_settings: TlsSettings, state_dir: Path, hosts: Sequence[str]) -> PlatformPki:
