@@ -97,7 +97,9 @@ def test_up_status_down(stack_env: dict[str, str], tmp_path: Path) -> None:
     assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.read_text().strip()
     # The platform CA devices need, and the TLS listeners for them (loopback by default).
     ca = Path(info["ca_cert"])
-    assert ca == tmp_path.resolve() / "state" / "tls" / "ca.crt" and ca.read_text().startswith("-----BEGIN CERT")
+    assert ca == tmp_path.resolve() / "state" / "tls" / "ca.crt" and ca.read_text().startswith(
+        "-----BEGIN CERT"
+    )
     assert (ca.parent / "server.key").stat().st_mode & 0o777 == 0o600
     assert info["tls"]["mqtts_password"] == f"mqtts://127.0.0.1:{stack_env['IOTFLEET_TLS__PORT']}"
     assert info["tls"]["mqtts_certificate"] == f"mqtts://127.0.0.1:{stack_env['IOTFLEET_TLS__CERT_PORT']}"
