@@ -586,3 +586,27 @@ def test_password_device_over_secure_websockets(world: World) -> None:
         )
     finally:
         client.close()
+
+
+def test_concurrent_revocations_both_reach_the_crl(world: World, tmp_path: Path) -> None:
+    """Two devices disabled at once: neither CRL write may drop the other's certificate."""
+    devices = [world.provision("certificate") for _ in range(4)]
+
+    answers: dict[str, str] = {}
+
+    def disable(device: dict[str, Any]) -> None:
+        with world.registry.client() as api:
+            response = api.post(f"/api/v1/devices/{device['id']}/disable")
+            answers[device["id"]] = f"{response.status_code} {response.text[:300]}"
+
+    threads = [threading.Thread(target=disable, args=(d,)) for d in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(answer.startswith("200 ") for answer in answers.values()) and len(answers) == 4, answers
+    for device in devices:
+        creds = device["credentials"]
+        ctx = _context(world, creds["certificate"], creds["private_key"], tmp_path)
+        outcome = connect_outcome(world.listen, world.tls.cert_port, ctx, device["id"])
+        assert outcome == "SSLV3_ALERT_CERTIFICATE_REVOKED", (device["id"], outcome)
