@@ -113,6 +113,14 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
     out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
     out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
+    tls = info["tls"]
+    out.print(
+        escape(
+            f"Devices over TLS: {tls['mqtts_password']} (password), {tls['mqtts_certificate']} (certificate);"
+            f" CA certificate: {info['ca_cert']}"
+        ),
+        soft_wrap=True,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
