@@ -48,6 +48,7 @@ NAV = (
     ("devices", "/devices", "Devices"),
     ("alerts", "/alerts", "Alerts"),
     ("rules", "/rules", "Rules"),
+    ("jobs", "/jobs", "Jobs"),
 )
 
 
@@ -108,6 +109,11 @@ async def alerts_page() -> HTMLResponse:
 @router.get("/rules", response_class=HTMLResponse)
 async def rules_page() -> HTMLResponse:
     return _page("rules.html", "rules", "Rules")
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+async def jobs_page() -> HTMLResponse:
+    return _page("jobs.html", "jobs", "Jobs")
 
 
 async def not_found_page(request: Request) -> Response:

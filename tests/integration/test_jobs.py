@@ -8,6 +8,8 @@ test runs its own job and judges only the command ids of that job's executions.
 from __future__ import annotations
 
 import itertools
+import os
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -278,3 +280,63 @@ def test_registry_kill9_mid_job_resumes_and_each_device_gets_one_command_id(flee
         got = fleet.devices[device_id].ids(set(ids.values()))
         # Once, or again with the same id (republished after the crash): never another id.
         assert got and set(got) == {ids[device_id]}, (device_id, got)
+
+
+# --- the dashboard in a real browser (Debian's Chromium through Playwright) ---------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def test_dashboard_creates_a_job_shows_progress_and_failures_and_cancels(fleet: Fleet) -> None:
+    if not CHROMIUM.exists() and not os.environ.get("CI"):
+        pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.integration.test_dashboard import CHROMIUM_ARGS, Console
+
+    console = Console()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1366, "height": 860}, locale="en-GB")
+            key = fleet.http.headers["Authorization"].removeprefix("Bearer ")
+            # Signed in as the sign-in page would leave it: the key in sessionStorage, never in a URL.
+            context.add_init_script(f"sessionStorage.setItem('iotfleet.apiKey', {key!r})")
+            page = context.new_page()
+            page.set_default_timeout(15_000)
+            page.on("console", console.on_console)
+            page.on("pageerror", console.on_page_error)
+            page.goto(fleet.registry.url + "/jobs?type=thermostat")
+            page.wait_for_selector("body[data-state=ready]")
+
+            # A job from the type's command form: the failing group, so the failures list fills.
+            page.get_by_label("Command", exact=True).select_option("set_mode")
+            page.get_by_label("Mode").select_option("heat")
+            page.get_by_label("Only devices tagged").fill("group=bad")
+            page.get_by_label("Name (optional)").fill("dashboard heat")
+            page.get_by_role("button", name="Create job").click()
+            page.wait_for_selector("#job-form[data-last-job-id]")
+            job_id = page.get_attribute("#job-form", "data-last-job-id")
+            row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
+            expect(row).to_have_attribute("data-status", "completed", timeout=20_000)
+            expect(row.locator(".jobbar")).to_have_attribute(
+                "aria-label", re.compile(f"^0 succeeded, {BAD} failed")
+            )
+            row.get_by_role("button", name="Failures").click()
+            expect(page.locator("#failures-table tbody tr")).to_have_count(BAD)
+
+            # A slow job, canceled from its row.
+            page.get_by_label("Only devices tagged").fill("group=main")
+            page.get_by_label("Max devices per minute").fill("1")
+            page.get_by_label("Name (optional)").fill("dashboard slow")
+            page.get_by_role("button", name="Create job").click()
+            expect(page.locator("#job-form")).not_to_have_attribute("data-last-job-id", job_id or "")
+            slow_id = page.get_attribute("#job-form", "data-last-job-id")
+            slow = page.locator(f"#jobs-table tr[data-job-id='{slow_id}']")
+            slow.get_by_role("button", name="Cancel").click()
+            expect(slow).to_have_attribute("data-status", "canceled")
+            assert fleet.job(slow_id or "")["counts"]["canceled"] >= MAIN - 1
+            context.close()
+        finally:
+            browser.close()
+    console.assert_clean()

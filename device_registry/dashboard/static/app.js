@@ -1346,7 +1346,8 @@ async function loadRole() {
 
 // --- start -----------------------------------------------------------------------------------
 
-const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules, notfound: ready };
+// The jobs page is driven by jobs.js (it imports the helpers below); here only sign-in and roles.
+const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules, jobs: () => {}, notfound: ready };
 
 function start() {
   const page = document.body.dataset.page;
@@ -1365,3 +1366,5 @@ function start() {
 }
 
 start();
+
+export { api, ApiError, $, el, fmtInt, fmtTime, badge, flash, ready, poll, query, argInput, parseTags, problemText, explain };
