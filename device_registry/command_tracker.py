@@ -487,7 +487,8 @@ async def _prefetch(session: AsyncSession, batch: list[_Incoming | _Sent]) -> No
                 if isinstance(command_id, str) and len(command_id) <= 64:
                     ids.add(command_id)
     if ids:
-        await session.scalars(select(CommandRow).where(CommandRow.id.in_(ids)))
+        # .all(): the rows become objects in the session's identity map only when fetched.
+        (await session.scalars(select(CommandRow).where(CommandRow.id.in_(ids)))).all()
 
 
 def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
