@@ -68,6 +68,13 @@ class Tally:
     released: int
     released_last_minute: int = 0
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> Tally:
+        return cls(JobCounts.model_validate(summary["counts"]), 0, int(summary["released"]))
+
+    def summary(self) -> dict[str, Any]:
+        return {"counts": self.counts.model_dump(), "released": self.released}
+
     @property
     def finished(self) -> int:
         c = self.counts
@@ -84,8 +91,17 @@ class Tally:
         return c.queued + c.sent + c.delivered - self.unreleased
 
 
+async def progress(session: AsyncSession, jobs: Sequence[JobRow]) -> dict[str, Tally]:
+    """Each job's tally: its frozen summary once settled, else counted (one query for all the others)."""
+    settled = {job.id: Tally.from_summary(job.summary) for job in jobs if job.summary is not None}
+    counted = await tally(session, [job.id for job in jobs if job.summary is None])
+    return {**settled, **counted}
+
+
 async def tally(session: AsyncSession, job_ids: Sequence[str]) -> dict[str, Tally]:
     """Counts per state of the jobs' executions: one grouped query (an index range per job)."""
+    if not job_ids:
+        return {}
     stmt = (
         select(
             JobExecution.job_id,
@@ -194,10 +210,36 @@ class JobRunner:
         busy = False
         for job in jobs:
             busy = await self.step(job) or busy
+        await self.settle()
         live = {job.id for job in jobs}
         for job_id in [j for j in self._buckets if j not in live]:
             del self._buckets[job_id]
         return busy
+
+    async def settle(self) -> None:
+        """Freeze the counts of ended jobs whose executions can no longer change (none in flight)."""
+        at = now()
+        async with self.sessions() as session:
+            ended = list(
+                (
+                    await session.scalars(
+                        select(JobRow)
+                        .where(JobRow.status.not_in(ACTIVE), JobRow.summary.is_(None))
+                        .order_by(JobRow.completed_at)
+                        .limit(MAX_ACTIVE_JOBS)
+                    )
+                ).all()
+            )
+        for job in ended:
+            if at >= job.deadline:  # what a canceled/aborted job left in flight expires with it
+                async with self.sessions() as session, session.begin():
+                    await self.kinds[job.action_kind].overdue(session, job, at, True)
+            async with self.sessions() as session, session.begin():
+                counted = (await tally(session, [job.id]))[job.id]
+                if counted.pending == 0:
+                    await session.execute(
+                        update(JobRow).where(JobRow.id == job.id).values(summary=counted.summary())
+                    )
 
     async def step(self, job: JobRow) -> bool:
         at = now()
@@ -216,17 +258,17 @@ class JobRunner:
             await self._close(job, JobStatus.completed, ExecutionStatus.expired, "the deadline passed")
             return False
         async with self.sessions() as session:
-            progress = (await tally(session, [job.id]))[job.id]
-        reason = abort_reason(AbortRule.model_validate(job.abort) if job.abort else None, progress)
+            current = (await tally(session, [job.id]))[job.id]
+        reason = abort_reason(AbortRule.model_validate(job.abort) if job.abort else None, current)
         if reason is not None:
             await self._close(job, JobStatus.aborted, ExecutionStatus.canceled, reason)
             return False
-        if progress.unreleased == 0:
-            if progress.pending == 0:
+        if current.unreleased == 0:
+            if current.pending == 0:
                 await self._close(job, JobStatus.completed, None, None)
             return False
         rollout = Rollout.model_validate(job.rollout)
-        allowance = await self._allowance(job, rollout, progress.counts.succeeded, at)
+        allowance = await self._allowance(job, rollout, current.counts.succeeded, at)
         if allowance <= 0:
             return False
         batch = min(allowance, self.settings.release_batch)
@@ -234,7 +276,7 @@ class JobRunner:
         bucket = self._buckets.get(job.id)
         if bucket is not None:
             bucket.tokens -= released
-        return released == batch and progress.unreleased > released
+        return released == batch and current.unreleased > released
 
     async def _allowance(self, job: JobRow, rollout: Rollout, succeeded: int, at: datetime) -> int:
         rate = rollout.rate(succeeded)

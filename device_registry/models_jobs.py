@@ -70,6 +70,9 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     detail: Mapped[str | None] = mapped_column(Text)
+    # Counts frozen once the job ended and none of its executions can change any more:
+    # listing old jobs then costs no aggregate over their executions.
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
     __table_args__ = (Index("ix_jobs_created", "created_at", "id"),)
 

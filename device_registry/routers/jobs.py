@@ -21,7 +21,7 @@ from sqlalchemy import Select, String, and_, func, insert, literal, or_, select
 
 from device_registry.deps import CurrentOperator, CurrentViewer, SessionDep, SettingsDep
 from device_registry.job_actions import action_kinds
-from device_registry.job_runner import JobRunner, Tally, close_job, execution_state, tally
+from device_registry.job_runner import JobRunner, Tally, close_job, execution_state, progress
 from device_registry.models import Device
 from device_registry.models_jobs import ExecutionStatus, JobExecution, JobRow, JobStatus
 from device_registry.models_rules import CommandRow
@@ -114,7 +114,7 @@ async def _resolve_type(session: SessionDep, target: JobTarget) -> str:
     return types[0]
 
 
-def job_read(job: JobRow, progress: Tally) -> JobRead:
+def job_read(job: JobRow, counted: Tally) -> JobRead:
     return JobRead(
         id=job.id,
         name=job.name,
@@ -126,9 +126,9 @@ def job_read(job: JobRow, progress: Tally) -> JobRead:
         abort=job.abort,
         timeout_s=job.timeout_s,
         total=job.total,
-        counts=progress.counts,
-        released=progress.released,
-        current_rate=Rollout.model_validate(job.rollout).rate(progress.counts.succeeded),
+        counts=counted.counts,
+        released=counted.released,
+        current_rate=Rollout.model_validate(job.rollout).rate(counted.counts.succeeded),
         start_at=job.start_at,
         deadline=job.deadline,
         created_by=job.created_by,
@@ -243,9 +243,9 @@ async def list_jobs(
         ).all()
     )
     page = rows[:limit]
-    progress = await tally(session, [job.id for job in page])
+    counted = await progress(session, page)
     next_cursor = encode_cursor(page[-1].created_at.isoformat(), page[-1].id) if len(rows) > limit else None
-    return JobPage(items=[job_read(job, progress[job.id]) for job in page], next_cursor=next_cursor)
+    return JobPage(items=[job_read(job, counted[job.id]) for job in page], next_cursor=next_cursor)
 
 
 async def _job(session: SessionDep, job_id: str) -> JobRow:
@@ -258,7 +258,7 @@ async def _job(session: SessionDep, job_id: str) -> JobRow:
 @router.get("/{job_id}", summary="A job and its progress: executions per state", responses={404: {}})
 async def get_job(job_id: JobIdPath, session: SessionDep, _caller: CurrentViewer) -> JobRead:
     job = await _job(session, job_id)
-    return job_read(job, (await tally(session, [job.id]))[job.id])
+    return job_read(job, (await progress(session, [job]))[job.id])
 
 
 @router.get(
@@ -336,4 +336,4 @@ async def cancel_job(
     _wake(request)
     session.expire_all()
     job = await _job(session, job_id)
-    return job_read(job, (await tally(session, [job.id]))[job.id])
+    return job_read(job, (await progress(session, [job]))[job.id])

@@ -7,9 +7,11 @@ test runs its own job and judges only the command ids of that job's executions.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -116,6 +118,13 @@ def fleet(session_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> I
         registry.stop()
 
 
+def _summary(fleet: Fleet, job_id: str) -> Any:
+    """The frozen counts, read from the registry's database (the API serves them the same either way)."""
+    with sqlite3.connect(fleet.registry.state_dir / "registry.db") as db:
+        [(raw,)] = db.execute("SELECT summary FROM jobs WHERE id = ?", (job_id,)).fetchall()
+    return json.loads(raw) if raw is not None else None
+
+
 def _command_ids(fleet: Fleet, job_id: str) -> dict[str, str]:
     return {e["device_id"]: e["command_id"] for e in fleet.executions(job_id) if e["command_id"]}
 
@@ -167,8 +176,11 @@ def test_job_to_30_devices_all_succeed_with_roles_paging_and_problems(fleet: Fle
     ids = _command_ids(fleet, job["id"])
     for device_id in fleet.main:
         assert fleet.devices[device_id].ids(set(ids.values())) == [ids[device_id]]
+    # Once nothing can change, the counts are frozen with the job (lists stop counting executions).
+    probes.wait_until(lambda: _summary(fleet, job["id"]) is not None, timeout=10, what="counts frozen")
+    assert _summary(fleet, job["id"]) == {"counts": done["counts"], "released": MAIN}
     listed = fleet.viewer.get("/api/v1/jobs", params={"status": "completed"}).json()["items"]
-    assert job["id"] in [j["id"] for j in listed]
+    assert [j["counts"] for j in listed if j["id"] == job["id"]] == [done["counts"]]
 
 
 def test_rollout_rate_limit_and_growth_are_respected(fleet: Fleet) -> None:

@@ -39,6 +39,7 @@ def upgrade() -> None:
         sa.Column("started_at", UtcDateTime()),
         sa.Column("completed_at", UtcDateTime()),
         sa.Column("detail", sa.Text()),
+        sa.Column("summary", sa.JSON()),
     )
     op.create_index("ix_jobs_status", "jobs", ["status"])
     op.create_index("ix_jobs_created", "jobs", ["created_at", "id"])
