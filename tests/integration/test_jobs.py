@@ -311,6 +311,7 @@ def test_registry_kill9_mid_job_resumes_and_each_device_gets_one_command_id(flee
 # --- the dashboard in a real browser (Debian's Chromium through Playwright) ---------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 
 
 def test_dashboard_creates_a_job_shows_progress_and_failures_and_cancels(fleet: Fleet) -> None:
@@ -350,6 +351,8 @@ def test_dashboard_creates_a_job_shows_progress_and_failures_and_cancels(fleet: 
             )
             row.get_by_role("button", name="Failures").click()
             expect(page.locator("#failures-table tbody tr")).to_have_count(BAD)
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "jobs.png"), full_page=True)
 
             # A slow job, canceled from its row.
             page.get_by_label("Only devices tagged").fill("group=main")
