@@ -2,6 +2,7 @@
 
 An action kind (the single key of a job's ``action``) provides:
 
+- ``ready()``: whether releasing can reach devices now (the rollout waits while not);
 - ``validate(device_type, spec)`` at creation: the normalised spec to store, or a
   422 ``Problem`` (the command kind reuses the single-device command check);
 - ``release(session, job, device_ids, at)`` inside the runner's transaction that marks
@@ -52,6 +53,10 @@ class ActionKind(Protocol):
 
     def validate(self, device_type: str, spec: dict[str, Any]) -> dict[str, Any]: ...
 
+    def ready(self) -> bool:
+        """False while releasing would reach nobody (e.g. the broker link is down): the rollout waits."""
+        ...
+
     async def release(
         self, session: AsyncSession, job: JobRow, device_ids: Sequence[str], at: datetime
     ) -> Released: ...
@@ -76,6 +81,11 @@ class CommandKind:
 
     def __init__(self, tracker: CommandTracker | None) -> None:
         self.tracker = tracker  # None: validation only (the API), no releasing
+
+    def ready(self) -> bool:
+        # Released while the tracker's link is down, commands would pile up in paho's memory and
+        # count against the rate without reaching anyone; they wait in the DB instead.
+        return self.tracker is not None and self.tracker.connected.is_set()
 
     def validate(self, device_type: str, spec: dict[str, Any]) -> dict[str, Any]:
         args = validated_args(device_type, spec["name"], spec.get("args") or {}, field="body.action.command")

@@ -267,6 +267,8 @@ class JobRunner:
             if current.pending == 0:
                 await self._close(job, JobStatus.completed, None, None)
             return False
+        if not kind.ready():
+            return False
         rollout = Rollout.model_validate(job.rollout)
         allowance = await self._allowance(job, rollout, current.counts.succeeded, at)
         if allowance <= 0:
