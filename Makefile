@@ -6,6 +6,10 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.iotfleet-installed
 DEMO_DEVICES ?= 40
+# Test files run in parallel, one file per worker at a time (a file shares its servers between its
+# tests). Most of a test's time is spent waiting on brokers and databases, so 3 workers beat 2 on
+# a 2-core machine; TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 3
 
 .PHONY: demo test deps system-deps venv lint bench clean
 
@@ -14,8 +18,8 @@ demo: deps
 	$(VENV)/bin/iotfleet demo --devices $(DEMO_DEVICES)
 
 test: deps lint
-	@echo "==> running the test suite (real mosquitto and influxd on free ports)"
-	$(VENV)/bin/pytest -p no:cacheprovider --durations=20
+	@echo "==> running the test suite on $(TEST_WORKERS) workers (real mosquitto and influxd on free ports)"
+	$(VENV)/bin/pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 lint: deps
 	@echo "==> ruff"

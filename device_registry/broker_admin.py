@@ -87,6 +87,7 @@ class MqttLink:
     connected: threading.Event = field(init=False, default_factory=threading.Event)
     last_error: str | None = field(init=False, default="not connected yet")
     _stopping: bool = field(init=False, default=False)
+    _subscribe_mid: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         client_id = f"iotfleet-registry-{self.name}-{secrets.token_hex(4)}"
@@ -100,6 +101,7 @@ class MqttLink:
         self.client.max_inflight_messages_set(100)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
         self.client.on_message = self._on_message
 
     def start(self) -> None:
@@ -116,9 +118,25 @@ class MqttLink:
             self.last_error = f"CONNACK {reason}"
             log.warning("%s link refused by the broker: %s", self.name, reason)
             return
-        for topic, qos in self.subscriptions:
-            self.client.subscribe(topic, qos=qos)
         self.last_error = None
+        if not self.subscriptions:
+            self._ready()
+            return
+        # "Connected" means the subscriptions are live: a message published between CONNACK and
+        # SUBACK would be missed, so readiness waits for the SUBACK of the one SUBSCRIBE.
+        _rc, self._subscribe_mid = self.client.subscribe(list(self.subscriptions))
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, reasons: list[ReasonCode], _p: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [str(r) for r in reasons if r.is_failure]
+        if refused:
+            self.last_error = f"SUBACK {', '.join(refused)}"
+            log.warning("%s link: the broker refused a subscription: %s", self.name, self.last_error)
+            return
+        self._ready()
+
+    def _ready(self) -> None:
         self.connected.set()
         log.info("%s link connected to %s:%s", self.name, self.settings.host, self.settings.port)
         if self.on_state:

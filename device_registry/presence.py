@@ -55,6 +55,7 @@ from device_registry.broker_admin import MqttLink
 from device_registry.broker_log import Cause
 from device_registry.models import Device, PresenceTransition
 from iotfleet import topics
+from iotfleet.presence_event import PresenceEvent
 from iotfleet.settings import IngestSettings, MqttSettings
 from iotfleet.topics import Channel
 
@@ -65,6 +66,8 @@ SELECT_CHUNK = 500
 """Devices per ``IN (…)`` lookup: far below SQLite's and asyncpg's parameter limits."""
 MAX_STATUS_BYTES = 1024
 PRUNE_EVERY_S = 3600.0
+PUBLISH_INLINE_MAX = 1000
+"""Transitions of one flush published on the event loop; more go through a worker thread."""
 MAX_PENDING_EVENTS = 1_000_000
 """Connection events kept while the DB is away (~100 B each); beyond, they collapse into one reset."""
 
@@ -182,6 +185,11 @@ class Presence:
         self.m_flushed = Counter(
             "registry_presence_devices_flushed", "Device presence updates written", registry=metrics
         )
+        self.m_published = Counter(
+            "registry_presence_published",
+            "Transitions published on iotfleet/presence/{type}/{id} (retained, for the rules engine)",
+            registry=metrics,
+        )
         self.m_pending = Gauge(
             "registry_presence_pending_devices", "Devices with presence not yet written", registry=metrics
         )
@@ -215,8 +223,9 @@ class Presence:
     # --- paho's network thread: keep it to a parse and an append -----------------------------
 
     def _on_link_state(self, up: bool) -> None:
-        # Down: log lines are being missed from now on. Up: subscriptions are sent before
-        # this runs, so the reset is queued before any line of the new connection.
+        # Down: log lines are being missed from now on. Up: this runs on the SUBACK, which the
+        # broker sends before any message of the new subscriptions, so the reset is queued
+        # before any line of the new connection.
         if up:
             cause = Cause.broker_restart if self._ever_connected else Cause.registry_restart
             self._ever_connected = True
@@ -324,24 +333,62 @@ class Presence:
         timeline = events + [_Event(d, True, Cause.message, at) for d, at in seen.items()]
         timeline.sort(key=lambda e: e.at)
         updated = 0
+        published: list[tuple[str, str, PresenceEvent]] = []
         async with self.sessions() as session:
             segment: list[_Event] = []
             for event in timeline:
                 if event.device_id is None:
-                    updated += await self._apply(session, segment)
+                    updated += await self._apply(session, segment, published)
                     segment = []
-                    updated += await self._all_offline(session, event)
+                    updated += await self._all_offline(session, event, published)
                 else:
                     segment.append(event)
-            updated += await self._apply(session, segment)
+            updated += await self._apply(session, segment, published)
             await session.commit()
+        if len(published) > PUBLISH_INLINE_MAX:
+            # A fleet-wide reset (100,000 devices: ~4 s of paho calls) must not stall the API's loop;
+            # flushes are awaited one after the other, so the order still holds.
+            await asyncio.to_thread(self._publish, published)
+        elif published:
+            self._publish(published)
         return updated
 
-    async def _apply(self, session: AsyncSession, events: Sequence[_Event]) -> int:
+    def _publish(self, published: list[tuple[str, str, PresenceEvent]]) -> None:
+        """Each committed transition on the device's retained platform presence topic, in order.
+
+        After the commit: what other services see is what the registry serves. paho queues
+        them while the link is down (QoS 1, sent in order on reconnect).
+        """
+        for device_type, device_id, event in published:
+            try:
+                topic = topics.presence_topic(device_type, device_id)
+            except ValueError:  # a row from before today's id rules: nothing can subscribe to it
+                continue
+            self.link.client.publish(topic, event.payload(), qos=1, retain=True)
+        self.m_published.inc(len(published))
+
+    def announce(self, device_type: str, device_id: str, online: bool, cause: str, at: float) -> None:
+        """Publish one transition recorded elsewhere (an operator's disable), once committed."""
+        self._publish(
+            [(device_type, device_id, PresenceEvent(online=online, cause=cause, at_ms=int(at * 1000)))]
+        )
+
+    def forget(self, device_type: str, device_id: str) -> None:
+        """Clear a deleted device's retained presence (an empty retained message)."""
+        try:
+            topic = topics.presence_topic(device_type, device_id)
+        except ValueError:
+            return
+        self.link.client.publish(topic, b"", qos=1, retain=True)
+
+    async def _apply(
+        self, session: AsyncSession, events: Sequence[_Event], published: list[tuple[str, str, PresenceEvent]]
+    ) -> int:
         if not events:
             return 0
         ids = sorted({e.device_id for e in events if e.device_id is not None})
-        current = await _load_states(session, ids)
+        types: dict[str, str] = {}
+        current = await _load_states(session, ids, types)
         outcome = _replay(events, current)
         table = cast(Table, Device.__table__)
         c = table.c
@@ -371,13 +418,22 @@ class Presence:
             await session.execute(insert(PresenceTransition), outcome.transitions)
             for row in outcome.transitions:
                 self.m_transitions.labels(row["cause"]).inc()
+                at_ms = int(row["at"].timestamp() * 1000)
+                event = PresenceEvent(online=row["online"], cause=row["cause"], at_ms=at_ms)
+                published.append((types[row["device_id"]], row["device_id"], event))
         return len(outcome.states) + len(outcome.last_seen)
 
-    async def _all_offline(self, session: AsyncSession, event: _Event) -> int:
+    async def _all_offline(
+        self, session: AsyncSession, event: _Event, published: list[tuple[str, str, PresenceEvent]]
+    ) -> int:
         """Every online device goes offline (one INSERT … SELECT and one UPDATE, whatever the fleet size)."""
         at = _ts(event.at)
         table = cast(Table, Device.__table__)
         d = table.c
+        # Their ids and types for the platform presence topic (one row each: bounded by the fleet).
+        going = await session.execute(select(d.id, d.type).where(d.online.is_(True)))
+        offline = PresenceEvent(online=False, cause=event.cause.value, at_ms=int(event.at * 1000))
+        published.extend((device_type, device_id, offline) for device_id, device_type in going)
         transitions = insert(PresenceTransition).from_select(
             ["device_id", "at", "online", "cause"],
             select(
@@ -397,15 +453,22 @@ class Presence:
         return count
 
 
-async def _load_states(session: AsyncSession, ids: Sequence[str]) -> dict[str, tuple[bool, float | None]]:
-    """Registry devices among ``ids`` → (online, connected_since); other client ids are absent."""
+async def _load_states(
+    session: AsyncSession, ids: Sequence[str], types: dict[str, str] | None = None
+) -> dict[str, tuple[bool, float | None]]:
+    """Registry devices among ``ids`` → (online, connected_since); other client ids are absent.
+
+    ``types``, if given, receives each found device's type (for the platform presence topic).
+    """
     d = Device.__table__.c
     states: dict[str, tuple[bool, float | None]] = {}
     for start in range(0, len(ids), SELECT_CHUNK):
         chunk = ids[start : start + SELECT_CHUNK]
-        rows = await session.execute(select(d.id, d.online, d.connected_since).where(d.id.in_(chunk)))
-        for device_id, online, since in rows:
+        rows = await session.execute(select(d.id, d.online, d.connected_since, d.type).where(d.id.in_(chunk)))
+        for device_id, online, since, device_type in rows:
             states[device_id] = (bool(online), since.timestamp() if since is not None else None)
+            if types is not None:
+                types[device_id] = device_type
     return states
 
 

@@ -327,14 +327,18 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
     try:
         device = await get_device(session, device_id)
         device.enabled = enabled
+        kicked_at = None
         if not enabled and device.online:
             # The broker's "kicked" log line will find it offline already: record the transition here.
+            kicked_at = utcnow()
             session.add(
-                PresenceTransition(device_id=device_id, at=utcnow(), online=False, cause=Cause.kicked.value)
+                PresenceTransition(device_id=device_id, at=kicked_at, online=False, cause=Cause.kicked.value)
             )
             device.online = False
             device.connected_since = None
         await session.commit()
+        if kicked_at is not None:
+            state.presence.announce(device.type, device_id, False, Cause.kicked.value, kicked_at.timestamp())
     finally:
         state.reconciler.release([device_id])
     log.info("device %s %s", device_id, "enabled" if enabled else "disabled (kicked)")
@@ -391,6 +395,7 @@ async def delete_device(state: RegistryState, session: AsyncSession, device_id: 
         if current is not None:
             await session.delete(current)
             await session.commit()
+            state.presence.forget(current.type, device_id)
     finally:
         state.reconciler.release([device_id])
     state.metrics.devices_deleted.inc()

@@ -31,6 +31,9 @@ COMMAND_EVENTS = f"{PLATFORM_ROOT}/commands/events"
 """Command lifecycle events (sent by the rules engine) for the registry to record."""
 ALERT_EVENTS = f"{PLATFORM_ROOT}/alerts/events"
 """Alert raise/clear events from the rules engine for the registry to record."""
+PRESENCE_ROOT = f"{PLATFORM_ROOT}/presence"
+"""``iotfleet/presence/{type}/{id}``: the registry's presence of each device, retained, one message
+per transition (see ``iotfleet/presence_event.py``). The rules engine's presence conditions read it."""
 
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
@@ -147,3 +150,22 @@ def deadletter_topic(device_type: str, device_id: str) -> str:
 
 def deadletter_filter(device_type: str = "+", device_id: str = "+") -> str:
     return f"{DEADLETTER_ROOT}/{device_type}/{device_id}"
+
+
+def presence_topic(device_type: str, device_id: str) -> str:
+    """Where the registry publishes (retained) a device's presence transitions."""
+    check_device_type(device_type)
+    check_device_id(device_id)
+    return f"{PRESENCE_ROOT}/{device_type}/{device_id}"
+
+
+def presence_filter(device_type: str = "+", device_id: str = "+") -> str:
+    return f"{PRESENCE_ROOT}/{device_type}/{device_id}"
+
+
+def parse_presence_topic(topic: str) -> tuple[str, str]:
+    """``(type, id)`` of a presence topic; raise TopicError if it is not one."""
+    parts = topic.split("/")
+    if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != PRESENCE_ROOT:
+        raise TopicError(f"not a presence topic: {topic!r}")
+    return check_device_type(parts[2]), check_device_id(parts[3])

@@ -7,7 +7,7 @@ the broker on a second connection before the next reading is read. No queue
 and no thread hop between reading and command: with paho's network threads,
 the GIL hand-overs put tens of milliseconds on the p99 (docs/benchmarks.md).
 Because everything that touches the evaluator runs on that loop (readings,
-status, the APScheduler clock tick and cron schedules, rule reloads), a burst
+presence, the APScheduler clock tick and cron schedules, rule reloads), a burst
 of readings for one device can never fire twice and needs no lock.
 
 Off the loop: fetching rules over HTTP (a worker thread; the result is applied
@@ -31,7 +31,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
@@ -42,7 +42,7 @@ from apscheduler.triggers.cron import CronTrigger
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from iotfleet import topics
+from iotfleet import presence_event, topics
 from iotfleet.admission import Admission, Limits, Rejected
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import TopicError
@@ -141,7 +141,10 @@ class RulesEngine:
                 client_id=rules.client_id,
                 topic_filters=(
                     topics.device_filter(Channel.TELEMETRY),
-                    topics.device_filter(Channel.STATUS),
+                    # Presence is the registry's (broker connection log, timeouts, messages), not the
+                    # device's own retained status, which a device can leave stale: one truth for the
+                    # dashboard, the API and the rules (iotfleet/presence_event.py).
+                    topics.presence_filter(),
                     topics.RULES_CHANGED,
                 ),
                 qos=1,
@@ -166,6 +169,11 @@ class RulesEngine:
         self._acks: deque[tuple[int, list[int] | None]] = deque()
         self._ack_flush_due = False
         self._hold: list[int] | None = None
+        # While firings are acted on, their messages are collected here (then stored with the
+        # firing state in one transaction, then sent); outbox rows whose PUBACK came wait in
+        # _outbox_acked to be deleted by the store writer.
+        self._collecting: list[tuple[str, bytes, bytes, Callable[[int], None] | None]] | None = None
+        self._outbox_acked: list[int] = []
         self._handling = False
         self._connected_once = False
         self._inbound_down_logged = False
@@ -248,7 +256,14 @@ class RulesEngine:
         properties: bytes = b"",
         on_ack: Callable[[int], None] | None = None,
     ) -> None:
-        """Publish on the outbound session; while a reading is handled, its ack waits for this one's."""
+        """Publish on the outbound session; while a reading is handled, its ack waits for this one's.
+
+        While firings are acted on, the message is only collected: :meth:`_act` stores it in the
+        outbox with the firing state, then sends it.
+        """
+        if self._collecting is not None:
+            self._collecting.append((topic, payload, properties, on_ack))
+            return
         if not self._handling:
             self.outbound.publish(topic, payload, properties=properties, on_ack=on_ack)
             return
@@ -270,6 +285,9 @@ class RulesEngine:
         if topic == topics.RULES_CHANGED:
             self._want_reload()
             return
+        if topic.startswith(topics.PRESENCE_ROOT + "/"):
+            self._on_presence(topic, payload)
+            return
         try:
             parsed = topics.parse_device_topic(topic)
         except TopicError:
@@ -277,8 +295,20 @@ class RulesEngine:
             return
         if parsed.channel is Channel.TELEMETRY:
             self.on_telemetry(parsed.device_type, parsed.device_id, payload)
-        elif parsed.channel is Channel.STATUS and payload in (topics.STATUS_ONLINE, topics.STATUS_OFFLINE):
-            self.on_status(parsed.device_type, parsed.device_id, payload == topics.STATUS_ONLINE)
+        # A device's own status (a subscription of engines before 2026-12) is only its hint: ignored.
+
+    def _on_presence(self, topic: str, payload: bytes) -> None:
+        try:
+            device_type, device_id = topics.parse_presence_topic(topic)
+        except TopicError:
+            self.metrics.skipped.labels("bad_topic").inc()
+            return
+        event = presence_event.parse(payload)
+        if event is None:  # a deleted device's cleared entry, or not ours
+            return
+        # The registry's time of the transition: a retained replay after an engine restart keeps
+        # the real "offline since" for `presence … for` conditions.
+        self.on_status(device_type, device_id, event.online, since_ms=event.at_ms)
 
     # --- events in -----------------------------------------------------------------------
     def on_telemetry(self, device_type: str, device_id: str, payload: bytes) -> None:
@@ -310,12 +340,13 @@ class RulesEngine:
             self.metrics.skipped.labels("stale").inc(stale)
         self.metrics.eval_seconds.observe(time.perf_counter() - started)
 
-    def on_status(self, device_type: str, device_id: str, online: bool) -> None:
+    def on_status(self, device_type: str, device_id: str, online: bool, since_ms: int | None = None) -> None:
+        """A presence transition (from the registry's ``iotfleet/presence/…``) that happened at ``since_ms``."""
         if device_type not in DEVICE_TYPES:
             return
         self.directory.seen(device_type, device_id)
         firings = self.evaluator.on_presence(
-            device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id)
+            device_type, device_id, online, wire.now_ms(), self.directory.tags(device_id), since=since_ms
         )
         if firings:
             self._act(firings)
@@ -331,14 +362,63 @@ class RulesEngine:
             self._store_writer.submit(self.store.save_last_seen, [(t, d, ts) for (t, d), ts in seen.items()])
 
     # --- actions out -----------------------------------------------------------------------
-    def _act(self, firings: Iterable[Firing]) -> None:
-        """Publish the firings' commands and alert events, then persist the firing state.
+    def _act(self, firings: Sequence[Firing]) -> None:
+        """Store the firings' state with their commands and alert events, then publish those.
 
-        Publish first, persist second: a crash in between re-fires after the
-        restart (at least once) rather than forgetting a firing. The write is
-        inline (one small SQLite transaction, no fsync) because the reading is
-        acked right after: its firing must be on disk by then.
+        A transactional outbox: the firing state and the messages it sends are written in one
+        SQLite transaction (inline, no fsync: the reading is acked right after, so its firing
+        must be on disk by then), then sent; each outbox row is deleted once the broker acked
+        it, and rows left by a crash are sent again at start. So a kill -9 at any point neither
+        loses a firing's command or alert event nor fires it a second time (a message may be
+        sent twice, with the same command id / event, if the crash fell between its PUBACK and
+        the row's deletion).
         """
+        self._collecting = []
+        try:
+            self._collect(firings)
+        finally:
+            batch, self._collecting = self._collecting, None
+        seen: dict[tuple[str, str], int] = {}
+        for firing in firings:
+            device = self.evaluator.devices.get((firing.device_type, firing.device_id))
+            if device is not None and device.last_ts is not None:
+                seen[(firing.device_type, firing.device_id)] = device.last_ts
+        ids = self.store.save(
+            self.evaluator.take_dirty(),
+            [(t, p, props) for t, p, props, _ in batch],
+            [(t, d, ts) for (t, d), ts in seen.items()],
+        )
+        for row_id, (topic, payload, properties, on_ack) in zip(ids, batch, strict=True):
+            self._publish(
+                topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, on_ack)
+            )
+
+    def _forget_when_acked(self, row_id: int, on_ack: Callable[[int], None] | None) -> Callable[[int], None]:
+        def acked(reason: int) -> None:
+            # Deleted within milliseconds, off the loop: the PUBACKs of one read burst share one
+            # DELETE, and a crash re-sends only what was acked in that instant.
+            if not self._outbox_acked and self._loop is not None:
+                self._loop.call_soon(self._forget_acked_outbox)
+            self._outbox_acked.append(row_id)
+            if on_ack is not None:
+                on_ack(reason)
+
+        return acked
+
+    def _send_outbox_left(self) -> None:
+        """Send again what a crash left in the outbox (before any new reading is evaluated)."""
+        left = self.store.load_outbox()
+        if left:
+            log.info("sending %d command(s)/event(s) left in the outbox by the last run", len(left))
+        for row_id, (topic, payload, properties) in left:
+            self._publish(topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, None))
+
+    def _forget_acked_outbox(self) -> None:
+        acked, self._outbox_acked = self._outbox_acked, []
+        if acked:
+            self._store_writer.submit(self.store.forget_outbox, acked)
+
+    def _collect(self, firings: Iterable[Firing]) -> None:
         for firing in firings:
             self.metrics.firings.labels(firing.kind).inc()
             program = self.evaluator.programs.get(firing.rule_id)
@@ -386,7 +466,6 @@ class RulesEngine:
                 if rule is not None:
                     for command in rule.on_clear:
                         self._send_all(rule, command, firing.device_id)
-        self.store.save(self.evaluator.take_dirty())
 
     def _send_all(self, rule: StoredRule, action: CommandAction, source_device: str | None) -> None:
         for entry in self.directory.resolve(action.target, rule.scope.device_type, source_device):
@@ -616,6 +695,7 @@ class RulesEngine:
             self.store.forget_last_seen_after(wire.now_ms() + self.limits.max_future_ms)
             saved, last_seen = self.store.load()
             self.evaluator.restore(saved, last_seen)
+            self._send_outbox_left()  # queued on the outbound session, written once it connects
             self._load_cache()
             self.scheduler.start()
             self.scheduler.add_job(
@@ -659,6 +739,7 @@ class RulesEngine:
         if self.outbound.connected and not await self.outbound.flush(DRAIN_COMMANDS_S):
             log.warning("%d commands/events not acked by the broker at stop", self.outbound.unacked)
         self._flush_acks()
+        self._forget_acked_outbox()  # what is left is sent again at the next start
         await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
         await self.outbound.disconnect()
         for task in (*self._sessions, reloading):

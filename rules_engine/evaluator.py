@@ -20,7 +20,7 @@ Semantics (documented for operators in docs/rules.md):
 - ``rate_per``: (x - x_prev) / (t - t_prev) × rate_per, consecutive readings.
 - ``absent_for``: no reading for that long; checked by ticks, fired at the
   logical time last reading + absent_for.
-- ``presence``: the last status (LWT) of the device, optionally held ``for``.
+- ``presence``: the registry's presence of the device (its last transition), optionally held ``for``.
 - Readings older than the device's newest evaluated reading are ignored (late
   arrivals, redelivery after a reconnect). Equal timestamps are evaluated: a
   burst may share a millisecond, and edge triggering makes a duplicate harmless.
@@ -515,12 +515,20 @@ class Evaluator:
         return out
 
     def on_presence(
-        self, device_type: str, device_id: str, online: bool, ts: int, tags: Mapping[str, str] | None = None
+        self,
+        device_type: str,
+        device_id: str,
+        online: bool,
+        ts: int,
+        tags: Mapping[str, str] | None = None,
+        *,
+        since: int | None = None,
     ) -> list[Firing]:
+        """Presence changed, seen at ``ts``; ``since`` is when it really changed (default ``ts``)."""
         device = self.device(device_type, device_id, tags)
         if device.online == online:
             return []
-        device.online, device.presence_since = online, ts
+        device.online, device.presence_since = online, min(since, ts) if since is not None else ts
         out: list[Firing] = []
         for program in self._by_type.get(device_type, ()):
             if program.presence and program.applies_to(device):

@@ -143,7 +143,8 @@ class AbsentCondition(_Model):
 
 
 class PresenceCondition(_Model):
-    """True while the device's status (its LWT) is the given one, optionally for a duration."""
+    """True while the registry's presence of the device (``iotfleet/presence/{type}/{id}``) is the
+    given one, optionally for a duration."""
 
     presence: Literal["online", "offline"]
     for_: Duration | None = Field(None, alias="for")

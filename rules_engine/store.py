@@ -26,7 +26,15 @@ CREATE TABLE IF NOT EXISTS rules_cache (
 CREATE TABLE IF NOT EXISTS last_seen (
     device_type TEXT NOT NULL, device_id TEXT NOT NULL, ts INTEGER NOT NULL,
     PRIMARY KEY (device_type, device_id));
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    properties BLOB NOT NULL);
 """
+
+SAVE_LAST_SEEN = "INSERT INTO last_seen VALUES (?, ?, ?) ON CONFLICT (device_type, device_id) DO UPDATE SET ts = max(ts, excluded.ts)"
+
+#: A message a firing caused: (topic, payload, MQTT 5 property block).
+OutboxMessage = tuple[str, bytes, bytes]
 
 
 class StateStore:
@@ -44,21 +52,62 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript(SCHEMA)
 
-    def save(self, states: Iterable[SavedState]) -> None:
+    def save(
+        self,
+        states: Iterable[SavedState],
+        outbox: Sequence[OutboxMessage] = (),
+        seen: Sequence[tuple[str, str, int]] = (),
+    ) -> list[int]:
+        """Store firing states, the messages those firings send and their devices' newest reading
+        times, in one transaction.
+
+        The transactional outbox: a firing is on disk if and only if its commands and alert events
+        are, so a crash at any point neither forgets a firing's messages nor fires it again; with
+        the reading time stored too, the readings the broker delivers again after a crash are
+        older than it and skipped (not evaluated a second time). Returns the outbox row ids, in
+        order, for :meth:`forget_outbox` once the broker acked each.
+        """
         rows = [(s.rule_id, s.device_id, int(s.active), s.last_fired) for s in states]
-        self._many(
-            "INSERT INTO rule_state VALUES (?, ?, ?, ?) ON CONFLICT (rule_id, device_id) "
-            "DO UPDATE SET active = excluded.active, last_fired = excluded.last_fired",
-            rows,
-        )
+        if not rows and not outbox:
+            return []
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    "INSERT INTO rule_state VALUES (?, ?, ?, ?) ON CONFLICT (rule_id, device_id) "
+                    "DO UPDATE SET active = excluded.active, last_fired = excluded.last_fired",
+                    rows,
+                )
+                self._db.executemany(SAVE_LAST_SEEN, seen)
+                ids = [
+                    int(
+                        self._db.execute(
+                            "INSERT INTO outbox (topic, payload, properties) VALUES (?, ?, ?)", m
+                        ).lastrowid
+                        or 0
+                    )
+                    for m in outbox
+                ]
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return ids
+
+    def load_outbox(self) -> list[tuple[int, OutboxMessage]]:
+        """Messages stored by firings whose PUBACK was not recorded: sent again at start."""
+        with self._lock:
+            return [
+                (row_id, (topic, bytes(payload), bytes(properties)))
+                for row_id, topic, payload, properties in self._db.execute("SELECT * FROM outbox ORDER BY id")
+            ]
+
+    def forget_outbox(self, ids: Sequence[int]) -> None:
+        """Drop outbox rows the broker acked."""
+        self._many("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
 
     def save_last_seen(self, items: Iterable[tuple[str, str, int]]) -> None:
-        rows = list(items)
-        self._many(
-            "INSERT INTO last_seen VALUES (?, ?, ?) ON CONFLICT (device_type, device_id) "
-            "DO UPDATE SET ts = max(ts, excluded.ts)",
-            rows,
-        )
+        self._many(SAVE_LAST_SEEN, list(items))
 
     def forget_last_seen_after(self, max_ts: int) -> int:
         """Delete last-seen times later than ``max_ts`` (never from an admitted reading); return how many."""

@@ -48,6 +48,7 @@ NAV = (
     ("devices", "/devices", "Devices"),
     ("alerts", "/alerts", "Alerts"),
     ("rules", "/rules", "Rules"),
+    ("apikeys", "/api-keys", "API keys"),
     ("jobs", "/jobs", "Jobs"),
 )
 
@@ -109,6 +110,11 @@ async def alerts_page() -> HTMLResponse:
 @router.get("/rules", response_class=HTMLResponse)
 async def rules_page() -> HTMLResponse:
     return _page("rules.html", "rules", "Rules")
+
+
+@router.get("/api-keys", response_class=HTMLResponse)
+async def api_keys_page() -> HTMLResponse:
+    return _page("api_keys.html", "apikeys", "API keys")
 
 
 @router.get("/jobs", response_class=HTMLResponse)

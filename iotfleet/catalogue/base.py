@@ -47,7 +47,11 @@ class Reading(BaseModel):
 
     Strict: no coercion of "21.5" to 21.5 or of 1 to True, and no unknown fields,
     so a device that drifts from the contract is dead-lettered with a precise
-    reason instead of silently stored wrong.
+    reason instead of silently stored wrong. Whole: every measured field of a type
+    is required (declare none with a default), so a partial reading is dead-lettered
+    (``Field required``) and storage, rules and the dashboard can rely on every
+    reading carrying every field; a device measuring at different rates repeats
+    its last value of the others.
     """
 
     # allow_inf_nan off: NaN/Infinity (not JSON, but accepted by the parser) and 1e400 are refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -43,7 +44,11 @@ def free_ports(count: int, *, block: int = 0, host: str = "127.0.0.1") -> list[i
             held.append(sock)
             ports.append(int(sock.getsockname()[1]))
         if block:
-            for base in range(20_000, 60_000, block):
+            # Start the scan at a random block: concurrent callers (parallel test workers, two stacks
+            # started at once) would otherwise all pick the first free block and collide.
+            bases = list(range(20_000, 60_000, block))
+            start = random.randrange(len(bases))
+            for base in bases[start:] + bases[:start]:
                 span = range(base, base + block)
                 if not any(p in ports for p in span) and not any(port_in_use(host, p) for p in span):
                     ports.append(base)

@@ -12,9 +12,12 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from iotfleet import topics
+from iotfleet.presence_event import PresenceEvent
 from iotfleet.topics import Channel
 from rules_engine.wire import now_ms
 from tests.devices import provision
@@ -156,24 +159,57 @@ def test_engine_restart_keeps_firing_state_and_catches_up_on_queued_readings(
         engine.stop()
 
 
-def test_presence_rule_fires_on_offline(
-    broker: Broker, tmp_path: Path, thermostat: SimThermostat, listener: Listener, uid: Callable[[str], str]
+def test_presence_rule_follows_the_registry_presence_not_the_device_status(
+    broker: Broker, tmp_path: Path, thermostat: SimThermostat, listener: Listener
 ) -> None:
+    """Presence conditions read the registry's retained ``iotfleet/presence/{type}/{id}``; the
+    device's own retained ``status`` changes nothing."""
     offline = {
         "name": "offline",
         "scope": {"device_type": "thermostat", "device_ids": [thermostat.device_id]},
         "when": {"presence": "offline"},
         "then": [{"alert": {"severity": "minor", "message": "device offline"}}],
     }
+    registry = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"reg-{thermostat.device_id}", protocol=mqtt.MQTTv5
+    )
+    registry.username_pw_set("iotfleet-registry", broker.passwords["iotfleet-registry"])
+    registry.connect(broker.host, broker.port)
+    registry.loop_start()
+    topic = topics.presence_topic("thermostat", thermostat.device_id)
+
+    def registry_says(online: bool, cause: str) -> None:
+        event = PresenceEvent(online=online, cause=cause, at_ms=now_ms())
+        registry.publish(topic, event.payload(), qos=1, retain=True).wait_for_publish(5)
+
+    # Retained by the registry before the engine subscribed: replayed on subscribe, and it fires.
+    registry_says(False, "disconnected")
     settings = engine_settings(broker, tmp_path, rules_file=write_rules(tmp_path / "rules.json", [offline]))
     engine = start_engine(settings)
     try:
-        thermostat.client.publish(thermostat.topic(Channel.STATUS), topics.STATUS_OFFLINE, qos=1, retain=True)
         wait(lambda: listener.events(topics.ALERT_EVENTS, "raised"), "offline alert")
-        thermostat.client.publish(thermostat.topic(Channel.STATUS), topics.STATUS_ONLINE, qos=1, retain=True)
+        registry_says(True, "connected")
         wait(lambda: listener.events(topics.ALERT_EVENTS, "cleared"), "online clears it")
+        # The device's own retained status is only its hint: a stale "offline" fires nothing.
+        thermostat.client.publish(
+            thermostat.topic(Channel.STATUS), topics.STATUS_OFFLINE, qos=1, retain=True
+        ).wait_for_publish(5)
+        # Barrier: a presence event published after it; once the engine applied that, it has
+        # seen everything published before.
+        barrier = f"{thermostat.device_id}-barrier"
+        event = PresenceEvent(online=True, cause="connected", at_ms=now_ms())
+        registry.publish(
+            topics.presence_topic("thermostat", barrier), event.payload(), qos=1
+        ).wait_for_publish(5)
+        wait(lambda: ("thermostat", barrier) in engine.evaluator.devices, "barrier applied")
+        assert len(listener.events(topics.ALERT_EVENTS, "raised")) == 1
+        registry_says(False, "timeout")
+        wait(lambda: len(listener.events(topics.ALERT_EVENTS, "raised")) == 2, "offline again (registry)")
     finally:
         engine.stop()
+        registry.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        registry.disconnect()
+        registry.loop_stop()
 
 
 def test_schedule_rule_is_scheduled_in_its_time_zone_and_sends_to_named_devices(

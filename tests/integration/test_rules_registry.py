@@ -7,6 +7,7 @@ sessions with credentials the registry provisioned.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,15 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from iotfleet import topics
 from iotfleet.settings import MqttSettings, RegistrySettings, RulesSettings, Settings
 from iotfleet.stack import probes
+from iotfleet.topics import Channel
 from rules_engine.engine import RulesEngine
 from rules_engine.sources import RegistrySource
 from tests.harness import Broker
 from tests.registry_harness import ADMIN_KEY
-from tests.rules_support import RegistryServer, SimThermostat, start_engine, wait
+from tests.rules_support import Listener, RegistryServer, SimThermostat, start_engine, wait
 
 pytestmark = pytest.mark.integration
 
@@ -515,3 +520,72 @@ def test_co2_sensor_ventilates_its_room_via_tag_target(platform: Platform, uid: 
     finally:
         for device in devices.values():
             device.disconnect()
+
+
+def test_presence_rule_uses_the_registry_presence(platform: Platform, uid: Callable[[str], str]) -> None:
+    """A device says "online" (retained), then disconnects cleanly without a will: its status stays
+    "online" forever, but the registry's presence (the broker's log) says offline, and the engine's
+    presence rule fires on that; reconnecting clears it."""
+    device_id = uid("pres")
+    password = platform.provision(device_id)
+    platform.start_engine()
+    rule = platform.create_rule(
+        {
+            "name": f"offline-{device_id}",
+            "scope": {"device_type": "thermostat", "device_ids": [device_id]},
+            "when": {"presence": "offline"},
+            "then": [{"alert": {"severity": "minor", "message": "device offline"}}],
+        }
+    )
+    platform.wait_rule_loaded(rule["id"])
+    status = topics.device_topic("thermostat", device_id, Channel.STATUS)
+    presence = topics.presence_topic("thermostat", device_id)
+    published = Listener(platform.broker, presence)
+
+    def session() -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
+        client.username_pw_set(device_id, password)
+        client.connect(platform.broker.host, platform.broker.port, keepalive=30)
+        client.loop_start()
+        wait(client.is_connected, "device connected")
+        return client
+
+    device = session()
+    device.publish(status, topics.STATUS_ONLINE, qos=1, retain=True).wait_for_publish(5)
+    wait(lambda: platform.http.get(f"/api/v1/devices/{device_id}").json()["online"], "registry: online")
+    device.disconnect()  # clean, no will: the retained status still says "online"
+    device.loop_stop()
+    wait(
+        lambda: platform.alerts(device_id=device_id, status="active"),
+        "offline alert from the registry's presence",
+    )
+    assert platform.http.get(f"/api/v1/devices/{device_id}").json()["online"] is False
+    device = session()
+    try:
+        wait(lambda: platform.alerts(device_id=device_id, status="cleared"), "reconnect clears it")
+        # What the registry published: each transition, in order, with its cause.
+        said = [(m["online"], m["cause"]) for m in published.events(presence)]
+        assert said == [(True, "connected"), (False, "disconnected"), (True, "connected")], said
+        assert platform.http.post(f"/api/v1/devices/{device_id}/disable").status_code == 200
+        wait(lambda: len(published.events(presence)) == 4, "the operator's kick published")
+        assert published.events(presence)[-1]["online"] is False
+        assert published.events(presence)[-1]["cause"] == "kicked"
+        wait(lambda: platform.alerts(device_id=device_id, status="active"), "disabled: offline alert again")
+        # Deleting the device clears its retained presence: a new subscriber gets nothing.
+        assert platform.http.delete(f"/api/v1/devices/{device_id}").status_code == 204
+        wait(lambda: published.events(presence)[-1] == {"raw": ""}, "the retained presence cleared")
+        late = Listener(platform.broker, presence)
+        try:
+            # Barrier: the broker sends a subscription's retained messages before it answers the
+            # next SUBSCRIBE on the same connection.
+            second = threading.Event()
+            late.client.on_subscribe = lambda *_a: second.set()
+            late.client.subscribe(f"{topics.PRESENCE_ROOT}/barrier/{device_id}", qos=1)
+            assert second.wait(10)
+            assert late.events(presence) == []
+        finally:
+            late.close()
+    finally:
+        published.close()
+        device.disconnect()
+        device.loop_stop()

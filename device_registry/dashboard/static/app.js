@@ -451,6 +451,39 @@ function withGaps(times, columns) {
   return { times: outTimes, columns: outColumns, gaps };
 }
 
+// Axis labels never overlap, at any width or zoom: uPlot keeps `space` pixels between ticks, so
+// the time axis asks for the widest label it can draw (an ISO date) plus a gap, and its labels
+// come from one formatter (a time, plus the date on the first tick and where the day changes);
+// the value axis is as wide as its widest label.
+const AXIS_FONT = '12px system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans", sans-serif';
+const AXIS_GAP_PX = 14;
+let measureCtx = null;
+
+function textWidth(text, font = AXIS_FONT) {
+  measureCtx = measureCtx || document.createElement("canvas").getContext("2d");
+  measureCtx.font = font;
+  return Math.max(0, ...String(text).split("\n").map((line) => measureCtx.measureText(line).width));
+}
+
+const isoDay = (date) => `${date.getFullYear()}-${pad2(date.getMonth() + 1)}-${pad2(date.getDate())}`;
+
+// Labels for tick times (epoch seconds) `incrS` apart: days as dates; hours and minutes as
+// HH:MM, seconds as HH:MM:SS, each with the date under the first tick and under a day change.
+function timeTickLabels(splits, incrS) {
+  let previousDay = null;
+  return splits.map((s) => {
+    const date = new Date(s * 1000);
+    const day = isoDay(date);
+    if (incrS >= 86400) return day;
+    const clock = incrS >= 60 ? `${pad2(date.getHours())}:${pad2(date.getMinutes())}` : isoLocal(date).slice(11);
+    const label = day !== previousDay ? `${clock}\n${day}` : clock;
+    previousDay = day;
+    return label;
+  });
+}
+
+const timeAxisSpace = () => Math.ceil(Math.max(textWidth("2026-12-31"), textWidth("00:00:00"))) + AXIS_GAP_PX;
+
 function makeChart(uPlot, container, { title, unit, series, data, markers = false }) {
   const opts = {
     fmtDate,
@@ -459,7 +492,21 @@ function makeChart(uPlot, container, { title, unit, series, data, markers = fals
     title: undefined,
     cursor: { drag: { x: true, y: false } },
     scales: { x: { time: true } },
-    axes: [{}, { label: unit || undefined, size: 60 }],
+    axes: [
+      {
+        font: AXIS_FONT,
+        space: timeAxisSpace,
+        values: (_self, splits, _axis, _space, incr) => timeTickLabels(splits, incr),
+        size: 48,
+      },
+      {
+        font: AXIS_FONT,
+        label: unit || undefined,
+        space: 30,
+        // ticks (10) + gap (5) + the widest label + a margin; uPlot re-runs it when labels change
+        size: (_self, values) => (values && values.length ? Math.ceil(Math.max(...values.map((v) => textWidth(v)))) + 24 : 50),
+      },
+    ],
     series: [
       {},
       ...series.map((s, i) => ({
@@ -479,6 +526,7 @@ function makeChart(uPlot, container, { title, unit, series, data, markers = fals
   const chart = new uPlot(opts, data, container);
   chart.iotfleetTitle = title;
   chart.iotfleetMarkers = markers;
+  container.iotfleetChart = chart; // tests measure the axis labels through it
   return chart;
 }
 
@@ -632,6 +680,11 @@ async function initDevice() {
     chartsBox.append(figure);
     figures.set(f, { figure, plotBox, chart: null });
   }
+  // Non-numeric fields (a mode, a relay state): state timelines, in a module of their own.
+  const stateFields = deviceType.fields.filter((f) => !fields.includes(f));
+  const states = stateFields.length
+    ? (await loadModule("states.js")).statePanel(kit, { base, deviceType, fields: stateFields, container: chartsBox })
+    : null;
   const series = { times: [], values: Object.fromEntries(fields.map((f) => [f, []])) };
   let mode = null; // {raw: bool, every, startMs, endMs}
   let lastMs = null;
@@ -660,8 +713,10 @@ async function initDevice() {
   };
   const loadRange = async () => {
     loading = true;
+    delete chartsBox.dataset.range;
     try {
       await loadRangeNow();
+      chartsBox.dataset.range = $("#range").value; // the range on screen (tests wait for it)
     } finally {
       loading = false;
     }
@@ -673,8 +728,10 @@ async function initDevice() {
     series.times = [];
     for (const f of fields) series.values[f] = [];
     lastMs = null;
+    const statesLoaded = states ? states.load(rangeS) : null; // in parallel with the charts' request
     if (!fields.length) {
-      chartsBox.replaceChildren(el("p", { class: "muted", text: "This device type has no numeric field to chart." }));
+      if (!states) chartsBox.replaceChildren(el("p", { class: "muted", text: "This device type has no field to chart." }));
+      await statesLoaded;
       return;
     }
     if (rangeS <= RAW_MAX_RANGE_S) {
@@ -691,9 +748,12 @@ async function initDevice() {
       $("#chart-mode").textContent = `mean per ${every} (aggregated for the long range)`;
     }
     draw();
+    await statesLoaded;
   };
   const liveCharts = async () => {
-    if (!fields.length || !mode || loading) return; // the full load in progress brings the points
+    if (loading) return; // the full load in progress brings the points
+    if (states) await states.live(Number($("#range").value));
+    if (!fields.length || !mode) return;
     if (mode.raw) {
       const since = lastMs === null ? mode.startMs : lastMs + 1;
       const before = series.times.length;
@@ -714,6 +774,7 @@ async function initDevice() {
 
   window.addEventListener("resize", () => {
     for (const { chart, plotBox } of figures.values()) if (chart) chart.setSize({ width: chartWidth(plotBox), height: 220 });
+    states?.resize();
   });
   $("#range").addEventListener("change", async () => {
     try {
@@ -1126,6 +1187,7 @@ async function initRules() {
   const errors = $("#rule-errors");
   textarea.value = JSON.stringify(RULE_EXAMPLE, null, 2);
   let rulesById = new Map();
+  const editor = (await loadModule("rules_edit.js")).ruleEditor(kit, { onChanged: () => poller.now() });
 
   const setEnabled = async (rule, enabled, button) => {
     button.disabled = true;
@@ -1154,6 +1216,10 @@ async function initRules() {
             toggle.addEventListener("click", () => setEnabled(r, !r.enabled, toggle));
             const backtest = el("button", { type: "button", class: "small", "aria-label": `Backtest rule ${r.name}`, text: "Backtest" });
             backtest.addEventListener("click", () => openBacktest(r));
+            const edit = el("button", { type: "button", class: "small secondary", "aria-label": `Edit rule ${r.name}`, text: "Edit", dataset: { needsRole: "admin" } });
+            edit.addEventListener("click", () => editor.edit(r));
+            const remove = el("button", { type: "button", class: "small danger", "aria-label": `Delete rule ${r.name}`, text: "Delete", dataset: { needsRole: "admin" } });
+            remove.addEventListener("click", () => editor.remove(r, remove));
             return el(
               "tr",
               { dataset: { ruleId: r.id, enabled: String(r.enabled) } },
@@ -1163,7 +1229,7 @@ async function initRules() {
               el("td", { text: summarizeThen(r) }),
               el("td", {}, r.enabled ? badge("enabled", "ok") : badge("disabled", "neutral")),
               el("td", { class: "num", text: r.version }),
-              el("td", { class: "actions" }, toggle, backtest),
+              el("td", { class: "actions" }, toggle, edit, backtest, remove),
             );
           })
         : [el("tr", {}, el("td", { colspan: 7, class: "muted", text: "No rule yet: create one below." }))]),
@@ -1344,10 +1410,32 @@ async function loadRole() {
   new MutationObserver(applyRoles).observe(document.body, { subtree: true, childList: true });
 }
 
+// --- pages and panels in modules of their own ------------------------------------------------
+
+// Later pages and panels live in files of their own, each exporting functions that take this
+// kit: the one copy of the API client, DOM helpers, poller and chart helpers. Imported with
+// this module's ?v= so that a release never mixes versions.
+const kit = {
+  api, ApiError, query, explain, $, el, badge, flash, fmtTime, fmtInt, ago, poll, ready, problemText,
+  fetchRaw, chooseEvery, RAW_MAX_RANGE_S, timeTickLabels, timeAxisSpace, textWidth, AXIS_FONT,
+  argInput, parseTags,
+};
+
+function loadModule(name) {
+  return import(`./${name}${new URL(import.meta.url).search}`);
+}
+
 // --- start -----------------------------------------------------------------------------------
 
-// The jobs page is driven by jobs.js (it imports the helpers below); here only sign-in and roles.
-const PAGES = { fleet: initFleet, devices: initDevices, alerts: initAlerts, rules: initRules, jobs: () => {}, notfound: ready };
+const PAGES = {
+  fleet: initFleet,
+  devices: initDevices,
+  alerts: initAlerts,
+  rules: initRules,
+  apikeys: async () => (await loadModule("api_keys.js")).initApiKeys(kit),
+  jobs: async () => (await loadModule("jobs.js")).initJobs(kit),
+  notfound: ready,
+};
 
 function start() {
   const page = document.body.dataset.page;
@@ -1366,5 +1454,3 @@ function start() {
 }
 
 start();
-
-export { api, ApiError, $, el, fmtInt, fmtTime, badge, flash, ready, poll, query, argInput, parseTags, problemText, explain };

@@ -1,12 +1,9 @@
 // iotfleet dashboard: the jobs page (list with progress, failures, cancel; a new-job form per device type).
 //
-// It reuses app.js's helpers by importing the very module instance base.html loaded: the same
-// URL, version query included, so app.js runs once (sign-in, roles) and this file adds the page.
+// Loaded by app.js for the jobs page (PAGES.jobs): `initJobs(kit)` gets app.js's one copy of the
+// API client and helpers (see `kit` in app.js).
 
-const version = new URL(import.meta.url).searchParams.get("v") || "";
-const { api, $, el, fmtInt, fmtTime, badge, flash, ready, poll, query, argInput, parseTags, problemText } = await import(
-  `/static/app.js?v=${encodeURIComponent(version)}`
-);
+let api, $, el, fmtInt, fmtTime, badge, flash, ready, poll, query, argInput, parseTags, problemText;
 
 const POLL_MS = 2000;
 const ENDED = new Set(["completed", "canceled", "aborted"]);
@@ -161,7 +158,8 @@ async function setupForm(onCreated) {
   });
 }
 
-async function initJobs() {
+export async function initJobs(kit) {
+  ({ api, $, el, fmtInt, fmtTime, badge, flash, ready, poll, query, argInput, parseTags, problemText } = kit);
   const tbody = $("#jobs-table tbody");
   let poller = null;
   const refresh = () => poller?.now();
@@ -180,8 +178,3 @@ async function initJobs() {
   await setupForm(refresh);
   await poller.now();
 }
-
-initJobs().catch((error) => {
-  flash(`Cannot load this page: ${error.message}`);
-  ready();
-});
