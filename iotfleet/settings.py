@@ -191,6 +191,27 @@ class RulesSettings(BaseModel):
     )
 
 
+class JobsSettings(BaseModel):
+    """The registry's job rollout (``device_registry.job_runner``): one task releasing executions in batches."""
+
+    tick_s: float = Field(0.5, gt=0, le=60, description="How often active jobs are stepped when idle")
+    release_batch: int = Field(
+        1_000,
+        ge=1,
+        le=10_000,
+        description="Executions released (commands recorded + published) per DB transaction",
+    )
+    max_targets: int = Field(
+        100_000, ge=1, le=1_000_000, description="Devices one job may target (larger targets: 422)"
+    )
+    default_deadline_s: int = Field(
+        86_400,
+        ge=60,
+        le=30 * 86_400,
+        description="A job's deadline when the request names none (after its start)",
+    )
+
+
 class BrokerAgentSettings(BaseModel):
     """The broker-side agent that owns the broker's device password and ACL files.
 
@@ -339,6 +360,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     ingest: IngestSettings = IngestSettings()
     rules: RulesSettings = RulesSettings()
+    jobs: JobsSettings = JobsSettings()
     health: HealthSettings = HealthSettings()
     broker_agent: BrokerAgentSettings = BrokerAgentSettings()
     stack: StackSettings = StackSettings()

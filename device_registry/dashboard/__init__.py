@@ -49,6 +49,7 @@ NAV = (
     ("alerts", "/alerts", "Alerts"),
     ("rules", "/rules", "Rules"),
     ("apikeys", "/api-keys", "API keys"),
+    ("jobs", "/jobs", "Jobs"),
 )
 
 
@@ -114,6 +115,11 @@ async def rules_page() -> HTMLResponse:
 @router.get("/api-keys", response_class=HTMLResponse)
 async def api_keys_page() -> HTMLResponse:
     return _page("api_keys.html", "apikeys", "API keys")
+
+
+@router.get("/jobs", response_class=HTMLResponse)
+async def jobs_page() -> HTMLResponse:
+    return _page("jobs.html", "jobs", "Jobs")
 
 
 async def not_found_page(request: Request) -> Response:

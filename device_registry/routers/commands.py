@@ -49,10 +49,10 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _args_problem(name: str, exc: ValidationError) -> Problem:
+def _args_problem(name: str, exc: ValidationError, field: str = "body") -> Problem:
     errors = [
         {
-            "field": ".".join(["body", "args", *(str(p) for p in err["loc"])]),
+            "field": ".".join([field, "args", *(str(p) for p in err["loc"])]),
             "message": err["msg"],
             "type": err["type"],
         }
@@ -60,6 +60,26 @@ def _args_problem(name: str, exc: ValidationError) -> Problem:
     ]
     summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors[:5])
     return Problem(422, f"invalid arguments for {name!r}: {summary}", slug="validation", errors=errors)
+
+
+def validated_args(type_name: str, name: str, args: dict[str, Any], *, field: str = "body") -> dict[str, Any]:
+    """The command's arguments validated by the type's catalogue model (as JSON); 422 problem otherwise.
+
+    The one check of operator commands: the single-device endpoint and jobs (``field``
+    names where the command sits in the request, for the error's ``field``).
+    """
+    device_type = get_device_type(type_name)
+    if name not in device_type.commands:
+        raise Problem(
+            422,
+            f"{type_name} has no command {name!r} (commands: {', '.join(device_type.commands)})",
+            slug="validation",
+            errors=[{"field": f"{field}.name", "message": "unknown command", "type": "value_error"}],
+        )
+    try:
+        return device_type.validate_command(name, args).model_dump(mode="json")
+    except ValidationError as exc:
+        raise _args_problem(name, exc, field) from None
 
 
 @router.post(
@@ -95,18 +115,7 @@ async def send_command(  # noqa: PLR0917  (FastAPI injects each dependency)
             return _replay(existing, body, response)
     if not device.enabled:
         raise Conflict(f"device {device_id!r} is disabled; enable it before sending commands")
-    device_type = get_device_type(device.type)
-    if body.name not in device_type.commands:
-        raise Problem(
-            422,
-            f"{device.type} has no command {body.name!r} (commands: {', '.join(device_type.commands)})",
-            slug="validation",
-            errors=[{"field": "body.name", "message": "unknown command", "type": "value_error"}],
-        )
-    try:
-        args = device_type.validate_command(body.name, body.args).model_dump(mode="json")
-    except ValidationError as exc:
-        raise _args_problem(body.name, exc) from None
+    args = validated_args(device.type, body.name, body.args)
     ttl_s = body.ttl_s or settings.rules.command_ttl_s
     created = datetime.now(UTC)
     row = CommandRow(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, status
@@ -104,6 +105,35 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
+def filter_devices(
+    stmt: Select[Any],
+    *,
+    type: str | None = None,
+    online: bool | None = None,
+    enabled: bool | None = None,
+    tags: Iterable[tuple[str, str]] = (),
+    q: str | None = None,
+) -> Select[Any]:
+    """``stmt`` (over ``Device``) narrowed by the device-list filters, combined with AND (jobs reuse it)."""
+    if type is not None:
+        stmt = stmt.where(Device.type == type)
+    if online is not None:
+        stmt = stmt.where(Device.online.is_(online))
+    if enabled is not None:
+        stmt = stmt.where(Device.enabled.is_(enabled))
+    for key, value in tags:
+        stmt = stmt.where(Device.tags[key].as_string() == value)
+    if q:
+        pattern = _like(q)
+        stmt = stmt.where(
+            or_(
+                func.lower(Device.id).like(pattern, escape="\\"),
+                func.lower(Device.name).like(pattern, escape="\\"),
+            )
+        )
+    return stmt
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -153,24 +183,8 @@ async def list_devices(  # noqa: PLR0917  (one parameter per query filter)
         str | None, Query(max_length=200, description="next_cursor of the previous page")
     ] = None,
 ) -> DevicePage:
-    stmt: Select[Any] = select(Device)
-    if type is not None:
-        stmt = stmt.where(Device.type == type)
-    if online is not None:
-        stmt = stmt.where(Device.online.is_(online))
-    if enabled is not None:
-        stmt = stmt.where(Device.enabled.is_(enabled))
-    for raw in tag or []:
-        key, value = _tag_filter(raw)
-        stmt = stmt.where(Device.tags[key].as_string() == value)
-    if q:
-        pattern = _like(q)
-        stmt = stmt.where(
-            or_(
-                func.lower(Device.id).like(pattern, escape="\\"),
-                func.lower(Device.name).like(pattern, escape="\\"),
-            )
-        )
+    tags = [_tag_filter(raw) for raw in tag or []]
+    stmt = filter_devices(select(Device), type=type, online=online, enabled=enabled, tags=tags, q=q)
     if cursor:
         stmt = stmt.where(Device.id > _decode_cursor(cursor))
     rows = list((await session.scalars(stmt.order_by(Device.id).limit(limit + 1))).all())

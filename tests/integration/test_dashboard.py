@@ -288,7 +288,7 @@ def _sim_device(stack: Stack, device_type: str) -> str:
 
 
 def test_pages_are_data_free_shells_behind_a_strict_policy(stack: Stack) -> None:
-    for path in ("/", "/signin", "/devices", "/devices/x", "/alerts", "/rules"):
+    for path in ("/", "/signin", "/devices", "/devices/x", "/alerts", "/rules", "/jobs"):
         response = httpx.get(stack.base + path, timeout=10)  # no key: a page holds no data
         assert response.status_code == 200, path
         assert response.headers["content-type"].startswith("text/html")

@@ -1436,6 +1436,7 @@ async function loadRole() {
 const kit = {
   api, ApiError, query, explain, $, el, badge, flash, fmtTime, fmtInt, ago, poll, ready, problemText,
   fetchRaw, chooseEvery, RAW_MAX_RANGE_S, timeTickLabels, timeAxisSpace, textWidth, AXIS_FONT,
+  argInput, parseTags,
 };
 
 function loadModule(name) {
@@ -1450,6 +1451,7 @@ const PAGES = {
   alerts: initAlerts,
   rules: initRules,
   apikeys: async () => (await loadModule("api_keys.js")).initApiKeys(kit),
+  jobs: async () => (await loadModule("jobs.js")).initJobs(kit),
   notfound: ready,
 };
 
