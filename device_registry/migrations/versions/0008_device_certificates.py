@@ -19,7 +19,7 @@ from alembic import op
 from device_registry.models import UtcDateTime
 
 revision = "0008_device_certificates"
-down_revision = "0004"  # the file 0004_presence_transitions.py; the lead re-chains at merge
+down_revision = "0005_jobs"
 branch_labels = None
 depends_on = None
 
