@@ -575,11 +575,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # The moments the fleet itself reports (its stats file, once a second): all dropped, all back.
         wait_for(lambda: simulator.stats().get("disconnects_injected", 0) >= dropped, 60, 0.1)
         drop_at = time.monotonic()
-        seen_low = wait_for(lambda: online_count(http) <= before - dropped, 60, 0.25)
+        # Exact means: the online count equals the devices connected (the probe devices of the
+        # rules step are gone by now, and may still be counted in ``before`` if presence lags).
+        seen_low = wait_for(lambda: online_count(http) == args.devices - dropped, 60, 0.25)
         low_s = (time.monotonic() - drop_at) if seen_low is not None else None
         wait_for(lambda: simulator.stats().get("connected", 0) >= args.devices, 120, 0.1)
         back_at = time.monotonic()
-        seen_back = wait_for(lambda: online_count(http) >= before, 60, 0.25)
+        seen_back = wait_for(lambda: online_count(http) == args.devices, 60, 0.25)
         back_s = (time.monotonic() - back_at) if seen_back is not None else None
         result["presence"] = {
             "online_before": before,
