@@ -58,15 +58,20 @@ def load_credentials(path: Path) -> list[DeviceCredentials]:
                     id=item["id"],
                     type=item["type"],
                     username=item.get("username", item["id"]),
-                    password=item["password"],
+                    password=item.get("password") or "",
                     client_id=item.get("client_id", item["id"]),
                     next_seq=int(item.get("next_seq", 0)),
+                    cert_file=item.get("cert_file"),
                 )
             )
         except (KeyError, TypeError, ValueError):
             raise ProvisioningError(
-                f"credentials file {path}: device #{index} needs id, type and password"
+                f"credentials file {path}: device #{index} needs id, type and password (or cert_file)"
             ) from None
+        if not out[-1].password and out[-1].cert_file is None:
+            raise ProvisioningError(
+                f"credentials file {path}: device #{index} has neither password nor cert_file"
+            )
         if out[-1].type not in DEVICE_TYPES:
             raise ProvisioningError(f"credentials file {path}: unknown device type {out[-1].type!r}")
     return out
