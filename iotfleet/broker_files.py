@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HASH_PREFIX = "$6$"
+CERT_PREFIX = "x509:"
+"""A certificate device's entry: ``x509:<hex SHA-256 of its certificate>`` in place of a password hash."""
 SALT_BYTES = 12  # Mosquitto refuses any other salt length
 
 
@@ -41,8 +43,18 @@ def hash_password(password: str, *, salt: bytes | None = None) -> str:
     return f"{HASH_PREFIX}{base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
+def certificate_entry(fingerprint_sha256: str) -> str:
+    """The device-file credential of a certificate device: its pinned certificate fingerprint."""
+    return CERT_PREFIX + fingerprint_sha256.lower()
+
+
 def check_hash(value: str) -> str:
-    """Return ``value`` if it is a well-formed ``$6$`` hash line part; raise ValueError otherwise."""
+    """Return ``value`` if it is a well-formed ``$6$`` hash or ``x509:`` fingerprint; raise ValueError otherwise."""
+    if value.startswith(CERT_PREFIX):
+        fingerprint = value.removeprefix(CERT_PREFIX)
+        if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+            raise ValueError("certificate entry: x509: must be followed by 64 lowercase hex digits (SHA-256)")
+        return value
     parts = value.split("$")
     if len(parts) != 4 or parts[0] or parts[1] != "6":
         raise ValueError("not a $6$<salt>$<hash> password hash")

@@ -85,6 +85,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
     if getattr(args, "api_port", None):
         overrides["registry"] = {"port": args.api_port}
+    if getattr(args, "listen", None):
+        overrides["stack"] = {"listen": args.listen}
     return overrides
 
 
@@ -225,6 +227,12 @@ def make_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start the whole stack")
     _add_stack_options(up)
     up.add_argument("--detach", action="store_true", help="return once every part is healthy")
+    up.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        help="address of the broker's device-facing TLS listeners (IOTFLEET_STACK__LISTEN, default 127.0.0.1;"
+        " the plain MQTT listener stays on loopback)",
+    )
     up.set_defaults(handler=cmd_up)
 
     status = sub.add_parser("status", help="each part, its pid, port and health")

@@ -290,6 +290,55 @@ class StackSettings(BaseModel):
         ge=64 * 1024,
         description="Bytes one device may publish at once above its rate (e.g. a backlog after a reconnect)",
     )
+    listen: str = Field(
+        "127.0.0.1",
+        description="Address of the broker's device-facing TLS listeners (iotfleet up --listen); the plain"
+        " MQTT listener stays on loopback for the platform's own services",
+    )
+
+
+class TlsSettings(BaseModel):
+    """The platform PKI (iotfleet/pki.py) and the broker's device-facing TLS listeners.
+
+    By default ``iotfleet up`` makes a private CA and a server certificate under
+    ``<state_dir>/tls/``; set ``ca_cert`` (+ ``ca_key``) and/or ``server_cert`` + ``server_key``
+    to bring your own.
+    """
+
+    port: Port = Field(8883, description="MQTT over TLS for password devices (no client certificate asked)")
+    cert_port: Port = Field(
+        8884,
+        description="MQTT over TLS for certificate devices (client certificate required): Mosquitto 2.0.11 asks"
+        " for a client certificate only on a listener with require_certificate true, so one port cannot serve"
+        " both auth modes",
+    )
+    websockets_port: int = Field(
+        0, ge=0, le=65535, description="MQTT over secure WebSockets for password clients (0: off)"
+    )
+    min_version: Literal["tlsv1.2", "tlsv1.3"] = Field("tlsv1.2", description="Oldest TLS version accepted")
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="Extra names/addresses in the server certificate's SANs (the host name, localhost,"
+        " 127.0.0.1 and the --listen address are always in)",
+    )
+    ca_cert: Path | None = Field(None, description="Bring-your-own CA certificate (PEM)")
+    ca_key: Path | None = Field(
+        None, description="Its private key; without it the platform cannot issue device certificates"
+    )
+    server_cert: Path | None = Field(None, description="Bring-your-own server certificate chain (PEM)")
+    server_key: Path | None = Field(None, description="Its private key (PEM)")
+    crl: Path | None = Field(None, description="Bring-your-own CRL (PEM) when the platform has no CA key")
+    ca_days: int = Field(3650, ge=1, le=36500, description="Validity of a generated CA")
+    server_cert_days: int = Field(
+        397, ge=1, le=3650, description="Validity of a generated server certificate"
+    )
+    device_cert_days: int = Field(365, ge=1, le=36500, description="Validity of an issued device certificate")
+    crl_days: int = Field(
+        365,
+        ge=1,
+        le=3650,
+        description="nextUpdate of the generated CRL (refreshed at start and on revocation)",
+    )
 
 
 class Settings(BaseSettings):
@@ -307,6 +356,7 @@ class Settings(BaseSettings):
     health: HealthSettings = HealthSettings()
     broker_agent: BrokerAgentSettings = BrokerAgentSettings()
     stack: StackSettings = StackSettings()
+    tls: TlsSettings = TlsSettings()
 
     def agent_files(self) -> tuple[Path, Path]:
         """The broker agent's device file and the broker's pid file (defaults under the state dir)."""

@@ -12,7 +12,8 @@ from string import Template
 
 from iotfleet import broker_files, dynsec, topics
 from iotfleet.errors import StackError
-from iotfleet.settings import StackSettings
+from iotfleet.pki import PlatformPki
+from iotfleet.settings import StackSettings, TlsSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Package data: in a source checkout this file is a symlink to mosquitto/mosquitto.conf.tmpl
@@ -128,6 +129,67 @@ def broker_packet_limit(max_payload_bytes: int) -> int:
 
 
 @dataclass(frozen=True)
+class TlsListeners:
+    """The broker's device-facing TLS listeners (IOTFLEET_TLS__*, bound to IOTFLEET_STACK__LISTEN)."""
+
+    pki: PlatformPki
+    address: str = "127.0.0.1"
+    port: int = 8883
+    cert_port: int = 8884
+    websockets_port: int = 0
+    min_version: str = "tlsv1.2"
+
+    @classmethod
+    def from_settings(cls, platform_pki: PlatformPki, tls: TlsSettings, address: str) -> TlsListeners:
+        return cls(platform_pki, address, tls.port, tls.cert_port, tls.websockets_port, tls.min_version)
+
+
+def tls_listener_lines(tls: TlsListeners) -> str:
+    """The mosquitto.conf listener blocks for devices over TLS (see mosquitto/README.md, "TLS").
+
+    Two MQTT ports because Mosquitto 2.0.11 asks a client for its certificate only on a listener
+    with ``require_certificate true`` (it sets SSL_VERIFY_NONE otherwise, so the certificate never
+    reaches the device plugin): password devices on ``port``, certificate devices on ``cert_port``.
+    A SIGHUP reloads ``certfile``, ``keyfile`` and ``crlfile`` of every MQTT TLS listener.
+    """
+    pki = tls.pki
+    common = [
+        f"certfile {pki.server_cert_path.resolve()}",
+        f"keyfile {pki.server_key_path.resolve()}",
+        f"cafile {pki.ca_cert_path.resolve()}",
+        f"tls_version {tls.min_version}",
+    ]
+    lines = [
+        "",
+        "# Devices with a password, over TLS (IOTFLEET_TLS__PORT on IOTFLEET_STACK__LISTEN): no client",
+        "# certificate is asked for.",
+        f"listener {tls.port} {tls.address}",
+        *common,
+        "require_certificate false",
+        "",
+        "# Devices with an X.509 certificate (IOTFLEET_TLS__CERT_PORT): it must chain to cafile and not be",
+        "# in crlfile (TLS handshake refused otherwise); the device plugin then requires its CN to be a",
+        "# certificate device, the client id to equal the CN and the certificate's SHA-256 to be the pinned one.",
+        f"listener {tls.cert_port} {tls.address}",
+        *common,
+        "require_certificate true",
+    ]
+    if pki.crl_path is not None:
+        lines.append(f"crlfile {pki.crl_path.resolve()}")
+    if tls.websockets_port:
+        lines += [
+            "",
+            "# MQTT over secure WebSockets for password clients (IOTFLEET_TLS__WEBSOCKETS_PORT).",
+            f"listener {tls.websockets_port} {tls.address}",
+            "protocol websockets",
+            *common,
+            "require_certificate false",
+        ]
+    lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
 class BrokerFiles:
     config: Path
     dynsec: Path
@@ -147,6 +209,7 @@ def write_mosquitto_config(
     max_payload_bytes: int = 256 * 1024,
     device_rate_bytes: int = DEVICE_RATE_BYTES,
     device_burst_bytes: int = DEVICE_BURST_BYTES,
+    tls: TlsListeners | None = None,
 ) -> BrokerFiles:
     """Render mosquitto.conf; write the dynsec bootstrap file only if there is none yet.
 
@@ -179,6 +242,7 @@ def write_mosquitto_config(
             device_subscribe=",".join(topics.device_channels("read")),
             device_rate_bytes=device_rate_bytes,
             device_burst_bytes=device_burst_bytes,
+            tls_listeners=tls_listener_lines(tls) if tls is not None else "",
             max_queued_messages=max_queued_messages,
             max_inflight_messages=max_inflight_messages,
             max_packet_size=broker_packet_limit(max_payload_bytes),

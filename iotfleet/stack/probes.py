@@ -22,6 +22,22 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
+def bind_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be listened on (address not on this host, port taken), or None."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"address {host!r} does not resolve: {exc.strerror}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free right now (tests only: a race is possible but rare)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

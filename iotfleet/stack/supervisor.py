@@ -26,7 +26,7 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from iotfleet import dynsec
+from iotfleet import dynsec, pki
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import StackError
 from iotfleet.influx import InfluxClient
@@ -256,6 +256,9 @@ class Stack:
     def _write_configs(self, parts: list[Part]) -> None:
         s = self.settings
         self.layout.logs.mkdir(parents=True, exist_ok=True)
+        # The platform CA and server certificate (made once; the server certificate is re-issued
+        # when the --listen address or IOTFLEET_TLS__HOSTS change): the broker's device listeners.
+        platform_pki = pki.ensure_platform_pki(s.tls, self.layout.root, [s.stack.listen])
         configs.write_mosquitto_config(
             self.layout.mosquitto,
             host=s.mqtt.host,
@@ -265,6 +268,7 @@ class Stack:
             max_payload_bytes=s.ingest.max_payload_bytes,
             device_rate_bytes=s.stack.device_rate_bytes,
             device_burst_bytes=s.stack.device_burst_bytes,
+            tls=configs.TlsListeners.from_settings(platform_pki, s.tls, s.stack.listen),
         )
         configs.write_influxdb_config(
             self.layout.influxdb,
@@ -281,6 +285,7 @@ class Stack:
                     "dashboard": f"http://{s.registry.host}:{s.registry.port}/",
                     "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
                     "influx": s.influx.url,
+                    "tls": tls_endpoints(s, platform_pki),
                 },
                 indent=2,
             )
@@ -431,11 +436,31 @@ class Stack:
                 other = wanted[port][0]
                 raise StackError(f"port {port} is configured for both {other} and {name}: change {setting}")
             wanted[port] = (name, setting)
+        self._check_tls_ports(wanted)
         for port, (name, setting) in wanted.items():
             host = self.settings.mqtt.host if name == "mosquitto" else "127.0.0.1"
             if probes.port_in_use(host, port):
                 raise StackError(
                     f"port {port} ({name}) is already in use on {host}: set {setting} to a free port"
+                )
+
+    def _check_tls_ports(self, wanted: dict[int, tuple[str, str]]) -> None:
+        """The broker's device-facing TLS ports: distinct from the others and bindable on --listen."""
+        tls, listen = self.settings.tls, self.settings.stack.listen
+        ports = [(tls.port, "IOTFLEET_TLS__PORT"), (tls.cert_port, "IOTFLEET_TLS__CERT_PORT")]
+        if tls.websockets_port:
+            ports.append((tls.websockets_port, "IOTFLEET_TLS__WEBSOCKETS_PORT"))
+        seen: dict[int, str] = {}
+        for port, setting in ports:
+            clash = seen.get(port) or (wanted[port][1] if port in wanted else None)
+            if clash is not None:
+                raise StackError(f"port {port} is configured twice ({clash} and {setting}): change {setting}")
+            seen[port] = setting
+            problem = probes.bind_problem(listen, port)
+            if problem is not None:
+                raise StackError(
+                    f"cannot listen on {listen}:{port} ({problem}): change {setting} or IOTFLEET_STACK__LISTEN"
+                    " (iotfleet up --listen)"
                 )
 
     def up(self, *, foreground: bool, on_progress: Callable[[str], None] = print) -> int | None:
@@ -622,11 +647,29 @@ def _supervisor_quote(value: str) -> str:
     return value.replace("%", "%%").replace('"', '\\"')
 
 
+def tls_endpoints(settings: Settings, platform_pki: pki.PlatformPki) -> dict[str, Any]:
+    """Where devices connect over TLS and the CA certificate they need (stack file, status --json)."""
+    tls, listen = settings.tls, settings.stack.listen
+    host = f"[{listen}]" if ":" in listen else listen
+    return {
+        "ca_cert": str(platform_pki.ca_cert_path.resolve()),
+        "mqtts_password": f"mqtts://{host}:{tls.port}",
+        "mqtts_certificate": f"mqtts://{host}:{tls.cert_port}",
+        "wss": f"wss://{host}:{tls.websockets_port}" if tls.websockets_port else None,
+        "listen": listen,
+    }
+
+
 def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
     try:
-        base = json.loads(stack.layout.stack_file.read_text())["api"]
+        stored = json.loads(stack.layout.stack_file.read_text())
+        base = stored["api"]
     except (FileNotFoundError, KeyError):
+        stored = {}
         base = f"http://{stack.settings.registry.host}:{stack.settings.registry.port}"
+    tls = stored.get("tls") or tls_endpoints(
+        stack.settings, pki.platform_pki_paths(stack.settings.tls, stack.layout.root)
+    )
     return {
         "running": bool(parts),
         "state_dir": str(stack.layout.root),
@@ -636,4 +679,6 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
         "docs": f"{base}/docs",
         "healthy": bool(parts) and all(p.healthy for p in parts),
         "parts": [asdict(p) for p in parts],
+        "ca_cert": tls["ca_cert"],
+        "tls": tls,
     }

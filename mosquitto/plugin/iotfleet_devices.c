@@ -1,6 +1,8 @@
 /*
  * iotfleet_devices: Mosquitto 2.0 plugin that authenticates and authorises the platform's DEVICES
- * from one file the broker agent writes (one line per device: "<id> <type> $6$<b64 salt>$<b64 sha512>").
+ * from one file the broker agent writes, one line per device: "<id> <type> $6$<b64 salt>$<b64 sha512>"
+ * for a password device, "<id> <type> x509:<hex sha256 of the certificate's DER>" for a certificate
+ * device (the pinned fingerprint of the one certificate the registry issued it).
  *
  * Why a plugin and not password_file + acl_file: Mosquitto 2.0.11's file ACL cannot pin a device's
  * TYPE (patterns substitute only %u/%c), never checks SUBSCRIBE (no SUBACK 135 for another device's
@@ -10,6 +12,13 @@
  * - BASIC_AUTH: a username found in the file must present client id == username and the password
  *   whose salted SHA-512 is on file; anything else is refused (CONNACK 135). Unknown usernames are
  *   deferred, so dynamic security keeps the platform's own accounts.
+ * - Certificates: a client that presented a TLS client certificate (only a listener with
+ *   require_certificate true asks for one; Mosquitto has checked it chains to cafile and is not in
+ *   crlfile) is accepted only if the certificate's CN is a certificate device on file, the client id
+ *   equals that CN, the username (if any) equals it too, and the certificate's SHA-256 is the pinned
+ *   one; the username is then set to the CN (mosquitto_set_username) so the ACL check finds it.
+ *   Anything else with a certificate is refused (CONNACK 135), and a certificate device is refused
+ *   without its certificate (a password cannot stand in for it).
  * - ACL_CHECK: a device may publish only devices/<its type>/<its id>/<c> for c in `publish`, and
  *   subscribe to / receive only devices/<its type>/<its id>/<c> for c in `subscribe` (exact topics,
  *   no wildcards): PUBACK/SUBACK 135 otherwise.
@@ -38,6 +47,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/x509.h>
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -46,12 +56,16 @@
 #define SALT_LEN 12
 #define HASH_LEN 64
 #define MAX_CHANNELS 16
+#define FP_LEN 32
+#define CERT_PREFIX "x509:"
 
 struct device {
 	char *id;   /* NULL: empty slot */
 	char *type;
 	unsigned char salt[SALT_LEN];
 	unsigned char hash[HASH_LEN];
+	bool cert;                  /* a certificate device: fp is its pinned certificate's SHA-256 */
+	unsigned char fp[FP_LEN];
 	double tokens;     /* bytes it may still publish now (token bucket) */
 	double refilled_at; /* monotonic seconds of the last refill */
 };
@@ -132,14 +146,39 @@ static int b64_decode(const char *in, size_t inlen, unsigned char *out, size_t w
 	return 0;
 }
 
-/* "<id> <type> $6$<salt>$<hash>" -> fields; returns 0 on success. */
-static int parse_line(char *line, char **id, char **type, unsigned char *salt, unsigned char *hash)
+static int hex_value(char c)
+{
+	if(c >= '0' && c <= '9') return c - '0';
+	if(c >= 'a' && c <= 'f') return c - 'a' + 10;
+	if(c >= 'A' && c <= 'F') return c - 'A' + 10;
+	return -1;
+}
+
+static int hex_decode(const char *in, unsigned char *out, size_t want)
+{
+	if(strlen(in) != 2 * want) return -1;
+	for(size_t i = 0; i < want; i++){
+		int hi = hex_value(in[2 * i]), lo = hex_value(in[2 * i + 1]);
+		if(hi < 0 || lo < 0) return -1;
+		out[i] = (unsigned char)(hi << 4 | lo);
+	}
+	return 0;
+}
+
+/* "<id> <type> $6$<salt>$<hash>" or "<id> <type> x509:<hex sha256>" -> fields; returns 0 on success. */
+static int parse_line(char *line, char **id, char **type, struct device *cred)
 {
 	char *save = NULL;
+	unsigned char *salt = cred->salt, *hash = cred->hash;
 	*id = strtok_r(line, " \t", &save);
 	*type = strtok_r(NULL, " \t", &save);
 	char *pw = strtok_r(NULL, " \t\r\n", &save);
 	if(*id == NULL || *type == NULL || pw == NULL) return -1;
+	if(strncmp(pw, CERT_PREFIX, strlen(CERT_PREFIX)) == 0){
+		cred->cert = true;
+		return hex_decode(pw + strlen(CERT_PREFIX), cred->fp, FP_LEN);
+	}
+	cred->cert = false;
 	if(strncmp(pw, "$6$", 3) != 0) return -1;
 	char *salt_b64 = pw + 3;
 	char *dollar = strchr(salt_b64, '$');
@@ -180,8 +219,8 @@ static int table_load(const char *path, struct table *out, struct stat *st)
 	while(getline(&line, &cap, f) != -1){
 		if(line[0] == '#' || line[0] == '\n') continue;
 		char *id, *type;
-		unsigned char salt[SALT_LEN], hash[HASH_LEN];
-		if(parse_line(line, &id, &type, salt, hash)){
+		struct device cred = {0};
+		if(parse_line(line, &id, &type, &cred)){
 			bad++;
 			continue;
 		}
@@ -197,8 +236,10 @@ static int table_load(const char *path, struct table *out, struct stat *st)
 			d->refilled_at = monotonic_s();
 			out->count++;
 		}
-		memcpy(d->salt, salt, SALT_LEN);
-		memcpy(d->hash, hash, HASH_LEN);
+		memcpy(d->salt, cred.salt, SALT_LEN);
+		memcpy(d->hash, cred.hash, HASH_LEN);
+		d->cert = cred.cert;
+		memcpy(d->fp, cred.fp, FP_LEN);
 	}
 	free(line);
 	fclose(f);
@@ -224,7 +265,7 @@ static void reload(const char *why)
 		if(old->id == NULL) continue;
 		struct device *now = table_find(&fresh, old->id);
 		if(now == NULL || memcmp(now->hash, old->hash, HASH_LEN) != 0 || memcmp(now->salt, old->salt, SALT_LEN) != 0
-				|| strcmp(now->type, old->type) != 0){
+				|| strcmp(now->type, old->type) != 0 || now->cert != old->cert || memcmp(now->fp, old->fp, FP_LEN) != 0){
 			mosquitto_kick_client_by_username(old->id, false);
 			kicked++;
 		}else{
@@ -258,12 +299,40 @@ static bool password_ok(const struct device *d, const char *password)
 	return ok;
 }
 
+/* A client that presented a certificate (already verified by Mosquitto against cafile and crlfile). */
+static int certificate_auth(struct mosquitto_evt_basic_auth *ed, X509 *peer)
+{
+	char cn[256];
+	int rc = MOSQ_ERR_AUTH;
+	int len = X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, cn, sizeof(cn));
+	/* len must be the whole CN: an embedded NUL must not shorten it into another device's id */
+	if(len > 0 && (size_t)len < sizeof(cn) && strlen(cn) == (size_t)len){
+		const struct device *d = table_find(&devices, cn);
+		const char *client_id = mosquitto_client_id(ed->client);
+		unsigned char fp[EVP_MAX_MD_SIZE];
+		unsigned int fplen = 0;
+		if(d != NULL && d->cert && client_id != NULL && strcmp(client_id, d->id) == 0
+				&& (ed->username == NULL || strcmp(ed->username, d->id) == 0)
+				&& X509_digest(peer, EVP_sha256(), fp, &fplen) == 1 && fplen == FP_LEN
+				&& CRYPTO_memcmp(fp, d->fp, FP_LEN) == 0){
+			/* the ACL check looks the device up by username */
+			rc = ed->username != NULL ? MOSQ_ERR_SUCCESS
+				: (mosquitto_set_username(ed->client, d->id) == MOSQ_ERR_SUCCESS ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH);
+		}
+	}
+	X509_free(peer);
+	return rc;
+}
+
 static int on_basic_auth(int event, void *event_data, void *userdata)
 {
 	(void)event; (void)userdata;
 	struct mosquitto_evt_basic_auth *ed = event_data;
+	X509 *peer = mosquitto_client_certificate(ed->client); /* a new reference, or NULL */
+	if(peer != NULL) return certificate_auth(ed, peer);
 	const struct device *d = table_find(&devices, ed->username);
 	if(d == NULL) return MOSQ_ERR_PLUGIN_DEFER;
+	if(d->cert) return MOSQ_ERR_AUTH; /* a certificate device must present its certificate */
 	const char *client_id = mosquitto_client_id(ed->client);
 	if(client_id == NULL || strcmp(client_id, d->id) != 0) return MOSQ_ERR_AUTH;
 	return password_ok(d, ed->password) ? MOSQ_ERR_SUCCESS : MOSQ_ERR_AUTH;

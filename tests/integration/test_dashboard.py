@@ -142,6 +142,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "IOTFLEET_REGISTRY__PORT": str(registry_port),
             "IOTFLEET_STACK__INFLUX_RPC_PORT": str(probes.free_port()),
             "IOTFLEET_STACK__SERVICE_PORT_BASE": str(_free_block(8)),
+            # the broker's device-facing TLS listeners (8883/8884 by default): free ports too
+            **dict(
+                zip(
+                    ("IOTFLEET_TLS__PORT", "IOTFLEET_TLS__CERT_PORT"),
+                    map(str, probes.free_ports(2)),
+                    strict=True,
+                )
+            ),
         }
     )
     stack = None

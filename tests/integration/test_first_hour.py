@@ -66,6 +66,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         "IOTFLEET_REGISTRY__PORT": str(api_port),
         "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc_port),
         "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
+        # the broker's device-facing TLS listeners (8883/8884 by default): free ports too
+        **dict(
+            zip(
+                ("IOTFLEET_TLS__PORT", "IOTFLEET_TLS__CERT_PORT"), map(str, probes.free_ports(2)), strict=True
+            )
+        ),
     }
     up = run(env, "up", "--detach")
     try:

@@ -43,6 +43,14 @@ def stack_env(tmp_path: Path) -> Iterator[dict[str, str]]:
             "IOTFLEET_REGISTRY__PORT": str(api_port),
             "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc_port),
             "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
+            # the broker's device-facing TLS listeners (8883/8884 by default): free ports too
+            **dict(
+                zip(
+                    ("IOTFLEET_TLS__PORT", "IOTFLEET_TLS__CERT_PORT"),
+                    map(str, probes.free_ports(2)),
+                    strict=True,
+                )
+            ),
         }
     )
     yield env
@@ -87,6 +95,14 @@ def test_up_status_down(stack_env: dict[str, str], tmp_path: Path) -> None:
     assert parts["registry"]["port"] == int(stack_env["IOTFLEET_REGISTRY__PORT"])
     key_file = Path(info["admin_api_key_file"])
     assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.read_text().strip()
+    # The platform CA devices need, and the TLS listeners for them (loopback by default).
+    ca = Path(info["ca_cert"])
+    assert ca == tmp_path.resolve() / "state" / "tls" / "ca.crt" and ca.read_text().startswith(
+        "-----BEGIN CERT"
+    )
+    assert (ca.parent / "server.key").stat().st_mode & 0o777 == 0o600
+    assert info["tls"]["mqtts_password"] == f"mqtts://127.0.0.1:{stack_env['IOTFLEET_TLS__PORT']}"
+    assert info["tls"]["mqtts_certificate"] == f"mqtts://127.0.0.1:{stack_env['IOTFLEET_TLS__CERT_PORT']}"
 
     # A second `up` refuses at once and starts nothing.
     again = _run(stack_env, "up", "--detach", timeout=20)

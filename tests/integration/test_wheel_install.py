@@ -116,6 +116,14 @@ def test_iotfleet_up_runs_from_the_wheel(wheel_venv: Path, tmp_path: Path) -> No
             "IOTFLEET_REGISTRY__PORT": str(api_port),
             "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc_port),
             "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
+            # the broker's device-facing TLS listeners (8883/8884 by default): free ports too
+            **dict(
+                zip(
+                    ("IOTFLEET_TLS__PORT", "IOTFLEET_TLS__CERT_PORT"),
+                    map(str, probes.free_ports(2)),
+                    strict=True,
+                )
+            ),
             # supervisord is a dependency (from the dev venv here); the services are the wheel's scripts.
             "PATH": f"{wheel_venv / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
         }
