@@ -113,6 +113,14 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
     out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
     out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
+    if info.get("https_dashboard"):
+        out.print(
+            escape(f"HTTPS: dashboard {info['https_dashboard']}   API {info['https_api']}"), soft_wrap=True
+        )
+    if info.get("ca_cert"):
+        out.print(
+            escape(f"CA certificate (devices and browsers trust it): {info['ca_cert']}"), soft_wrap=True
+        )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
