@@ -1,0 +1,457 @@
+"""MQTT over TLS vs plain, on one fresh stack (`iotfleet up --listen 127.0.0.1`), in one run.
+
+Writes the "Devices over TLS" section of docs/benchmarks.md (with --write-docs) and
+bench/results/tls.json. Every figure comes from the real CLI (`python -m simulators`,
+a child process with its own RSS) against the stack's listeners: plain MQTT (1883's
+role, loopback), TLS with passwords (IOTFLEET_TLS__PORT) and TLS with client
+certificates issued by the registry (IOTFLEET_TLS__CERT_PORT).
+
+1. Connect rate: N devices, one simulator process, no ramp-up limit: devices /
+   seconds until all are connected (TCP + TLS handshake + CONNECT/CONNACK).
+2. Sustained readings/s: M devices publishing every 50 ms at QoS 1 through the
+   whole stack (ingest, InfluxDB) for D seconds, --verify: broker-acked readings/s.
+3. Simulator RSS per device: whole-process RSS / devices of the runs in 1 (the
+   interpreter's ~60 MiB included), and the marginal cost of one connection
+   (RSS delta over K connections in a fresh process): plain, TLS through the
+   simulator's memory-BIO bridge, and TLS through asyncio's own SSL transport.
+4. Scale: S devices over TLS (passwords), every 10 s, --verify: missing / duplicate.
+
+Usage: ``python -m bench.tls`` (≈ 8 min) or smaller sizes, e.g. ``--devices 1000
+--rate-devices 200 --scale 2000 --scale-duration 60`` (what ``make bench`` runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import psutil  # noqa: E402
+
+from bench.report import replace_section  # noqa: E402
+from bench.workload import machine  # noqa: E402
+from iotfleet.stack import probes  # noqa: E402
+
+SECTION = "Devices over TLS"
+RESULTS = ROOT / "bench" / "results"
+IOTFLEET = [sys.executable, "-m", "iotfleet.cli"]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+class EdgeStack:
+    """A fresh stack on free ports listening on loopback (TLS listeners + HTTPS), in a temp dir."""
+
+    def __init__(self, work: Path) -> None:
+        mqtt, influx, api, rpc, base = probes.free_ports(4, block=8)
+        https, tls, cert = probes.free_ports(3)
+        self.state = work / "state"
+        self.client_env = {k: v for k, v in os.environ.items() if not k.upper().startswith("IOTFLEET_")}
+        self.env = {
+            **self.client_env,
+            "IOTFLEET_STATE_DIR": str(self.state),
+            "IOTFLEET_MQTT__PORT": str(mqtt),
+            "IOTFLEET_INFLUX__URL": f"http://127.0.0.1:{influx}",
+            "IOTFLEET_REGISTRY__PORT": str(api),
+            "IOTFLEET_REGISTRY__HTTPS_PORT": str(https),
+            "IOTFLEET_STACK__INFLUX_RPC_PORT": str(rpc),
+            "IOTFLEET_STACK__SERVICE_PORT_BASE": str(base),
+            "IOTFLEET_TLS__PORT": str(tls),
+            "IOTFLEET_TLS__CERT_PORT": str(cert),
+        }
+        self.ports = {"mqtt": mqtt, "tls": tls, "cert": cert, "api": api}
+
+    def up(self) -> None:
+        done = subprocess.run(
+            [*IOTFLEET, "up", "--detach", "--listen", "127.0.0.1"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"iotfleet up failed: {done.stderr[-2000:]}")
+
+    def down(self) -> None:
+        subprocess.run([*IOTFLEET, "down"], env=self.env, capture_output=True, timeout=120, check=False)
+
+    def broker_pid(self) -> int | None:
+        status = subprocess.run(
+            [*IOTFLEET, "status", "--json"], env=self.env, capture_output=True, text=True, check=False
+        )
+        for part in json.loads(status.stdout or "{}").get("parts", []):
+            if part["name"] == "mosquitto":
+                return int(part["pid"]) if part["pid"] else None
+        return None
+
+
+def simulate(stack: EdgeStack, label: str, credentials: Path, *flags: str) -> dict[str, Any]:
+    """One run of the real CLI (its own process); returns its report."""
+    report = credentials.parent / f"report-{label}.json"
+    argv = [
+        sys.executable,
+        "-m",
+        "simulators",
+        "--state-dir",
+        str(stack.state),
+        "--credentials",
+        str(credentials),
+        "--report",
+        str(report),
+        "--quiet",
+        *flags,
+    ]
+    log(f"{label}: simulate {' '.join(flags)}")
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=ROOT, env=stack.client_env, capture_output=True, text=True, check=False)
+    if not report.exists():
+        raise RuntimeError(
+            f"{label}: simulator exited {done.returncode} without a report: {done.stderr[-2000:]}"
+        )
+    data: dict[str, Any] = json.loads(report.read_text())
+    data["exit_code"] = done.returncode
+    data["wall_s"] = round(time.monotonic() - started, 1)
+    return data
+
+
+def _summary(report: dict[str, Any]) -> dict[str, Any]:
+    conn, pub, res = report["connections"], report["published"], report["resources"]
+    verify = report.get("verify") or {}
+    after = conn.get("all_connected_after_s")
+    return {
+        "devices": report["devices"],
+        "processes": report["processes"],
+        "connects": conn["connects"],
+        "connect_failures": conn["connect_failures"],
+        "all_connected_after_s": after,
+        "connect_rate_per_s": round(report["devices"] / after, 1) if after else None,
+        "readings_acked": pub["broker_acked"],
+        "rate_per_s": pub["rate_per_s"],
+        "rss_bytes": res["rss_bytes"],
+        "rss_per_device_bytes": res["rss_per_device_bytes"],
+        "verify": {k: verify.get(k) for k in ("ok", "expected", "stored", "missing", "duplicates")}
+        if verify
+        else None,
+        "exit_code": report["exit_code"],
+    }
+
+
+AUTH_FLAGS = {"plain": [], "tls": ["--tls"], "cert": ["--auth", "cert"]}
+
+
+def connect_rate(stack: EdgeStack, work: Path, devices: int, skip_cert: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode, flags in AUTH_FLAGS.items():
+        if mode == "cert" and skip_cert:
+            continue
+        report = simulate(
+            stack,
+            f"connect-{mode}",
+            work / f"creds-{'cert' if mode == 'cert' else 'password'}.json",
+            "--devices",
+            str(devices),
+            "--duration",
+            "20",
+            "--interval",
+            "10s",
+            "--ramp-up",
+            "1000000",
+            "--processes",
+            "1",
+            *flags,
+        )
+        out[mode] = _summary(report)
+        log(f"  {mode}: {out[mode]}")
+    return out
+
+
+def sustained(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str, Any]:
+    out = {}
+    for mode in ("plain", "tls"):
+        report = simulate(
+            stack,
+            f"rate-{mode}",
+            work / "creds-rate.json",
+            "--devices",
+            str(devices),
+            "--duration",
+            str(duration),
+            "--interval",
+            "50ms",
+            "--jitter",
+            "0.5",
+            "--processes",
+            "1",
+            "--verify",
+            *AUTH_FLAGS[mode],
+        )
+        out[mode] = _summary(report)
+        log(f"  {mode}: {out[mode]}")
+    return out
+
+
+def scale(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str, Any]:
+    pid = stack.broker_pid()
+    report = simulate(
+        stack,
+        "scale-tls",
+        work / "creds-scale.json",
+        "--devices",
+        str(devices),
+        "--duration",
+        str(duration),
+        "--interval",
+        "10s",
+        "--verify",
+        "--verify-timeout",
+        "120s",
+        "--tls",
+    )
+    out = _summary(report)
+    if pid is not None:
+        out["broker_rss_bytes"] = psutil.Process(pid).memory_info().rss
+    log(f"  scale: {out}")
+    return out
+
+
+# --- marginal RSS of one connection (a fresh process per transport) ---------------------------
+
+
+def per_connection(stack: EdgeStack, work: Path, count: int) -> dict[str, Any]:
+    creds = work / "creds-rss.json"
+    # Provisioned through the API by a short CLI run, reused by the probes.
+    simulate(stack, "rss-provision", creds, "--devices", str(count), "--duration", "1", "--processes", "1")
+    out = {}
+    for transport in ("plain", "bridge", "asyncio-ssl"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.tls",
+                "--probe",
+                transport,
+                "--probe-credentials",
+                str(creds),
+                "--probe-port",
+                str(stack.ports["mqtt" if transport == "plain" else "tls"]),
+                "--probe-ca",
+                str(stack.state / "tls" / "ca.crt"),
+            ],
+            cwd=ROOT,
+            env=stack.client_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"probe {transport} failed: {done.stderr[-2000:]}")
+        out[transport] = json.loads(done.stdout.strip().splitlines()[-1])
+        log(f"  {transport}: {out[transport]}")
+    return out
+
+
+def probe(transport: str, credentials: Path, port: int, cafile: Path) -> dict[str, Any]:
+    """Connect every device of the file (CONNACK 0), report the RSS delta per connection."""
+    import ssl
+
+    from simulators import mqtt
+    from simulators.provisioning import load_credentials
+    from simulators.tls import ClientContexts, TlsOptions
+
+    devices = load_credentials(credentials)
+
+    class Waiter(mqtt.MqttHandler):
+        __slots__ = ("done",)
+
+        def __init__(self) -> None:
+            self.done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def on_connack(self, reason: int, session_present: bool, receive_maximum: int) -> None:
+            if not self.done.done():
+                self.done.set_result(reason)
+
+    async def run() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        contexts = ClientContexts(TlsOptions(str(cafile)))
+        native = ssl.create_default_context(cafile=str(cafile))
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        held: list[Any] = []
+        gate = asyncio.Semaphore(50)
+
+        async def one(device: Any) -> None:
+            async with gate:
+                waiter = Waiter()
+                packet = mqtt.encode_connect(
+                    device.client_id, username=device.username, password=device.password, keepalive=120
+                )
+                if transport == "asyncio-ssl":
+                    _t, connection = await loop.create_connection(
+                        lambda: mqtt.MqttConnection(waiter), "127.0.0.1", port, ssl=native
+                    )
+                    connection.write(packet)
+                else:
+                    tls = (contexts.shared, "127.0.0.1") if transport == "bridge" else None
+                    connection = await mqtt.open_connection(waiter, "127.0.0.1", port, packet, tls=tls)
+                if await asyncio.wait_for(waiter.done, 30) != 0:
+                    raise RuntimeError("CONNACK refused")
+                held.append((connection, waiter))
+
+        await asyncio.gather(*(one(d) for d in devices))
+        gc.collect()
+        after = psutil.Process().memory_info().rss
+        for connection, _waiter in held:
+            connection.disconnect()
+        await asyncio.sleep(0.5)
+        return {"connections": len(held), "kib_per_connection": round((after - before) / len(held) / 1024, 1)}
+
+    return asyncio.run(run())
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def _mib(value: float) -> str:
+    return f"{value / 2**20:,.0f} MiB"
+
+
+def _kib(value: float) -> str:
+    return f"{value / 1024:,.1f} KiB"
+
+
+def render(result: dict[str, Any], command: str) -> str:
+    m = result["machine"]
+    c, r, p, s = result["connect"], result["sustained"], result["per_connection"], result["scale"]
+    modes = [k for k in ("plain", "tls", "cert") if k in c]
+    lines = [
+        f"Measured {result['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']},"
+        f" Python {m['python']}, {m['mosquitto']}; load average {result['load_before']} before,"
+        f" {result['load_after']} after (the machine was shared with other work).",
+        "",
+        f"Command: `{command}`",
+        "",
+        "One fresh stack (`iotfleet up --listen 127.0.0.1`); the simulator is the real CLI, one process"
+        " per run unless said. Plain = the broker's MQTT port; TLS = its device listener (TLS 1.2+, ECDSA"
+        " P-256 server certificate of the platform CA, the chain and host name checked by every device);"
+        " cert = TLS with a client certificate per device, issued by the registry (`auth: certificate`).",
+        "",
+        "| what | plain | TLS, password | TLS, client certificate |",
+        "|---|---|---|---|",
+        f"| connect rate, {c['plain']['devices']:,} devices at once (TCP + TLS + CONNECT → CONNACK) | "
+        + " | ".join(
+            f"**{c[k]['connect_rate_per_s']:,.0f} devices/s** ({c[k]['all_connected_after_s']} s)"
+            if c.get(k, {}).get("connect_rate_per_s")
+            else "–"
+            for k in ("plain", "tls", "cert")
+        )
+        + " |",
+        "| ratio to plain | 1 | "
+        + " | ".join(
+            f"{c[k]['connect_rate_per_s'] / c['plain']['connect_rate_per_s']:.2f}"
+            if c.get(k, {}).get("connect_rate_per_s") and c["plain"]["connect_rate_per_s"]
+            else "–"
+            for k in ("tls", "cert")
+        )
+        + " |",
+        f"| simulator RSS / device, {c['plain']['devices']:,} devices (whole process) | "
+        + " | ".join(
+            _kib(c[k]["rss_per_device_bytes"]) if k in modes else "–" for k in ("plain", "tls", "cert")
+        )
+        + " |",
+        f"| sustained QoS 1 readings/s, {r['plain']['devices']:,} devices every 50 ms, whole stack |"
+        f" **{r['plain']['rate_per_s']:,.0f}** | **{r['tls']['rate_per_s']:,.0f}**"
+        f" (ratio {r['tls']['rate_per_s'] / r['plain']['rate_per_s']:.2f}) | – |",
+        f"| …stored (--verify): missing / duplicate | {r['plain']['verify']['missing']} /"
+        f" {r['plain']['verify']['duplicates']} | {r['tls']['verify']['missing']} /"
+        f" {r['tls']['verify']['duplicates']} | – |",
+        "",
+        f"Marginal simulator memory of one connection ({p['plain']['connections']:,} connections held"
+        " in a fresh process, RSS delta / connections): plain"
+        f" **{p['plain']['kib_per_connection']} KiB**, TLS through the simulator's memory-BIO bridge"
+        f" (`simulators/tls.py`, one shared context) **{p['bridge']['kib_per_connection']} KiB**, TLS"
+        f" through asyncio's own SSL transport **{p['asyncio-ssl']['kib_per_connection']} KiB** (CPython"
+        " 3.11 gives each SSL connection a 256 KiB read buffer): why the simulator does not use"
+        " `create_connection(ssl=…)`. A certificate device also holds its own `SSLContext` (Python's `ssl`"
+        " sets a client certificate per context), the difference between the cert and TLS columns above.",
+        "",
+        f"**Scale over TLS**: {s['devices']:,} password devices over TLS in {s['processes']} processes, a"
+        f" reading every 10 s, --verify: all connected after {s['all_connected_after_s']} s"
+        f" ({s['connect_failures']} connect failures), {s['readings_acked']:,} readings broker-acked,"
+        f" stored {s['verify']['stored']:,} of {s['verify']['expected']:,}: **{s['verify']['missing']}"
+        f" missing, {s['verify']['duplicates']} duplicate**; simulator {_mib(s['rss_bytes'])}"
+        f" ({_kib(s['rss_per_device_bytes'])} per device, whole processes)"
+        + (f", broker {_mib(s['broker_rss_bytes'])}" if s.get("broker_rss_bytes") else "")
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--devices", type=int, default=2000, help="connect-rate fleet")
+    parser.add_argument("--rate-devices", type=int, default=500, help="sustained-rate fleet (every 50 ms)")
+    parser.add_argument("--rate-duration", type=int, default=30)
+    parser.add_argument("--rss-connections", type=int, default=500)
+    parser.add_argument("--scale", type=int, default=10_000, help="devices of the TLS scale run")
+    parser.add_argument("--scale-duration", type=int, default=120)
+    parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--skip-cert", action="store_true", help="no certificate devices (a CA without its key)"
+    )
+    parser.add_argument("--probe", choices=("plain", "bridge", "asyncio-ssl"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe-credentials", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-ca", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.probe_credentials, args.probe_port, args.probe_ca)))
+        return
+    command = ".venv/bin/python -m bench.tls " + " ".join(sys.argv[1:])
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "load_before": round(os.getloadavg()[0], 1),
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        work = Path(tmp)
+        stack = EdgeStack(work)
+        log("starting the stack (--listen 127.0.0.1)")
+        stack.up()
+        try:
+            log(f"connect rate: {args.devices:,} devices, plain / TLS / TLS + certificates")
+            result["connect"] = connect_rate(stack, work, args.devices, args.skip_cert)
+            log(f"sustained readings/s: {args.rate_devices:,} devices every 50 ms, plain / TLS")
+            result["sustained"] = sustained(stack, work, args.rate_devices, args.rate_duration)
+            log(f"marginal RSS per connection: {args.rss_connections:,} connections per transport")
+            result["per_connection"] = per_connection(stack, work, args.rss_connections)
+            log(f"scale: {args.scale:,} devices over TLS for {args.scale_duration} s, --verify")
+            result["scale"] = scale(stack, work, args.scale, args.scale_duration)
+        finally:
+            stack.down()
+    result["load_after"] = round(os.getloadavg()[0], 1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "tls.json").write_text(json.dumps(result, indent=2))
+    body = render(result, command)
+    print(body)
+    if args.write_docs:
+        replace_section(SECTION, body)
+        log(f"docs/benchmarks.md section {SECTION!r} written")
+
+
+if __name__ == "__main__":
+    main()
