@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
-from device_registry import auth, db, routers
+from device_registry import auth, certificates, db, routers
 from device_registry.agent_client import AgentClient
 from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
@@ -32,6 +32,7 @@ from device_registry.presence import Presence
 from device_registry.problems import install_problem_handlers
 from device_registry.reconcile import Reconciler, ReconcileReport
 from device_registry.state import RegistryState
+from iotfleet import pki
 from iotfleet.errors import ConfigError
 from iotfleet.lifecycle import ServiceLifecycle, configure_logging, fail_fast
 from iotfleet.settings import Settings, load_settings
@@ -121,8 +122,11 @@ def create_app(settings: Settings) -> FastAPI:
             reconciler=reconciler,
             metrics=metrics,
             registry=registry,
+            pki=pki.platform_pki_paths(settings.tls, settings.state_dir),
         )
         app.state.registry = state
+        async with sessions() as session:
+            await certificates.rebuild_crl(state.pki, session)
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
         metrics.agent_reachable.set_function(lambda: float(agent.reachable))

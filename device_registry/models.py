@@ -70,8 +70,24 @@ class Device(Base):
     # The broker password-file hash ($6$ salted SHA-512 of a 192-bit random password,
     # see iotfleet.broker_files); the password itself is returned once and never stored.
     password_hash: Mapped[str | None] = mapped_column(String(128))
+    # "password" or "certificate" (issue #17). A certificate device's password_hash is its device-file
+    # entry "x509:<sha256 of its certificate>"; the serial (hex) and expiry are what the CRL needs.
+    auth: Mapped[str] = mapped_column(String(16), default="password", server_default="password")
+    cert_serial: Mapped[str | None] = mapped_column(String(48))
+    cert_not_after: Mapped[datetime | None] = mapped_column(UtcDateTime)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+
+
+class RevokedCertificate(Base):
+    """A device certificate revoked for good (device deleted, certificate rotated), kept until it expires."""
+
+    __tablename__ = "revoked_certificates"
+
+    serial: Mapped[str] = mapped_column(String(48), primary_key=True)  # hex
+    device_id: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    not_after: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
 
 
 class ApiKey(Base):

@@ -15,6 +15,7 @@ hash (computed once here), so the agent's file can be rebuilt at any time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections import Counter
@@ -26,11 +27,11 @@ from sqlalchemy import Table, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from device_registry import legacy_dynsec
+from device_registry import certificates, legacy_dynsec
 from device_registry.agent_client import BrokerRefused
 from device_registry.broker_admin import BrokerError, DynsecCommandError, ForeignEntryError
 from device_registry.broker_log import Cause
-from device_registry.models import Device, PresenceTransition, utcnow
+from device_registry.models import Device, PresenceTransition, RevokedCertificate, utcnow
 from device_registry.problems import BrokerUnavailable, Conflict, NotFound, Problem
 from device_registry.schemas import (
     CredentialsRotated,
@@ -42,6 +43,7 @@ from device_registry.schemas import (
 )
 from device_registry.state import RegistryState
 from iotfleet import broker_files, topics
+from iotfleet.pki import IssuedCertificate
 from iotfleet.reserved_names import is_reserved
 from iotfleet.topics import Channel
 
@@ -81,11 +83,30 @@ def device_read(device: Device) -> DeviceRead:
         created_at=device.created_at,
         updated_at=device.updated_at,
         topics=device_topics(device),
+        auth=device.auth,
+        certificate_not_after=device.cert_not_after,
     )
 
 
 def credentials(device_id: str, password: str) -> DeviceCredentials:
     return DeviceCredentials(username=device_id, client_id=device_id, password=password)
+
+
+def certificate_credentials(device_id: str, issued: IssuedCertificate) -> DeviceCredentials:
+    return DeviceCredentials.model_construct(
+        username=device_id,
+        client_id=device_id,
+        password=None,
+        auth="certificate",
+        certificate=issued.cert_pem,
+        private_key=issued.key_pem,
+        certificate_fingerprint=issued.fingerprint_sha256,
+        certificate_not_after=issued.not_after,
+    )
+
+
+def _is_certificate(device: Device) -> bool:
+    return device.auth == certificates.CERTIFICATE and device.cert_serial is not None
 
 
 def generate_id(device_type: str) -> str:
@@ -187,8 +208,29 @@ async def create_devices(
         raise _not_managed(exc) from None
     except (BrokerError, DynsecCommandError) as exc:
         raise _unavailable(exc) from None
-    passwords = [broker_files.new_device_password() for _ in ids]
-    hashes = [broker_files.hash_password(password) for password in passwords]
+    # Password devices: a new random password each (its hash on file); certificate devices: a
+    # certificate from the platform CA (its pinned fingerprint on file). Issuing is CPU work (~1 ms
+    # each): off the event loop.
+    wanted = [
+        (device_id, item.csr)
+        for device_id, item in zip(ids, items, strict=True)
+        if item.auth == "certificate"
+    ]
+    issued_list = (
+        await asyncio.to_thread(certificates.issue, state.pki, wanted, state.settings.tls.device_cert_days)
+        if wanted
+        else []
+    )
+    issued_by_id = {device_id: cert for (device_id, _), cert in zip(wanted, issued_list, strict=True)}
+    passwords: list[str | None] = [
+        None if device_id in issued_by_id else broker_files.new_device_password() for device_id in ids
+    ]
+    hashes = [
+        broker_files.certificate_entry(issued_by_id[device_id].fingerprint_sha256)
+        if password is None
+        else broker_files.hash_password(password)
+        for device_id, password in zip(ids, passwords, strict=True)
+    ]
     state.reconciler.touch(ids)
     try:
         try:
@@ -218,6 +260,11 @@ async def create_devices(
                 "enabled": True,
                 "online": False,
                 "password_hash": password_hash,
+                "auth": item.auth,
+                "cert_serial": certificates.serial_hex(issued_by_id[device_id].serial)
+                if device_id in issued_by_id
+                else None,
+                "cert_not_after": issued_by_id[device_id].not_after if device_id in issued_by_id else None,
                 "credentials_rotated_at": now,
                 "created_at": now,
                 "updated_at": now,
@@ -258,7 +305,11 @@ async def create_devices(
             created_at=now,
             updated_at=now,
             topics=_topics(item.type, device_id),
-            credentials=DeviceCredentials.model_construct(
+            auth=item.auth,
+            certificate_not_after=issued_by_id[device_id].not_after if device_id in issued_by_id else None,
+            credentials=certificate_credentials(device_id, issued_by_id[device_id])
+            if password is None
+            else DeviceCredentials.model_construct(
                 username=device_id, client_id=device_id, password=password
             ),
         )
@@ -311,9 +362,46 @@ async def _broker_change(
         raise _unavailable(exc) from None
 
 
+async def _certificate_change(
+    state: RegistryState,
+    session: AsyncSession,
+    device_id: str,
+    upsert: Mapping[str, broker_files.DeviceEntry],
+    remove: Sequence[str] = (),
+    *,
+    revoke: int | None = None,
+    reinstate: int | None = None,
+) -> None:
+    """A certificate device's broker change: the CRL first (the agent's SIGHUP loads it), then the agent.
+
+    If the agent's change fails, the CRL is rebuilt from the DB (it never says more than the DB).
+    """
+    if device_id in state.reconciler.busy:
+        raise Conflict(f"device {device_id!r} is being changed by another request; retry")
+    await certificates.write_crl(
+        state.pki,
+        session,
+        add=[(revoke, utcnow())] if revoke is not None else [],
+        drop=[reinstate] if reinstate is not None else [],
+    )
+    try:
+        await _broker_change(state, session, device_id, upsert, remove)
+    except Problem:
+        await certificates.rebuild_crl(state.pki, session)
+        raise
+
+
 async def set_enabled(state: RegistryState, session: AsyncSession, device_id: str, enabled: bool) -> Device:
     device = await get_device(session, device_id)
-    if enabled:
+    if _is_certificate(device) and device.password_hash is not None:
+        # Disabling holds the certificate (on the CRL, entry removed: kicked); enabling takes it off.
+        serial = int(str(device.cert_serial), 16)
+        if enabled:
+            entry = broker_files.DeviceEntry(device.type, device.password_hash)
+            await _certificate_change(state, session, device_id, {device_id: entry}, reinstate=serial)
+        else:
+            await _certificate_change(state, session, device_id, {}, [device_id], revoke=serial)
+    elif enabled:
         if device.password_hash is None:
             raise Conflict(
                 f"device {device_id!r} has no broker credentials stored (made before they were kept);"
@@ -342,10 +430,59 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
     return device
 
 
+async def rotate_certificate(
+    state: RegistryState, session: AsyncSession, device: Device, csr: str | None
+) -> CredentialsRotated:
+    """A new certificate (from ``csr`` or a new key); the old one is revoked and its session kicked."""
+    device_id = device.id
+    [issued] = await asyncio.to_thread(
+        certificates.issue, state.pki, [(device_id, csr)], state.settings.tls.device_cert_days
+    )
+    old_serial, old_not_after = device.cert_serial, device.cert_not_after
+    entry_hash = broker_files.certificate_entry(issued.fingerprint_sha256)
+    revoke = int(old_serial, 16) if old_serial else None
+    if device.enabled:
+        entry = broker_files.DeviceEntry(device.type, entry_hash)
+        await _certificate_change(state, session, device_id, {device_id: entry}, revoke=revoke)
+    else:
+        await _certificate_change(state, session, device_id, {}, revoke=revoke)
+    try:
+        device = await get_device(session, device_id)
+        device.password_hash = entry_hash
+        device.cert_serial = certificates.serial_hex(issued.serial)
+        device.cert_not_after = issued.not_after
+        device.credentials_rotated_at = datetime.now(UTC)
+        if old_serial and old_not_after is not None:
+            session.add(
+                RevokedCertificate(
+                    serial=old_serial, device_id=device_id, revoked_at=utcnow(), not_after=old_not_after
+                )
+            )
+        await session.commit()
+    finally:
+        state.reconciler.release([device_id])
+    state.metrics.credentials_rotated.inc()
+    log.info("device %s certificate rotated (old one revoked, kicked)", device_id)
+    return CredentialsRotated(
+        id=device_id,
+        credentials=certificate_credentials(device_id, issued),
+        credentials_rotated_at=device.credentials_rotated_at,
+    )
+
+
 async def rotate_credentials(
-    state: RegistryState, session: AsyncSession, device_id: str
+    state: RegistryState, session: AsyncSession, device_id: str, csr: str | None = None
 ) -> CredentialsRotated:
     device = await get_device(session, device_id)
+    if _is_certificate(device):
+        return await rotate_certificate(state, session, device, csr)
+    if csr is not None:
+        raise Problem(
+            422,
+            f"device {device_id!r} authenticates with a password: a CSR is only accepted for certificate devices",
+            slug="csr-for-password-device",
+            title="CSR for a password device",
+        )
     password = broker_files.new_device_password()
     password_hash = broker_files.hash_password(password)
     legacy = device.password_hash is None
@@ -385,11 +522,21 @@ async def delete_device(state: RegistryState, session: AsyncSession, device_id: 
         )
         return
     legacy = device.password_hash is None
-    await _broker_change(state, session, device_id, {}, [device_id], legacy=legacy)
+    revoked: RevokedCertificate | None = None
+    if _is_certificate(device) and device.cert_not_after is not None:
+        serial = str(device.cert_serial)
+        revoked = RevokedCertificate(
+            serial=serial, device_id=device_id, revoked_at=utcnow(), not_after=device.cert_not_after
+        )
+        await _certificate_change(state, session, device_id, {}, [device_id], revoke=int(serial, 16))
+    else:
+        await _broker_change(state, session, device_id, {}, [device_id], legacy=legacy)
     try:
         current = await session.get(Device, device_id)
         if current is not None:
             await session.delete(current)
+            if revoked is not None:
+                session.add(revoked)
             await session.commit()
     finally:
         state.reconciler.release([device_id])

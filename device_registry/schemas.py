@@ -7,7 +7,7 @@ in a provisioning script fail loudly instead of being ignored.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 from pydantic_core import PydanticCustomError
@@ -86,12 +86,37 @@ class _Metadata(_Input):
         return value
 
 
+AuthMode = Literal["password", "certificate"]
+CsrPem = Annotated[
+    str,
+    StringConstraints(max_length=16_384, pattern=r"^\s*-----BEGIN CERTIFICATE REQUEST-----"),
+    Field(
+        description="PEM certificate signing request (auth certificate only): the device keeps its key."
+        " Its subject CN, if any, must be the device id. Without a CSR the registry generates an"
+        " ECDSA P-256 key and returns it once."
+    ),
+]
+
+
 class DeviceCreate(_Metadata):
     id: DeviceId | None = Field(None, description="Generated (type-random) when absent")
     type: DeviceTypeName
     name: Name | None = None
     tags: Tags = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    auth: AuthMode = Field(
+        "password",
+        description="password: MQTT username/password (plain on loopback, or TLS port); certificate: an"
+        " X.509 client certificate issued by the platform CA (CN = device id) on the TLS certificate port",
+    )
+    csr: CsrPem | None = None
+
+    @field_validator("csr")
+    @classmethod
+    def _csr_needs_certificate(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and info.data.get("auth") != "certificate":
+            raise ValueError('a CSR is only accepted with "auth": "certificate"')
+        return value
 
 
 class DeviceUpdate(_Metadata):
@@ -113,7 +138,19 @@ class DeviceTopics(BaseModel):
 class DeviceCredentials(BaseModel):
     username: str
     client_id: str
-    password: str = Field(description="Shown exactly once; the registry does not keep it")
+    password: str | None = Field(
+        None, description="Shown exactly once; the registry does not keep it (password devices)"
+    )
+    auth: AuthMode = "password"
+    certificate: str | None = Field(None, description="PEM client certificate (certificate devices)")
+    private_key: str | None = Field(
+        None,
+        description="PEM private key, shown exactly once, only when the registry generated it (no CSR)",
+    )
+    certificate_fingerprint: str | None = Field(
+        None, description="Hex SHA-256 of the certificate: the broker accepts only this certificate"
+    )
+    certificate_not_after: datetime | None = None
 
 
 class DeviceRead(BaseModel):
@@ -130,6 +167,8 @@ class DeviceRead(BaseModel):
     created_at: datetime
     updated_at: datetime
     topics: DeviceTopics
+    auth: AuthMode = "password"
+    certificate_not_after: datetime | None = None
 
 
 class DeviceProvisioned(DeviceRead):
@@ -147,6 +186,12 @@ class DeviceBulkProvisioned(BaseModel):
 class DevicePage(BaseModel):
     items: list[DeviceRead]
     next_cursor: str | None
+
+
+class CredentialsRotate(_Input):
+    """Optional body of rotate-credentials: a new CSR for a certificate device (else a new key is made)."""
+
+    csr: CsrPem | None = None
 
 
 class CredentialsRotated(BaseModel):

@@ -12,6 +12,7 @@ from device_registry.broker_admin import BrokerAdmin
 from device_registry.metrics import RegistryMetrics
 from device_registry.presence import Presence
 from device_registry.reconcile import Reconciler
+from iotfleet.pki import PlatformPki
 from iotfleet.settings import Settings
 
 
@@ -27,3 +28,5 @@ class RegistryState:
     metrics: RegistryMetrics
     registry: CollectorRegistry
     db_ok: bool = field(default=True)
+    pki: PlatformPki | None = None
+    """The platform CA that issues device certificates (None: certificate devices refused)."""

@@ -24,8 +24,9 @@ Public API (used by ``iotfleet up``, the registry and the simulator):
 - ``IssuedCertificate`` — ``cert_pem``, ``key_pem``, ``fingerprint_sha256`` (hex of the DER's
   SHA-256: what the broker pins), ``serial``, ``not_after`` (aware UTC).
 - ``write_crl(pki, revoked)`` — rewrite ``crl.pem`` (atomic) listing ``(serial, revoked_at)``
-  pairs. Its thisUpdate is always later than the previous CRL's: OpenSSL, holding several CRLs of
-  one CA after reloads, trusts the newest only if it is strictly newer (one-second resolution).
+  pairs. Its thisUpdate is always later than the previous CRL's and never in the future (backdated
+  by up to an hour): Mosquitto's SIGHUP ADDS the file's CRL to its OpenSSL store, and OpenSSL uses
+  the newest valid CRL of a CA only if its thisUpdate is strictly later (one-second resolution).
 - ``fingerprint_of(cert_pem)`` — the SHA-256 fingerprint of a PEM certificate.
 """
 
@@ -60,6 +61,7 @@ CA_COMMON_NAME = "iotfleet platform CA"
 RENEW_BEFORE = dt.timedelta(days=30)
 BACKDATE = dt.timedelta(minutes=5)  # tolerate a device clock a little behind
 MAX_CSR_BYTES = 16 * 1024
+CRL_BACKDATE = dt.timedelta(hours=1)
 
 
 class PkiError(IotfleetError, ValueError):
@@ -463,19 +465,24 @@ def write_crl(pki: PlatformPki, revoked: Iterable[tuple[int, dt.datetime]]) -> P
         raise PkiError("the platform has no CA key: it cannot sign a CRL (bring your own: IOTFLEET_TLS__CRL)")
     ca_cert, ca_key = _load_ca(pki.ca_cert_path, pki.ca_key_path)
     now = _now()
+    # thisUpdate: strictly later than the previous CRL's, never in the future (a CRL not yet valid
+    # fails every handshake), so backdated by up to CRL_BACKDATE: bursts of revocations within one
+    # second still get distinct, increasing thisUpdates (OpenSSL keeps the newest of one CA's CRLs).
+    last_update = now - CRL_BACKDATE
     previous = _previous_crl(pki.crl_path)
-    if previous is not None and previous.last_update_utc >= now:
-        now = previous.last_update_utc + dt.timedelta(seconds=1)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now)
-        .next_update(now + dt.timedelta(days=pki.crl_days))
+    if previous is not None and previous.last_update_utc >= last_update:
+        last_update = min(previous.last_update_utc + dt.timedelta(seconds=1), now)
+    # One list to the constructor: add_revoked_certificate copies the builder each time (quadratic).
+    entries = [
+        x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at).build()
+        for serial, revoked_at in revoked
+    ]
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=ca_cert.subject,
+        last_update=last_update,
+        next_update=now + dt.timedelta(days=pki.crl_days),
+        revoked_certificates=entries,
     )
-    for serial, revoked_at in revoked:
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(revoked_at).build()
-        )
     crl = builder.sign(ca_key, hashes.SHA256())
     _write(pki.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return pki.crl_path

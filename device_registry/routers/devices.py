@@ -16,6 +16,7 @@ from device_registry.models import Device
 from device_registry.problems import PROBLEM_RESPONSES, Problem
 from device_registry.schemas import (
     TAG_KEY_PATTERN,
+    CredentialsRotate,
     CredentialsRotated,
     DeviceBulkCreate,
     DeviceBulkProvisioned,
@@ -235,6 +236,12 @@ async def enable_device(
     responses=_CHANGE_ERRORS,
 )
 async def rotate_credentials(
-    device_id: DeviceIdPath, state: StateDep, session: SessionDep, _caller: CurrentAdmin
+    device_id: DeviceIdPath,
+    state: StateDep,
+    session: SessionDep,
+    _caller: CurrentAdmin,
+    body: CredentialsRotate | None = None,
 ) -> CredentialsRotated:
-    return await provisioning.rotate_credentials(state, session, device_id)
+    """A password device gets a new password; a certificate device a new certificate (from the body's
+    CSR, or with a new key returned once), its old certificate revoked (CRL) and its session kicked."""
+    return await provisioning.rotate_credentials(state, session, device_id, body.csr if body else None)

@@ -134,6 +134,7 @@ def test_crl_lists_revoked_serials_and_is_always_newer(tmp_path: Path) -> None:
     pki.write_crl(made, [(a.serial, when), (b.serial, when)])
     second = x509.load_pem_x509_crl(made.crl_path.read_bytes())
     assert before < first.last_update_utc < second.last_update_utc  # same second: still strictly newer
+    assert second.last_update_utc <= dt.datetime.now(dt.UTC)  # never in the future (not yet valid)
     assert {e.serial_number for e in second} == {a.serial, b.serial}
     assert second.get_revoked_certificate_by_serial_number(a.serial).revocation_date_utc == when  # type: ignore[union-attr]
     assert pki.revoked_serials(made) == [(a.serial, when), (b.serial, when)]
