@@ -191,7 +191,9 @@ def test_simulate_over_tls_with_passwords_and_with_certificates(stack: EdgeStack
     cert_files = [Path(d["cert_file"]) for d in credentials if d.get("cert_file")]
     assert len(cert_files) == 8 and all(f.stat().st_mode & 0o777 == 0o600 for f in cert_files)
     listed = httpx.get(
-        f"http://127.0.0.1:{stack.api_port}/api/v1/devices/{cert_files[0].stem}", headers=stack.admin, timeout=10
+        f"http://127.0.0.1:{stack.api_port}/api/v1/devices/{cert_files[0].stem}",
+        headers=stack.admin,
+        timeout=10,
     ).json()
     assert listed["auth"] == "certificate", listed
 
