@@ -1,23 +1,23 @@
 """MQTT over TLS vs plain, on one fresh stack (`iotfleet up --listen 127.0.0.1`), in one run.
 
 Writes the "Devices over TLS" section of docs/benchmarks.md (with --write-docs) and
-bench/results/tls.json. Every figure comes from the real CLI (`python -m simulators`,
-a child process with its own RSS) against the stack's listeners: plain MQTT (1883's
-role, loopback), TLS with passwords (IOTFLEET_TLS__PORT) and TLS with client
-certificates issued by the registry (IOTFLEET_TLS__CERT_PORT).
+bench/results/tls.json. Against the stack's listeners: plain MQTT (loopback), TLS
+with passwords (IOTFLEET_TLS__PORT) and TLS with client certificates issued by the
+registry (IOTFLEET_TLS__CERT_PORT); devices provisioned through the public bulk API.
 
-1. Connect rate: N devices, one simulator process, no ramp-up limit: devices /
-   seconds until all are connected (TCP + TLS handshake + CONNECT/CONNACK).
-2. Sustained readings/s: M devices publishing every 50 ms at QoS 1 through the
-   whole stack (ingest, InfluxDB) for D seconds, --verify: broker-acked readings/s.
-3. Simulator RSS per device: whole-process RSS / devices of the runs in 1 (the
-   interpreter's ~60 MiB included), and the marginal cost of one connection
-   (RSS delta over K connections in a fresh process): plain, TLS through the
-   simulator's memory-BIO bridge, and TLS through asyncio's own SSL transport.
-4. Scale: S devices over TLS (passwords), every 10 s, --verify: missing / duplicate.
+1. Connections: N devices connected by the simulator's own MQTT client, each
+   transport in a fresh process (100 attempts in flight): devices/s (TCP + TLS
+   handshake + CONNECT → CONNACK 0) and the RSS delta per connection; plain, TLS
+   through the simulator's memory-BIO bridge, TLS with client certificates, and
+   TLS through asyncio's own SSL transport (the design not taken).
+2. Sustained readings/s: the real CLI (`python -m simulators`, one process), M
+   devices publishing every 50 ms at QoS 1 through the whole stack for D seconds,
+   --verify: broker-acked readings/s, plain vs TLS, and the process RSS per device.
+3. Scale: `iotfleet simulate --tls --verify` with S devices, a reading every 10 s.
 
-Usage: ``python -m bench.tls`` (≈ 8 min) or smaller sizes, e.g. ``--devices 1000
---rate-devices 200 --scale 2000 --scale-duration 60`` (what ``make bench`` runs).
+Usage: ``python -m bench.tls --write-docs`` (≈ 10 min) or smaller sizes, e.g.
+``--devices 1000 --rate-devices 200 --scale 2000 --scale-duration 60`` (what
+``make bench`` runs).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from bench.workload import machine  # noqa: E402
 from iotfleet.stack import probes  # noqa: E402
 
 SECTION = "Devices over TLS"
+IN_FLIGHT = 100  # connection attempts in flight at once in the connect-rate probes
 RESULTS = ROOT / "bench" / "results"
 IOTFLEET = [sys.executable, "-m", "iotfleet.cli"]
 
@@ -150,33 +151,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-AUTH_FLAGS = {"plain": [], "tls": ["--tls"], "cert": ["--auth", "cert"]}
-
-
-def connect_rate(stack: EdgeStack, work: Path, devices: int, skip_cert: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for mode, flags in AUTH_FLAGS.items():
-        if mode == "cert" and skip_cert:
-            continue
-        report = simulate(
-            stack,
-            f"connect-{mode}",
-            work / f"creds-{'cert' if mode == 'cert' else 'password'}.json",
-            "--devices",
-            str(devices),
-            "--duration",
-            "20",
-            "--interval",
-            "10s",
-            "--ramp-up",
-            "1000000",
-            "--processes",
-            "1",
-            *flags,
-        )
-        out[mode] = _summary(report)
-        log(f"  {mode}: {out[mode]}")
-    return out
+AUTH_FLAGS = {"plain": [], "tls": ["--tls"]}
 
 
 def sustained(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str, Any]:
@@ -204,7 +179,7 @@ def sustained(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict
     return out
 
 
-def scale(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str, Any]:
+def scale(stack: EdgeStack, work: Path, devices: int, duration: int, ramp_up: int) -> dict[str, Any]:
     pid = stack.broker_pid()
     report = simulate(
         stack,
@@ -216,12 +191,15 @@ def scale(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str
         str(duration),
         "--interval",
         "10s",
+        "--ramp-up",
+        str(ramp_up),
         "--verify",
         "--verify-timeout",
         "120s",
         "--tls",
     )
     out = _summary(report)
+    out["ramp_up_per_s"], out["duration_s"] = ramp_up, duration
     if pid is not None:
         out["broker_rss_bytes"] = psutil.Process(pid).memory_info().rss
     log(f"  scale: {out}")
@@ -231,12 +209,35 @@ def scale(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict[str
 # --- marginal RSS of one connection (a fresh process per transport) ---------------------------
 
 
-def per_connection(stack: EdgeStack, work: Path, count: int) -> dict[str, Any]:
-    creds = work / "creds-rss.json"
-    # Provisioned through the API by a short CLI run, reused by the probes.
-    simulate(stack, "rss-provision", creds, "--devices", str(count), "--duration", "1", "--processes", "1")
+def provision(stack: EdgeStack, work: Path, count: int, certificates: bool) -> Path:
+    """``count`` devices through the registry's bulk API (certificate devices: key + certificate files)."""
+    from simulators.provisioning import RegistryProvisioner, save_credentials, spread
+
+    path = work / f"creds-probe-{'cert' if certificates else 'password'}.json"
+    key = (stack.state / "admin-api-key").read_text().strip()
+    started = time.monotonic()
+    devices = RegistryProvisioner(f"http://127.0.0.1:{stack.ports['api']}", key).provision(
+        spread(count), cert_dir=work / "certs" if certificates else None
+    )
+    log(
+        f"  provisioned {count:,} {'certificate' if certificates else 'password'} devices in {time.monotonic() - started:.1f} s"
+    )
+    save_credentials(path, devices)
+    return path
+
+
+PROBES = ("plain", "tls", "cert", "asyncio-ssl")
+
+
+def connections(stack: EdgeStack, work: Path, count: int, skip_cert: bool) -> dict[str, Any]:
+    """Each transport in a fresh process: connect ``count`` devices, 100 handshakes in flight at most."""
+    passwords = provision(stack, work, count, certificates=False)
+    certificates = None if skip_cert else provision(stack, work, count, certificates=True)
     out = {}
-    for transport in ("plain", "bridge", "asyncio-ssl"):
+    for transport in PROBES:
+        if transport == "cert" and certificates is None:
+            continue
+        port = {"plain": stack.ports["mqtt"], "cert": stack.ports["cert"]}.get(transport, stack.ports["tls"])
         done = subprocess.run(
             [
                 sys.executable,
@@ -245,9 +246,9 @@ def per_connection(stack: EdgeStack, work: Path, count: int) -> dict[str, Any]:
                 "--probe",
                 transport,
                 "--probe-credentials",
-                str(creds),
+                str(certificates if transport == "cert" else passwords),
                 "--probe-port",
-                str(stack.ports["mqtt" if transport == "plain" else "tls"]),
+                str(port),
                 "--probe-ca",
                 str(stack.state / "tls" / "ca.crt"),
             ],
@@ -255,7 +256,7 @@ def per_connection(stack: EdgeStack, work: Path, count: int) -> dict[str, Any]:
             env=stack.client_env,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=600,
             check=False,
         )
         if done.returncode != 0:
@@ -292,13 +293,15 @@ def probe(transport: str, credentials: Path, port: int, cafile: Path) -> dict[st
         gc.collect()
         before = psutil.Process().memory_info().rss
         held: list[Any] = []
-        gate = asyncio.Semaphore(50)
+        gate = asyncio.Semaphore(IN_FLIGHT)
+        started = time.perf_counter()
 
         async def one(device: Any) -> None:
             async with gate:
                 waiter = Waiter()
+                password = None if device.cert_file else device.password
                 packet = mqtt.encode_connect(
-                    device.client_id, username=device.username, password=device.password, keepalive=120
+                    device.client_id, username=device.username, password=password, keepalive=300
                 )
                 if transport == "asyncio-ssl":
                     _t, connection = await loop.create_connection(
@@ -306,19 +309,27 @@ def probe(transport: str, credentials: Path, port: int, cafile: Path) -> dict[st
                     )
                     connection.write(packet)
                 else:
-                    tls = (contexts.shared, "127.0.0.1") if transport == "bridge" else None
+                    tls = None
+                    if transport != "plain":
+                        tls = (contexts.for_device(device.id, device.cert_file), "127.0.0.1")
                     connection = await mqtt.open_connection(waiter, "127.0.0.1", port, packet, tls=tls)
                 if await asyncio.wait_for(waiter.done, 30) != 0:
                     raise RuntimeError("CONNACK refused")
                 held.append((connection, waiter))
 
         await asyncio.gather(*(one(d) for d in devices))
+        connect_s = time.perf_counter() - started
         gc.collect()
         after = psutil.Process().memory_info().rss
         for connection, _waiter in held:
             connection.disconnect()
         await asyncio.sleep(0.5)
-        return {"connections": len(held), "kib_per_connection": round((after - before) / len(held) / 1024, 1)}
+        return {
+            "connections": len(held),
+            "connect_s": round(connect_s, 2),
+            "connect_rate_per_s": round(len(held) / connect_s, 1),
+            "kib_per_connection": round((after - before) / len(held) / 1024, 1),
+        }
 
     return asyncio.run(run())
 
@@ -336,61 +347,65 @@ def _kib(value: float) -> str:
 
 def render(result: dict[str, Any], command: str) -> str:
     m = result["machine"]
-    c, r, p, s = result["connect"], result["sustained"], result["per_connection"], result["scale"]
-    modes = [k for k in ("plain", "tls", "cert") if k in c]
+    c, r, s = result["connections"], result["sustained"], result["scale"]
+    n = c["plain"]["connections"]
+
+    def cell(mode: str, key: str, fmt: str) -> str:
+        return fmt.format(c[mode][key]) if mode in c else "–"
+
+    def ratio(mode: str) -> str:
+        return f"{c[mode]['connect_rate_per_s'] / c['plain']['connect_rate_per_s']:.2f}" if mode in c else "–"
+
     lines = [
         f"Measured {result['date']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, {m['os']},"
         f" Python {m['python']}, {m['mosquitto']}; load average {result['load_before']} before,"
-        f" {result['load_after']} after (the machine was shared with other work).",
+        f" {result['load_after']} after (the machine was shared with other work: absolute rates are low,"
+        " the ratios are what this section is for).",
         "",
         f"Command: `{command}`",
         "",
-        "One fresh stack (`iotfleet up --listen 127.0.0.1`); the simulator is the real CLI, one process"
-        " per run unless said. Plain = the broker's MQTT port; TLS = its device listener (TLS 1.2+, ECDSA"
-        " P-256 server certificate of the platform CA, the chain and host name checked by every device);"
-        " cert = TLS with a client certificate per device, issued by the registry (`auth: certificate`).",
+        "One fresh stack (`iotfleet up --listen 127.0.0.1`). Plain = the broker's MQTT port; TLS = its"
+        " device listener for passwords (TLS 1.2+, ECDSA P-256 server certificate of the platform CA; every"
+        " device checks the chain and the host name); cert = the certificate listener, each device with its"
+        " own client certificate issued by the registry (`auth: certificate`). Devices provisioned through"
+        " the public bulk API.",
         "",
-        "| what | plain | TLS, password | TLS, client certificate |",
-        "|---|---|---|---|",
-        f"| connect rate, {c['plain']['devices']:,} devices at once (TCP + TLS + CONNECT → CONNACK) | "
-        + " | ".join(
-            f"**{c[k]['connect_rate_per_s']:,.0f} devices/s** ({c[k]['all_connected_after_s']} s)"
-            if c.get(k, {}).get("connect_rate_per_s")
-            else "–"
-            for k in ("plain", "tls", "cert")
-        )
-        + " |",
-        "| ratio to plain | 1 | "
-        + " | ".join(
-            f"{c[k]['connect_rate_per_s'] / c['plain']['connect_rate_per_s']:.2f}"
-            if c.get(k, {}).get("connect_rate_per_s") and c["plain"]["connect_rate_per_s"]
-            else "–"
-            for k in ("tls", "cert")
-        )
-        + " |",
-        f"| simulator RSS / device, {c['plain']['devices']:,} devices (whole process) | "
-        + " | ".join(
-            _kib(c[k]["rss_per_device_bytes"]) if k in modes else "–" for k in ("plain", "tls", "cert")
-        )
-        + " |",
-        f"| sustained QoS 1 readings/s, {r['plain']['devices']:,} devices every 50 ms, whole stack |"
-        f" **{r['plain']['rate_per_s']:,.0f}** | **{r['tls']['rate_per_s']:,.0f}**"
-        f" (ratio {r['tls']['rate_per_s'] / r['plain']['rate_per_s']:.2f}) | – |",
-        f"| …stored (--verify): missing / duplicate | {r['plain']['verify']['missing']} /"
-        f" {r['plain']['verify']['duplicates']} | {r['tls']['verify']['missing']} /"
-        f" {r['tls']['verify']['duplicates']} | – |",
+        f"**Connections** ({n:,} devices, each transport in a fresh simulator process, {IN_FLIGHT} connection"
+        " attempts in flight; TCP + TLS handshake + CONNECT → CONNACK 0):",
         "",
-        f"Marginal simulator memory of one connection ({p['plain']['connections']:,} connections held"
-        " in a fresh process, RSS delta / connections): plain"
-        f" **{p['plain']['kib_per_connection']} KiB**, TLS through the simulator's memory-BIO bridge"
-        f" (`simulators/tls.py`, one shared context) **{p['bridge']['kib_per_connection']} KiB**, TLS"
-        f" through asyncio's own SSL transport **{p['asyncio-ssl']['kib_per_connection']} KiB** (CPython"
-        " 3.11 gives each SSL connection a 256 KiB read buffer): why the simulator does not use"
-        " `create_connection(ssl=…)`. A certificate device also holds its own `SSLContext` (Python's `ssl`"
-        " sets a client certificate per context), the difference between the cert and TLS columns above.",
+        "| what | plain | TLS, password (simulator bridge) | TLS, client certificate (bridge) |"
+        " TLS, password, asyncio's SSL transport |",
+        "|---|---|---|---|---|",
+        "| connect rate | "
+        + " | ".join(cell(k, "connect_rate_per_s", "**{:,.0f} devices/s**") for k in PROBES)
+        + " |",
+        "| ratio to plain | 1 | " + " | ".join(ratio(k) for k in PROBES[1:]) + " |",
+        "| simulator memory per connection (RSS delta / connections) | "
+        + " | ".join(cell(k, "kib_per_connection", "**{} KiB**") for k in PROBES)
+        + " |",
         "",
-        f"**Scale over TLS**: {s['devices']:,} password devices over TLS in {s['processes']} processes, a"
-        f" reading every 10 s, --verify: all connected after {s['all_connected_after_s']} s"
+        "The simulator speaks TLS through a memory-BIO bridge (`simulators/tls.py`): one `SSLContext`"
+        " per process for password devices, OpenSSL's per-connection state only. asyncio's own SSL"
+        " transport (`create_connection(ssl=…)`) gives each connection a 256 KiB read buffer (CPython 3.11"
+        " `SSLProtocol.max_size`), the last column. A certificate device also holds its own `SSLContext`"
+        " (Python's `ssl` sets a client certificate per context, not per connection), built on its first"
+        " connect: the cert column's extra memory and time.",
+        "",
+        f"**Sustained readings/s** ({r['plain']['devices']:,} devices, a reading every 50 ms each, QoS 1,"
+        " one simulator process, through the whole stack: ingest and InfluxDB; `--verify`):",
+        "",
+        "| what | plain | TLS, password |",
+        "|---|---|---|",
+        f"| broker-acked readings/s | **{r['plain']['rate_per_s']:,.0f}** | **{r['tls']['rate_per_s']:,.0f}**"
+        f" (ratio {r['tls']['rate_per_s'] / r['plain']['rate_per_s']:.2f}) |",
+        f"| stored: missing / duplicate | {r['plain']['verify']['missing']} / {r['plain']['verify']['duplicates']}"
+        f" | {r['tls']['verify']['missing']} / {r['tls']['verify']['duplicates']} |",
+        f"| simulator RSS / device (whole process, interpreter included) | {_kib(r['plain']['rss_per_device_bytes'])}"
+        f" | {_kib(r['tls']['rss_per_device_bytes'])} |",
+        "",
+        f"**Scale over TLS**: {s['devices']:,} password devices over TLS (`iotfleet simulate --tls --verify`,"
+        f" {s['processes']} processes, ramp-up {s['ramp_up_per_s']:,.0f}/s, a reading every 10 s for"
+        f" {s['duration_s']:,.0f} s): all connected after {s['all_connected_after_s']} s"
         f" ({s['connect_failures']} connect failures), {s['readings_acked']:,} readings broker-acked,"
         f" stored {s['verify']['stored']:,} of {s['verify']['expected']:,}: **{s['verify']['missing']}"
         f" missing, {s['verify']['duplicates']} duplicate**; simulator {_mib(s['rss_bytes'])}"
@@ -403,17 +418,17 @@ def render(result: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--devices", type=int, default=2000, help="connect-rate fleet")
+    parser.add_argument("--devices", type=int, default=2000, help="devices per connection probe")
     parser.add_argument("--rate-devices", type=int, default=500, help="sustained-rate fleet (every 50 ms)")
     parser.add_argument("--rate-duration", type=int, default=30)
-    parser.add_argument("--rss-connections", type=int, default=500)
     parser.add_argument("--scale", type=int, default=10_000, help="devices of the TLS scale run")
-    parser.add_argument("--scale-duration", type=int, default=120)
+    parser.add_argument("--scale-duration", type=int, default=180)
+    parser.add_argument("--scale-ramp-up", type=int, default=250, help="connections/s of the scale run")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
         "--skip-cert", action="store_true", help="no certificate devices (a CA without its key)"
     )
-    parser.add_argument("--probe", choices=("plain", "bridge", "asyncio-ssl"), help=argparse.SUPPRESS)
+    parser.add_argument("--probe", choices=PROBES, help=argparse.SUPPRESS)
     parser.add_argument("--probe-credentials", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--probe-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe-ca", type=Path, help=argparse.SUPPRESS)
@@ -433,14 +448,12 @@ def main() -> None:
         log("starting the stack (--listen 127.0.0.1)")
         stack.up()
         try:
-            log(f"connect rate: {args.devices:,} devices, plain / TLS / TLS + certificates")
-            result["connect"] = connect_rate(stack, work, args.devices, args.skip_cert)
+            log(f"connections: {args.devices:,} devices per transport (plain, TLS, TLS + certificates)")
+            result["connections"] = connections(stack, work, args.devices, args.skip_cert)
             log(f"sustained readings/s: {args.rate_devices:,} devices every 50 ms, plain / TLS")
             result["sustained"] = sustained(stack, work, args.rate_devices, args.rate_duration)
-            log(f"marginal RSS per connection: {args.rss_connections:,} connections per transport")
-            result["per_connection"] = per_connection(stack, work, args.rss_connections)
             log(f"scale: {args.scale:,} devices over TLS for {args.scale_duration} s, --verify")
-            result["scale"] = scale(stack, work, args.scale, args.scale_duration)
+            result["scale"] = scale(stack, work, args.scale, args.scale_duration, args.scale_ramp_up)
         finally:
             stack.down()
     result["load_after"] = round(os.getloadavg()[0], 1)
