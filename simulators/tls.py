@@ -60,7 +60,7 @@ class ClientContexts:
 class TlsBridge(asyncio.Protocol, asyncio.Transport):
     """The TCP connection's protocol and the MQTT connection's transport, TLS in between."""
 
-    __slots__ = ("_done", "_incoming", "_inner", "_outgoing", "_ssl", "_tcp")
+    __slots__ = ("_done", "_error", "_incoming", "_inner", "_outgoing", "_ssl", "_tcp")
 
     def __init__(self, context: ssl.SSLContext, server_hostname: str, inner: asyncio.Protocol) -> None:
         self._incoming = ssl.MemoryBIO()
@@ -71,6 +71,7 @@ class TlsBridge(asyncio.Protocol, asyncio.Transport):
         self._inner = inner
         self._tcp: asyncio.Transport | None = None
         self._done: asyncio.Future[None] | None = asyncio.get_running_loop().create_future()
+        self._error: Exception | None = None  # why TLS failed: reported as the connection's end
 
     async def handshake(self) -> None:
         """Until the handshake is done (the inner protocol is then connected), or its error."""
@@ -128,7 +129,8 @@ class TlsBridge(asyncio.Protocol, asyncio.Transport):
                 return
         self._flush()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: Exception) -> None:
+        self._error = exc
         tcp = self._tcp
         if self._done is not None and not self._done.done():
             self._done.set_exception(exc)
@@ -147,7 +149,7 @@ class TlsBridge(asyncio.Protocol, asyncio.Transport):
                     exc or ConnectionResetError("connection closed during the TLS handshake")
                 )
             return
-        self._inner.connection_lost(exc)
+        self._inner.connection_lost(self._error or exc)
 
     def pause_writing(self) -> None:
         self._inner.pause_writing()
