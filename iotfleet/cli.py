@@ -239,7 +239,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--listen",
         metavar="ADDRESS",
         help="address of the broker's device-facing TLS listeners (IOTFLEET_STACK__LISTEN, default 127.0.0.1;"
-        " the plain MQTT listener stays on loopback)",
+        " the plain MQTT listener stays on loopback); given, the API and dashboard are served over HTTPS there"
+        " too (IOTFLEET_REGISTRY__HTTPS_PORT, default 8443; plain HTTP stays on loopback)",
     )
     up.set_defaults(handler=cmd_up)
 
