@@ -11,8 +11,9 @@ registry (IOTFLEET_TLS__CERT_PORT); devices provisioned through the public bulk 
    through the simulator's memory-BIO bridge, TLS with client certificates, and
    TLS through asyncio's own SSL transport (the design not taken).
 2. Sustained readings/s: the real CLI (`python -m simulators`, one process), M
-   devices publishing every 50 ms at QoS 1 through the whole stack for D seconds,
-   --verify: broker-acked readings/s, plain vs TLS, and the process RSS per device.
+   devices publishing every 50 ms at QoS 1 through the whole stack for D seconds
+   (offered more than one process publishes): broker-acked readings/s, plain vs
+   TLS, and the process RSS per device.
 3. Scale: `iotfleet simulate --tls --verify` with S devices, a reading every 10 s.
 
 Usage: ``python -m bench.tls --write-docs`` (≈ 10 min) or smaller sizes, e.g.
@@ -27,6 +28,7 @@ import asyncio
 import gc
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +144,7 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
         "connect_rate_per_s": round(report["devices"] / after, 1) if after else None,
         "readings_acked": pub["broker_acked"],
         "rate_per_s": pub["rate_per_s"],
+        "peak_rate_per_s": pub["peak_rate_per_s"],
         "rss_bytes": res["rss_bytes"],
         "rss_per_device_bytes": res["rss_per_device_bytes"],
         "verify": {k: verify.get(k) for k in ("ok", "expected", "stored", "missing", "duplicates")}
@@ -171,10 +174,10 @@ def sustained(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict
             "0.5",
             "--processes",
             "1",
-            "--verify",
             *AUTH_FLAGS[mode],
         )
         out[mode] = _summary(report)
+        out[mode]["duration_s"] = duration
         log(f"  {mode}: {out[mode]}")
     return out
 
@@ -391,15 +394,16 @@ def render(result: dict[str, Any], command: str) -> str:
         " (Python's `ssl` sets a client certificate per context, not per connection), built on its first"
         " connect: the cert column's extra memory and time.",
         "",
-        f"**Sustained readings/s** ({r['plain']['devices']:,} devices, a reading every 50 ms each, QoS 1,"
-        " one simulator process, through the whole stack: ingest and InfluxDB; `--verify`):",
+        f"**Sustained readings/s** ({r['plain']['devices']:,} devices, a reading every 50 ms each: 10,000/s"
+        f" offered, more than one simulator process publishes here; QoS 1, through the whole stack, {r['plain']['duration_s']:.0f} s"
+        " including the connects): the broker-acked rate is what one process gets through the transport.",
         "",
         "| what | plain | TLS, password |",
         "|---|---|---|",
-        f"| broker-acked readings/s | **{r['plain']['rate_per_s']:,.0f}** | **{r['tls']['rate_per_s']:,.0f}**"
-        f" (ratio {r['tls']['rate_per_s'] / r['plain']['rate_per_s']:.2f}) |",
-        f"| stored: missing / duplicate | {r['plain']['verify']['missing']} / {r['plain']['verify']['duplicates']}"
-        f" | {r['tls']['verify']['missing']} / {r['tls']['verify']['duplicates']} |",
+        f"| broker-acked readings/s, mean (peak second) | **{r['plain']['rate_per_s']:,.0f}**"
+        f" ({r['plain']['peak_rate_per_s']:,.0f}) | **{r['tls']['rate_per_s']:,.0f}**"
+        f" ({r['tls']['peak_rate_per_s']:,.0f}) |",
+        f"| ratio to plain | 1 | **{r['tls']['rate_per_s'] / r['plain']['rate_per_s']:.2f}** |",
         f"| simulator RSS / device (whole process, interpreter included) | {_kib(r['plain']['rss_per_device_bytes'])}"
         f" | {_kib(r['tls']['rss_per_device_bytes'])} |",
         "",
@@ -420,7 +424,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--devices", type=int, default=2000, help="devices per connection probe")
     parser.add_argument("--rate-devices", type=int, default=500, help="sustained-rate fleet (every 50 ms)")
-    parser.add_argument("--rate-duration", type=int, default=30)
+    parser.add_argument("--rate-duration", type=int, default=20)
     parser.add_argument("--scale", type=int, default=10_000, help="devices of the TLS scale run")
     parser.add_argument("--scale-duration", type=int, default=180)
     parser.add_argument("--scale-ramp-up", type=int, default=250, help="connections/s of the scale run")
@@ -436,6 +440,8 @@ def main() -> None:
     if args.probe:
         print(json.dumps(probe(args.probe, args.probe_credentials, args.probe_port, args.probe_ca)))
         return
+    # A stop (SIGTERM) still takes the stack down (the finally below).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
     command = ".venv/bin/python -m bench.tls " + " ".join(sys.argv[1:])
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
