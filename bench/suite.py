@@ -75,6 +75,8 @@ AREA_BENCHMARKS = [
             "2000",
             "--scale-duration",
             "90",
+            "--scale-ramp-up",
+            "100",
             "--write-docs",
         ],
     ),
