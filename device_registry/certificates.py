@@ -12,7 +12,9 @@ from the platform CA (iotfleet/pki.py); the broker's device file pins its SHA-25
 The CRL is always rebuilt from the DB: certificates revoked for good (device deleted, certificate
 rotated; table ``revoked_certificates``, kept until they expire) plus the certificates of disabled
 certificate devices (held: enabling the device takes them off the CRL again). If the agent's change
-fails, the CRL is rebuilt from the DB again, so it never says more than the DB.
+fails, the CRL is rebuilt from the DB again, so it never says more than the DB. Changes in flight
+(CRL written, DB not yet committed) are held in ``PendingRevocations``, so two concurrent
+revocations cannot each write a CRL without the other's certificate.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import select
@@ -33,6 +36,19 @@ from iotfleet.pki import IssuedCertificate, PkiError, PlatformPki
 log = logging.getLogger("registry.certificates")
 
 CERTIFICATE = "certificate"
+
+
+@dataclass
+class PendingRevocations:
+    """Per device id: a serial about to be revoked or held (``add``) or taken off the CRL (``drop``)."""
+
+    add: dict[str, tuple[int, datetime]] = field(default_factory=dict)
+    drop: dict[str, int] = field(default_factory=dict)
+
+    def settle(self, device_id: str) -> None:
+        """The change is committed to the DB (or abandoned): the DB says it from now on."""
+        self.add.pop(device_id, None)
+        self.drop.pop(device_id, None)
 
 
 def serial_hex(serial: int) -> str:
@@ -93,14 +109,8 @@ async def crl_entries(session: AsyncSession) -> list[tuple[int, datetime]]:
     return entries
 
 
-async def write_crl(
-    platform: PlatformPki | None,
-    session: AsyncSession,
-    *,
-    add: Iterable[tuple[int, datetime]] = (),
-    drop: Iterable[int] = (),
-) -> None:
-    """Rewrite the broker's CRL from the DB, plus ``add`` and minus ``drop`` (a change about to happen).
+async def write_crl(platform: PlatformPki | None, session: AsyncSession, pending: PendingRevocations) -> None:
+    """Rewrite the broker's CRL: the DB's entries plus the pending additions, minus the pending drops.
 
     Ends the session's read transaction (the broker agent is called next, with no DB transaction open).
     """
@@ -109,16 +119,18 @@ async def write_crl(
         return
     entries = await crl_entries(session)
     await session.rollback()
-    dropped = set(drop)
-    merged = {serial: at for serial, at in [*entries, *add] if serial not in dropped}
+    dropped = set(pending.drop.values())
+    merged = {serial: at for serial, at in [*entries, *pending.add.values()] if serial not in dropped}
     await asyncio.to_thread(pki.write_crl, platform, sorted(merged.items()))
 
 
-async def rebuild_crl(platform: PlatformPki | None, session: AsyncSession) -> None:
-    """The CRL exactly as the DB says (at start, and after a failed change)."""
+async def rebuild_crl(
+    platform: PlatformPki | None, session: AsyncSession, pending: PendingRevocations
+) -> None:
+    """The CRL as the DB (and the changes still in flight) say: at start, and after a failed change."""
     if platform is None or platform.ca_key_path is None or not platform.ca_key_path.exists():
         return
     try:
-        await write_crl(platform, session)
+        await write_crl(platform, session, pending)
     except Exception as exc:  # the plugin still refuses what the DB revoked; the next change retries
         log.error("could not rewrite the CRL %s: %s", platform.crl_path, exc)

@@ -126,7 +126,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.registry = state
         async with sessions() as session:
-            await certificates.rebuild_crl(state.pki, session)
+            await certificates.rebuild_crl(state.pki, session, state.crl_pending)
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
         metrics.agent_reachable.set_function(lambda: float(agent.reachable))

@@ -378,16 +378,18 @@ async def _certificate_change(
     """
     if device_id in state.reconciler.busy:
         raise Conflict(f"device {device_id!r} is being changed by another request; retry")
-    await certificates.write_crl(
-        state.pki,
-        session,
-        add=[(revoke, utcnow())] if revoke is not None else [],
-        drop=[reinstate] if reinstate is not None else [],
-    )
+    pending = state.crl_pending
+    if revoke is not None:
+        pending.add[device_id] = (revoke, utcnow())
+    if reinstate is not None:
+        pending.drop[device_id] = reinstate
+    # The caller settles the pending entry once the DB holds the change (or it failed).
     try:
+        await certificates.write_crl(state.pki, session, pending)
         await _broker_change(state, session, device_id, upsert, remove)
-    except Problem:
-        await certificates.rebuild_crl(state.pki, session)
+    except BaseException:
+        pending.settle(device_id)
+        await certificates.rebuild_crl(state.pki, session, pending)
         raise
 
 
@@ -425,6 +427,7 @@ async def set_enabled(state: RegistryState, session: AsyncSession, device_id: st
         await session.commit()
     finally:
         state.reconciler.release([device_id])
+        state.crl_pending.settle(device_id)
     log.info("device %s %s", device_id, "enabled" if enabled else "disabled (kicked)")
     await session.refresh(device)
     return device
@@ -461,6 +464,7 @@ async def rotate_certificate(
         await session.commit()
     finally:
         state.reconciler.release([device_id])
+        state.crl_pending.settle(device_id)
     state.metrics.credentials_rotated.inc()
     log.info("device %s certificate rotated (old one revoked, kicked)", device_id)
     return CredentialsRotated(
@@ -501,6 +505,7 @@ async def rotate_credentials(
         await session.commit()
     finally:
         state.reconciler.release([device_id])
+        state.crl_pending.settle(device_id)
     state.metrics.credentials_rotated.inc()
     log.info("device %s credentials rotated (kicked)", device_id)
     return CredentialsRotated(
@@ -540,5 +545,6 @@ async def delete_device(state: RegistryState, session: AsyncSession, device_id: 
             await session.commit()
     finally:
         state.reconciler.release([device_id])
+        state.crl_pending.settle(device_id)
     state.metrics.devices_deleted.inc()
     log.info("device %s deleted (kicked)", device_id)

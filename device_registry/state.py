@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from device_registry.agent_client import AgentClient
 from device_registry.broker_admin import BrokerAdmin
+from device_registry.certificates import PendingRevocations
 from device_registry.metrics import RegistryMetrics
 from device_registry.presence import Presence
 from device_registry.reconcile import Reconciler
@@ -30,3 +31,4 @@ class RegistryState:
     db_ok: bool = field(default=True)
     pki: PlatformPki | None = None
     """The platform CA that issues device certificates (None: certificate devices refused)."""
+    crl_pending: PendingRevocations = field(default_factory=PendingRevocations)

@@ -117,10 +117,14 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
         out.print(
             escape(f"HTTPS: dashboard {info['https_dashboard']}   API {info['https_api']}"), soft_wrap=True
         )
-    if info.get("ca_cert"):
-        out.print(
-            escape(f"CA certificate (devices and browsers trust it): {info['ca_cert']}"), soft_wrap=True
-        )
+    tls = info["tls"]
+    out.print(
+        escape(
+            f"Devices over TLS: {tls['mqtts_password']} (password), {tls['mqtts_certificate']} (certificate);"
+            f" CA certificate: {info['ca_cert']}"
+        ),
+        soft_wrap=True,
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -35,7 +35,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,6 +64,7 @@ RENEW_BEFORE = dt.timedelta(days=30)
 BACKDATE = dt.timedelta(minutes=5)  # tolerate a device clock a little behind
 MAX_CSR_BYTES = 16 * 1024
 CRL_BACKDATE = dt.timedelta(hours=1)
+_CRL_LOCK = threading.Lock()  # read the previous CRL's thisUpdate and write the next one as one step
 
 
 class PkiError(IotfleetError, ValueError):
@@ -97,15 +100,18 @@ def _now() -> dt.datetime:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Temp file + fsync + rename: a reader (the broker on SIGHUP) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")  # unique: writers in several threads
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)  # O_CREAT's mode is masked by the umask
-    os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)  # O_CREAT's mode is masked by the umask
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -463,13 +469,20 @@ def write_crl(pki: PlatformPki, revoked: Iterable[tuple[int, dt.datetime]]) -> P
     """Rewrite the CRL with exactly these ``(serial, revoked_at)`` entries; return its path."""
     if pki.ca_key_path is None or pki.crl_path is None:
         raise PkiError("the platform has no CA key: it cannot sign a CRL (bring your own: IOTFLEET_TLS__CRL)")
-    ca_cert, ca_key = _load_ca(pki.ca_cert_path, pki.ca_key_path)
+    with _CRL_LOCK:
+        return _write_crl_locked(pki, pki.crl_path, pki.ca_key_path, revoked)
+
+
+def _write_crl_locked(
+    pki: PlatformPki, crl_path: Path, ca_key_path: Path, revoked: Iterable[tuple[int, dt.datetime]]
+) -> Path:
+    ca_cert, ca_key = _load_ca(pki.ca_cert_path, ca_key_path)
     now = _now()
     # thisUpdate: strictly later than the previous CRL's, never in the future (a CRL not yet valid
     # fails every handshake), so backdated by up to CRL_BACKDATE: bursts of revocations within one
     # second still get distinct, increasing thisUpdates (OpenSSL keeps the newest of one CA's CRLs).
     last_update = now - CRL_BACKDATE
-    previous = _previous_crl(pki.crl_path)
+    previous = _previous_crl(crl_path)
     if previous is not None and previous.last_update_utc >= last_update:
         last_update = min(previous.last_update_utc + dt.timedelta(seconds=1), now)
     # One list to the constructor: add_revoked_certificate copies the builder each time (quadratic).
@@ -484,8 +497,8 @@ def write_crl(pki: PlatformPki, revoked: Iterable[tuple[int, dt.datetime]]) -> P
         revoked_certificates=entries,
     )
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write(pki.crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
-    return pki.crl_path
+    _write(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crl_path
 
 
 def revoked_serials(pki: PlatformPki) -> list[tuple[int, dt.datetime]]:

@@ -109,8 +109,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, session_influxd: Influxd) ->
     with _remote_host() as remote:
         listen = remote[1] if remote else "127.0.0.1"
         platform = pki.ensure_platform_pki(TlsSettings(), state, [listen])
-        port, cert_port = probes.free_ports(2, host=listen)
-        tls = configs.TlsListeners(platform, listen, port, cert_port)
+        port, cert_port, wss_port = probes.free_ports(3, host=listen)
+        tls = configs.TlsListeners(platform, listen, port, cert_port, wss_port)
         broker = Broker(state / "mosquitto", config={"tls": tls})
         registry: RegistryProcess | None = None
         ingest: IngestProcess | None = None
@@ -199,6 +199,7 @@ class TlsDevice:
     port: int
     ctx: ssl.SSLContext
     password: bool = True
+    transport: str = "tcp"
     client: mqtt.Client = field(init=False)
     connack: int | None = None
     disconnected_at: float | None = None
@@ -213,6 +214,7 @@ class TlsDevice:
             CallbackAPIVersion.VERSION2,
             client_id=creds["client_id"],
             protocol=mqtt.MQTTv5,
+            transport=self.transport,  # type: ignore[arg-type]
             reconnect_on_failure=False,
         )
         if self.password:
@@ -566,3 +568,45 @@ def test_remote_host_reaches_tls_listener_but_not_plain(world: World, tmp_path: 
         plain = [*netns, *[a if a != world.listen else host for a in pub], "-p", str(world.broker.port)]
         done = subprocess.run(plain, capture_output=True, text=True, timeout=20, check=False)
         assert done.returncode != 0 and "refused" in (done.stderr + done.stdout).lower(), done.stderr
+
+
+def test_password_device_over_secure_websockets(world: World) -> None:
+    device = world.provision("password")
+    client = TlsDevice(
+        device, world.listen, world.tls.websockets_port, _context(world), transport="websockets"
+    )
+    client.connect()
+    try:
+        assert client.connack == 0
+        assert client.publish(device["topics"]["telemetry"], _reading(1)) in (0, 16)
+        probes.wait_until(
+            lambda: bool(device_rows(world.influxd, world.database, "thermostat", device["id"])),
+            timeout=20,
+            what="the reading sent over wss stored",
+        )
+    finally:
+        client.close()
+
+
+def test_concurrent_revocations_both_reach_the_crl(world: World, tmp_path: Path) -> None:
+    """Two devices disabled at once: neither CRL write may drop the other's certificate."""
+    devices = [world.provision("certificate") for _ in range(4)]
+
+    answers: dict[str, str] = {}
+
+    def disable(device: dict[str, Any]) -> None:
+        with world.registry.client() as api:
+            response = api.post(f"/api/v1/devices/{device['id']}/disable")
+            answers[device["id"]] = f"{response.status_code} {response.text[:300]}"
+
+    threads = [threading.Thread(target=disable, args=(d,)) for d in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(answer.startswith("200 ") for answer in answers.values()) and len(answers) == 4, answers
+    for device in devices:
+        creds = device["credentials"]
+        ctx = _context(world, creds["certificate"], creds["private_key"], tmp_path)
+        outcome = connect_outcome(world.listen, world.tls.cert_port, ctx, device["id"])
+        assert outcome == "SSLV3_ALERT_CERTIFICATE_REVOKED", (device["id"], outcome)

@@ -838,6 +838,24 @@ function argInput(name, prop, required, root) {
 
 function credentialsBox(title, credentials) {
   // Shown once: the registry keeps no password. Selectable text, never put in a URL or storage.
+  if (credentials.auth === "certificate") {
+    // A certificate device: its certificate, and its private key when the registry generated it.
+    return el(
+      "div",
+      { class: "credentials", "aria-label": title },
+      el("p", { text: `${title} — copy the certificate and key now, the key is not shown again:` }),
+      el(
+        "dl",
+        { class: "facts" },
+        el("dt", { text: "Client id (= certificate CN)" }),
+        el("dd", {}, el("code", { text: credentials.client_id })),
+        el("dt", { text: "Certificate" }),
+        el("dd", {}, el("code", { class: "secret", text: credentials.certificate || "" })),
+        el("dt", { text: "Private key" }),
+        el("dd", {}, el("code", { class: "secret", text: credentials.private_key || "(kept by the device: CSR)" })),
+      ),
+    );
+  }
   return el(
     "div",
     { class: "credentials", "aria-label": title },
