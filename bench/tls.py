@@ -180,15 +180,23 @@ def sustained(stack: EdgeStack, work: Path, devices: int, duration: int) -> dict
         )
         out[mode] = _summary(report)
         out[mode]["duration_s"] = duration
-        out[mode]["steady_rate_per_s"] = steady_rate(work / f"stats-{mode}.jsonl")
+        out[mode]["steady_rate_per_s"] = steady_rate(work / f"stats-{mode}.jsonl", duration)
         log(f"  {mode}: {out[mode]}")
     return out
 
 
-def steady_rate(stats_file: Path) -> float | None:
-    """Broker-acked readings/s once every device is connected, until the run stops (per-second counters)."""
+def steady_rate(stats_file: Path, duration: int) -> float | None:
+    """Broker-acked readings/s from the moment every device is connected to the end of the run's
+    duration (per-second counters; the drain after it, when nothing new is published, left out)."""
     lines = [json.loads(line) for line in stats_file.read_text().splitlines() if line.strip()]
-    steady = [x for x in lines if x.get("phase") == "running" and x.get("connected") == x.get("devices")]
+    if not lines:
+        return None
+    end = lines[0]["t"] + duration
+    steady = [
+        x
+        for x in lines
+        if x.get("phase") == "running" and x.get("connected") == x.get("devices") and x["t"] <= end
+    ]
     if len(steady) < 3:
         return None
     first, last = steady[0], steady[-1]
