@@ -58,6 +58,28 @@ AREA_BENCHMARKS = [
         ],
     ),
     ("admission", ["-m", "bench.admission", "--write-docs"]),
+    # Devices over TLS vs plain; the full size (10,000 devices over TLS) runs on its own:
+    # `python -m bench.tls --write-docs`.
+    (
+        "tls",
+        [
+            "-m",
+            "bench.tls",
+            "--devices",
+            "1000",
+            "--rate-devices",
+            "200",
+            "--rate-duration",
+            "20",
+            "--scale",
+            "2000",
+            "--scale-duration",
+            "90",
+            "--scale-ramp-up",
+            "100",
+            "--write-docs",
+        ],
+    ),
     ("hostile", ["-m", "bench.hostile", "--duration", "60", "--write-docs"]),
 ]
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-import uvicorn
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
 
@@ -26,6 +25,7 @@ from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
 from device_registry.broker_admin import BrokerAdmin, BrokerError
 from device_registry.dashboard import mount_dashboard
+from device_registry.listeners import https_listener, serve
 from device_registry.metrics import RegistryMetrics
 from device_registry.openapi import install_openapi
 from device_registry.presence import Presence
@@ -231,21 +231,17 @@ def _redact(url: str) -> str:
 def main() -> None:
     try:
         settings = load_settings()
+        https = https_listener(settings.registry)
         app = create_app(settings)
     except ConfigError as error:
         fail_fast(error, SERVICE)
         return
     configure_logging(settings.log_level)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    # A bulk request can run for minutes; a stop must not wait for it (its broker
-    # entries are undone, or deleted by the next reconcile).
-    uvicorn.run(
-        app,
-        host=settings.registry.host,
-        port=settings.registry.port,
-        log_level="warning",
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        serve(app, settings.registry, https)
+    except ConfigError as error:
+        fail_fast(error, SERVICE)
 
 
 if __name__ == "__main__":

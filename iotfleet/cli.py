@@ -113,6 +113,10 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
     out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
     out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
+    if info.get("https_dashboard"):
+        out.print(
+            escape(f"HTTPS: dashboard {info['https_dashboard']}   API {info['https_api']}"), soft_wrap=True
+        )
     tls = info["tls"]
     out.print(
         escape(
@@ -239,7 +243,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--listen",
         metavar="ADDRESS",
         help="address of the broker's device-facing TLS listeners (IOTFLEET_STACK__LISTEN, default 127.0.0.1;"
-        " the plain MQTT listener stays on loopback)",
+        " the plain MQTT listener stays on loopback); given, the API and dashboard are served over HTTPS there"
+        " too (IOTFLEET_REGISTRY__HTTPS_PORT, default 8443; plain HTTP stays on loopback)",
     )
     up.set_defaults(handler=cmd_up)
 

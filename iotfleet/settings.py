@@ -76,6 +76,20 @@ class RegistrySettings(BaseModel):
     presence_history_days: int = Field(
         30, ge=1, le=3650, description="Presence transitions older than this are deleted (checked hourly)"
     )
+    # HTTPS (API + dashboard) for operators beyond loopback. The plain listener above stays for
+    # the platform's own clients on loopback (rules engine, simulator, the CLI); `iotfleet up
+    # --listen ADDRESS` sets https_host to ADDRESS and the certificate to the platform's.
+    https_host: str | None = Field(
+        None,
+        description="Address of the HTTPS listener (API + dashboard); unset: no HTTPS listener"
+        " (`iotfleet up --listen ADDRESS` sets it)",
+    )
+    https_port: Port = Field(8443, description="Port of the HTTPS listener")
+    tls_certfile: Path | None = Field(
+        None,
+        description="Server certificate chain (PEM) of the HTTPS listener; the stack's: <state_dir>/tls/",
+    )
+    tls_keyfile: Path | None = Field(None, description="Its private key (PEM)")
 
 
 class JournalSettings(BaseModel):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -149,6 +150,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fleet.add_argument(
         "--commands-rate", type=float, help="commands per second the simulator sends to its devices"
     )
+    secure = parser.add_argument_group("TLS")
+    secure.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect the devices to the broker's TLS listener (CA and port from the running stack:"
+        " <state_dir>/stack.json, else <state_dir>/tls/ca.crt and IOTFLEET_TLS__PORT / __CERT_PORT)",
+    )
+    secure.add_argument(
+        "--auth",
+        choices=("password", "cert"),
+        default="password",
+        help="how devices authenticate: password (default), or cert: X.509 client certificates issued by the"
+        " registry (devices provisioned with auth=certificate; implies --tls)",
+    )
+    secure.add_argument("--cafile", type=Path, help="CA certificate the broker's must chain to (with --tls)")
+    secure.add_argument("--tls-host", help="broker address for TLS (default: the stack's --listen address)")
+    secure.add_argument("--tls-port", type=int, help="broker TLS port (default: the stack's, per --auth)")
     access = parser.add_argument_group("provisioning and accounts")
     access.add_argument(
         "--credentials",
@@ -237,11 +255,15 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
 def resolve_devices(
     args: argparse.Namespace, settings: Settings, counts: dict[str, int], console: Console
 ) -> tuple[list[DeviceCredentials], str, Path]:
-    """Reuse the credentials file if it has enough devices of each type; provision the rest."""
+    """Reuse the credentials file if it has enough devices of each type (and auth); provision the rest."""
     path: Path = getattr(args, "credentials", None) or settings.state_dir / "simulator" / "credentials.json"
-    existing: list[DeviceCredentials] = []
+    certificates = getattr(args, "auth", "password") == "cert"
+    kept: list[DeviceCredentials] = []
     if path.exists() and not getattr(args, "reprovision", False):
-        existing = provisioning.load_credentials(path)
+        kept = provisioning.load_credentials(path)
+    # Password and certificate devices share the file; a run uses those of its --auth only.
+    existing = [d for d in kept if (d.cert_file is not None) == certificates]
+    others = [d for d in kept if (d.cert_file is not None) != certificates]
     missing = provisioning.missing_counts(existing, counts)
     if not missing:
         return provisioning.select(existing, counts), f"reused {path}", path
@@ -255,18 +277,71 @@ def resolve_devices(
         )
     console.print(escape(f"provisioning {sum(missing.values()):,} device(s) through {api_url} …"))
     started = time.monotonic()
-    new = provisioning.RegistryProvisioner(api_url, api_key).provision(
-        missing, on_progress=lambda done, total: console.print(f"  {done:,}/{total:,} provisioned")
+    cafile = _cafile(args, settings) if api_url.startswith("https://") else None
+    new = provisioning.RegistryProvisioner(api_url, api_key, cafile=cafile).provision(
+        missing,
+        on_progress=lambda done, total: console.print(f"  {done:,}/{total:,} provisioned"),
+        cert_dir=path.parent / "certs" if certificates else None,
     )
     console.print(f"provisioned {len(new):,} device(s) in {time.monotonic() - started:.1f} s")
-    provisioning.save_credentials(path, existing + new)
-    note = f"provisioned {len(new)} via registry, saved to {path}"
+    provisioning.save_credentials(path, others + existing + new)
+    kind = "certificate devices" if certificates else "devices"
+    note = f"provisioned {len(new)} {kind} via registry, saved to {path}"
     return provisioning.select(existing + new, counts), note, path
 
 
 def _api_url(args: argparse.Namespace, settings: Settings) -> str:
     url: str | None = getattr(args, "api_url", None)
     return url or f"http://{settings.registry.host}:{settings.registry.port}"
+
+
+def _stack_tls(settings: Settings) -> dict[str, Any]:
+    """The TLS endpoints of the stack running from the state dir (``tls`` in stack.json), or {}."""
+    try:
+        stored = json.loads((settings.state_dir / "stack.json").read_text()).get("tls")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def _cafile(args: argparse.Namespace, settings: Settings) -> Path:
+    explicit: Path | None = getattr(args, "cafile", None)
+    if explicit is not None:
+        return explicit
+    stored = _stack_tls(settings).get("ca_cert")
+    if stored:
+        return Path(stored)
+    return settings.tls.ca_cert or settings.state_dir / "tls" / "ca.crt"
+
+
+def resolve_tls(args: argparse.Namespace, settings: Settings) -> tuple[str, int, Path] | None:
+    """Where devices connect over TLS (host, port, CA file), or None for plain MQTT.
+
+    The stack's listeners bind IOTFLEET_STACK__LISTEN; a wildcard (0.0.0.0) is reached on loopback,
+    whose address is in the server certificate too.
+    """
+    certificates = getattr(args, "auth", "password") == "cert"
+    if not (getattr(args, "tls", False) or certificates):
+        return None
+    stored = _stack_tls(settings)
+    key = "mqtts_certificate" if certificates else "mqtts_password"
+    port: int | None = getattr(args, "tls_port", None)
+    host: str | None = getattr(args, "tls_host", None)
+    if stored.get(key):
+        stored_host, _, stored_port = str(stored[key]).removeprefix("mqtts://").rpartition(":")
+        host = host or stored_host.strip("[]")
+        port = port or int(stored_port)
+    host = host or settings.stack.listen
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    port = port or (settings.tls.cert_port if certificates else settings.tls.port)
+    cafile = _cafile(args, settings)
+    if not cafile.exists():
+        raise ConfigError(
+            f"--tls: no CA certificate at {cafile}: start the stack with `iotfleet up` (it makes"
+            f" {settings.state_dir / 'tls' / 'ca.crt'}) or pass --cafile"
+        )
+    return host, port, cafile
 
 
 def resolve_observer(args: argparse.Namespace, settings: Settings) -> tuple[ObserverCredentials | None, str]:
@@ -307,11 +382,11 @@ def run(args: argparse.Namespace) -> int:
             getattr(args, "report", None) or settings.state_dir / "simulator" / f"report-{stamp}.json"
         )
         total = len(devices)
+        tls = resolve_tls(args, settings)
+        broker_host, broker_port = (tls[0], tls[1]) if tls else (settings.mqtt.host, settings.mqtt.port)
         explicit = getattr(args, "source_addresses", None)
         per_source = getattr(args, "devices_per_source", addresses.PER_SOURCE)
-        sources = (
-            addresses.parse(explicit) if explicit else addresses.choose(settings.mqtt.host, total, per_source)
-        )
+        sources = addresses.parse(explicit) if explicit else addresses.choose(broker_host, total, per_source)
         if explicit and len(sources) * per_source < total:
             raise ConfigError(
                 f"{total:,} devices need {-(-total // per_source)} source addresses at"
@@ -320,8 +395,9 @@ def run(args: argparse.Namespace) -> int:
         plan = RunPlan(
             scenario=scenario,
             devices=devices,
-            mqtt_host=settings.mqtt.host,
-            mqtt_port=settings.mqtt.port,
+            mqtt_host=broker_host,
+            mqtt_port=broker_port,
+            tls_cafile=tls[2] if tls else None,
             settings=settings,
             observer=observer,
             observer_note=observer_note,
@@ -340,8 +416,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(
             escape(
                 f"simulating {len(devices):,} devices ({', '.join(f'{t}={n}' for t, n in counts.items())})"
-                f" for {scenario.duration:,.0f} s against {settings.mqtt.host}:{settings.mqtt.port}"
-                f" in {scenario.process_count()} process(es)"
+                f" for {scenario.duration:,.0f} s against {broker_host}:{broker_port}"
+                + (f" over TLS (CA {tls[2]}, auth {getattr(args, 'auth', 'password')})" if tls else "")
+                + f" in {scenario.process_count()} process(es)"
                 + (f" from {len(sources)} source addresses ({sources[0]}…)" if sources else "")
                 + f" — {credentials_note}"
             )

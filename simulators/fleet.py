@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from iotfleet.topics import Channel
 from simulators import mqtt
 from simulators.faults import DeviceFaults, FaultKind, FaultSpec, assign_faults
 from simulators.models import OUT_OF_RANGE, SPIKES, DeviceModel, make_model
+from simulators.tls import ClientContexts, TlsOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +57,12 @@ class DeviceCredentials:
     # Where the device's seq counter resumes: a real device keeps counting across restarts,
     # and a rerun of the same ids must not look like duplicates of the previous run.
     next_seq: int = 0
+    # A certificate device (auth "certificate"): its key and certificate (PEM, one file, 0600),
+    # presented in the TLS handshake instead of a password.
+    cert_file: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "type": self.type,
             "username": self.username,
@@ -65,12 +70,19 @@ class DeviceCredentials:
             "client_id": self.client_id,
             "next_seq": self.next_seq,
         }
+        if self.cert_file is not None:
+            out["cert_file"] = self.cert_file
+        return out
 
 
 @dataclass
 class FleetConfig:
     host: str = "127.0.0.1"
     port: int = 1883
+    # MQTT over TLS: the CA file the broker's certificate must chain to (None: plain TCP), and
+    # the name it must carry (default: host).
+    tls_cafile: str | None = None
+    tls_server_hostname: str | None = None
     interval_s: float = 10.0
     jitter: float = 0.1  # ± fraction of the interval, so devices do not publish in lockstep
     batch: int = 1  # readings per telemetry message (a JSON array when > 1)
@@ -269,7 +281,7 @@ class SimDevice(mqtt.MqttHandler):
         return mqtt.encode_connect(
             c.client_id,
             username=c.username,
-            password=c.password,
+            password=None if c.cert_file is not None else c.password,
             keepalive=self.fleet.config.keepalive_s,
             will_topic=topics.device_topic(c.type, c.id, Channel.STATUS),
             will_payload=topics.STATUS_OFFLINE,
@@ -293,6 +305,7 @@ class SimDevice(mqtt.MqttHandler):
                 self.connect_packet(),
                 connect_timeout_s=self.connect_timeout(),
                 source=self.source,
+                tls=fleet.tls_for(self.creds),
             )
         except (OSError, TimeoutError) as exc:
             self._connect_failed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
@@ -831,6 +844,16 @@ class Fleet:
         # Timing wheel: slot number → devices due in it. 10,000 devices publishing every
         # 10 s need ~100 loop timers per second instead of 1,000 TimerHandles in a heap.
         self._slots: dict[int, list[SimDevice]] = {}
+        self.tls: ClientContexts | None = None
+        if config.tls_cafile is not None:
+            self.tls = ClientContexts(TlsOptions(config.tls_cafile, config.tls_server_hostname))
+
+    def tls_for(self, creds: DeviceCredentials) -> tuple[ssl.SSLContext, str] | None:
+        """The TLS context and server name a device connects with (None: plain TCP)."""
+        if self.tls is None:
+            return None
+        context = self.tls.for_device(creds.id, creds.cert_file)
+        return context, self.tls.options.server_hostname or self.config.host
 
     def source_for(self, index: int) -> str | None:
         """The local address of this process's device ``index`` (None: the OS picks)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import struct
 import sys
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from iotfleet.mqtt_wire import (
     encode_varint,
     parse_properties,
 )
+from simulators.tls import TlsBridge
 
 # Packet types (high nibble of the first byte).
 CONNECT = 0x10
@@ -332,16 +334,31 @@ async def open_connection(
     connect_timeout_s: float = 10.0,
     now: Callable[[], float] | None = None,
     source: str | None = None,
+    tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> MqttConnection:
-    """Open TCP (from ``source`` if given), send CONNECT; the CONNACK arrives later through ``handler.on_connack``."""
+    """Open TCP (from ``source`` if given), TLS if ``tls`` (context, server host name) is given, send
+    CONNECT; the CONNACK arrives later through ``handler.on_connack``."""
     loop = asyncio.get_running_loop()
+    protocol = MqttConnection(handler)
 
-    async def connect() -> tuple[asyncio.BaseTransport, MqttConnection]:
+    def factory() -> asyncio.Protocol:
+        if tls is None:
+            return protocol
+        return TlsBridge(tls[0], tls[1], protocol)
+
+    async def connect() -> None:
         if source is None:
-            return await loop.create_connection(lambda: MqttConnection(handler), host, port)
-        sock = await _connect_from(host, port, source)
-        return await loop.create_connection(lambda: MqttConnection(handler), sock=sock)
+            transport, outer = await loop.create_connection(factory, host, port)
+        else:
+            sock = await _connect_from(host, port, source)
+            transport, outer = await loop.create_connection(factory, sock=sock)
+        if isinstance(outer, TlsBridge):
+            try:
+                await outer.handshake()
+            except BaseException:  # refused, or the connect timeout: no half-open socket left behind
+                transport.abort()
+                raise
 
-    _transport, protocol = await asyncio.wait_for(connect(), connect_timeout_s)
+    await asyncio.wait_for(connect(), connect_timeout_s)
     protocol.write(connect_packet, now() if now else loop.time())
     return protocol

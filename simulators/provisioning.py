@@ -58,15 +58,20 @@ def load_credentials(path: Path) -> list[DeviceCredentials]:
                     id=item["id"],
                     type=item["type"],
                     username=item.get("username", item["id"]),
-                    password=item["password"],
+                    password=item.get("password") or "",
                     client_id=item.get("client_id", item["id"]),
                     next_seq=int(item.get("next_seq", 0)),
+                    cert_file=item.get("cert_file"),
                 )
             )
         except (KeyError, TypeError, ValueError):
             raise ProvisioningError(
-                f"credentials file {path}: device #{index} needs id, type and password"
+                f"credentials file {path}: device #{index} needs id, type and password (or cert_file)"
             ) from None
+        if not out[-1].password and out[-1].cert_file is None:
+            raise ProvisioningError(
+                f"credentials file {path}: device #{index} has neither password nor cert_file"
+            )
         if out[-1].type not in DEVICE_TYPES:
             raise ProvisioningError(f"credentials file {path}: unknown device type {out[-1].type!r}")
     return out
@@ -115,10 +120,15 @@ def missing_counts(devices: list[DeviceCredentials], counts: Mapping[str, int]) 
 class RegistryProvisioner:
     """Creates devices with ``POST /api/v1/devices/bulk`` (≤10,000 per request)."""
 
-    def __init__(self, base_url: str, api_key: str, *, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self, base_url: str, api_key: str, *, timeout_s: float = 600.0, cafile: Path | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.verify: str | bool = (
+            str(cafile) if cafile is not None else True
+        )  # an https:// API: the platform CA
 
     def provision(
         self,
@@ -126,7 +136,10 @@ class RegistryProvisioner:
         *,
         run_id: str | None = None,
         on_progress: Callable[[int, int], None] | None = None,
+        cert_dir: Path | None = None,
     ) -> list[DeviceCredentials]:
+        """Create the devices; with ``cert_dir``, as certificate devices (auth "certificate") whose
+        key and certificate, returned once by the registry, are kept in ``cert_dir/<id>.pem`` (0600)."""
         run = run_id or secrets.token_hex(3)
         wanted: list[dict[str, Any]] = []
         for device_type, n in counts.items():
@@ -137,11 +150,14 @@ class RegistryProvisioner:
                         "type": device_type,
                         "name": f"simulated {device_type} {i}",
                         "tags": {"simulator": "iotfleet", "run": run},
+                        **({"auth": "certificate"} if cert_dir is not None else {}),
                     }
                 )
         out: list[DeviceCredentials] = []
         headers = {"Authorization": f"Bearer {self.api_key}"}
-        with httpx.Client(base_url=self.base_url, headers=headers, timeout=self.timeout_s) as client:
+        with httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=self.timeout_s, verify=self.verify
+        ) as client:
             for start in range(0, len(wanted), BULK_LIMIT):
                 chunk = wanted[start : start + BULK_LIMIT]
                 try:
@@ -162,18 +178,38 @@ class RegistryProvisioner:
                     )
                 for item in response.json().get("devices", []):
                     cred = item.get("credentials") or {}
+                    cert_file = None
+                    if cert_dir is not None:
+                        cert_file = str(save_certificate(cert_dir, item["id"], cred))
                     out.append(
                         DeviceCredentials(
                             id=item["id"],
                             type=item["type"],
                             username=cred.get("username", item["id"]),
-                            password=cred["password"],
+                            password=cred.get("password") or "",
                             client_id=cred.get("client_id", item["id"]),
+                            cert_file=cert_file,
                         )
                     )
                 if on_progress is not None:
                     on_progress(len(out), len(wanted))
         return out
+
+
+def save_certificate(cert_dir: Path, device_id: str, credentials: Mapping[str, Any]) -> Path:
+    """Write a certificate device's key and certificate (PEM, one file, 0600): what it presents over TLS."""
+    key, cert = credentials.get("private_key"), credentials.get("certificate")
+    if not key or not cert:
+        raise ProvisioningError(
+            f"the registry returned no certificate and key for certificate device {device_id!r}: does it"
+            " support auth=certificate (a platform CA with its key)?"
+        )
+    cert_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = cert_dir / f"{device_id}.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(key).rstrip("\n") + "\n" + str(cert))
+    return path
 
 
 def read_api_key(state_dir: Path) -> str | None:

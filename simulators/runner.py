@@ -52,12 +52,16 @@ class RunPlan:
     source_addresses: list[str] = field(default_factory=list)  # see simulators/addresses.py
     per_source: int = 20_000
     stats_path: Path | None = None  # one JSON line of fleet-wide counters per second (for benchmarks)
+    tls_cafile: Path | None = None  # MQTT over TLS, the broker's certificate checked against this CA
+    tls_server_hostname: str | None = None
 
     def fleet_config(self) -> FleetConfig:
         s = self.scenario
         return FleetConfig(
             host=self.mqtt_host,
             port=self.mqtt_port,
+            tls_cafile=str(self.tls_cafile) if self.tls_cafile is not None else None,
+            tls_server_hostname=self.tls_server_hostname,
             interval_s=s.interval,
             jitter=s.jitter,
             batch=s.batch,
@@ -512,6 +516,7 @@ def build_report(
             "qos": scenario.qos,
             "ramp_up_per_s": scenario.ramp_up,
             "broker": f"{plan.mqtt_host}:{plan.mqtt_port}",
+            "tls": plan.tls_cafile is not None,
             "credentials": plan.credentials_note,
         },
         "published": {

@@ -212,6 +212,7 @@ class Stack:
                 [_script("iotfleet-registry")],
                 service_env(
                     "iotfleet-registry",
+                    **self._registry_https_env(),
                     IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key(),
                     IOTFLEET_BROKER_AGENT__TOKEN=self.agent_token(),
                 ),
@@ -253,12 +254,50 @@ class Stack:
             )
         return parts
 
+    def https_host(self) -> str | None:
+        """Where the registry serves HTTPS (API + dashboard), or None: plain HTTP on loopback only.
+
+        On when asked: IOTFLEET_REGISTRY__HTTPS_HOST, or the stack opened to a network with
+        ``--listen`` / IOTFLEET_STACK__LISTEN (then on that address, like the devices' TLS
+        listeners). A default stack keeps its loopback-only HTTP, unchanged for newcomers.
+        """
+        s = self.settings
+        if s.registry.https_host is not None:
+            return s.registry.https_host
+        return s.stack.listen if "listen" in s.stack.model_fields_set else None
+
+    def _registry_https_env(self) -> dict[str, str]:
+        host = self.https_host()
+        if host is None:
+            return {}
+        s = self.settings
+        paths = pki.platform_pki_paths(s.tls, self.layout.root)
+        return {
+            "IOTFLEET_REGISTRY__HTTPS_HOST": host,
+            "IOTFLEET_REGISTRY__HTTPS_PORT": str(s.registry.https_port),
+            "IOTFLEET_REGISTRY__TLS_CERTFILE": str(
+                s.registry.tls_certfile or paths.server_cert_path.resolve()
+            ),
+            "IOTFLEET_REGISTRY__TLS_KEYFILE": str(s.registry.tls_keyfile or paths.server_key_path.resolve()),
+        }
+
+    def https_base(self) -> str | None:
+        """The HTTPS base URL of the API and dashboard (None: no HTTPS listener)."""
+        host = self.https_host()
+        if host is None:
+            return None
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"https://{shown}:{self.settings.registry.https_port}"
+
     def _write_configs(self, parts: list[Part]) -> None:
         s = self.settings
         self.layout.logs.mkdir(parents=True, exist_ok=True)
         # The platform CA and server certificate (made once; the server certificate is re-issued
         # when the --listen address or IOTFLEET_TLS__HOSTS change): the broker's device listeners.
-        platform_pki = pki.ensure_platform_pki(s.tls, self.layout.root, [s.stack.listen])
+        https_host = self.https_host()
+        hosts = [s.stack.listen] + ([https_host] if https_host and https_host != s.stack.listen else [])
+        platform_pki = pki.ensure_platform_pki(s.tls, self.layout.root, hosts)
         configs.write_mosquitto_config(
             self.layout.mosquitto,
             host=s.mqtt.host,
@@ -286,6 +325,7 @@ class Stack:
                     "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
                     "influx": s.influx.url,
                     "tls": tls_endpoints(s, platform_pki),
+                    "https_api": self.https_base(),
                 },
                 indent=2,
             )
@@ -437,6 +477,7 @@ class Stack:
                 raise StackError(f"port {port} is configured for both {other} and {name}: change {setting}")
             wanted[port] = (name, setting)
         self._check_tls_ports(wanted)
+        self._check_https_port(wanted)
         for port, (name, setting) in wanted.items():
             host = self.settings.mqtt.host if name == "mosquitto" else "127.0.0.1"
             if probes.port_in_use(host, port):
@@ -462,6 +503,22 @@ class Stack:
                     f"cannot listen on {listen}:{port} ({problem}): change {setting} or IOTFLEET_STACK__LISTEN"
                     " (iotfleet up --listen)"
                 )
+
+    def _check_https_port(self, wanted: dict[int, tuple[str, str]]) -> None:
+        host = self.https_host()
+        if host is None:
+            return
+        port, setting = self.settings.registry.https_port, "IOTFLEET_REGISTRY__HTTPS_PORT"
+        tls = self.settings.tls
+        taken = {tls.port: "IOTFLEET_TLS__PORT", tls.cert_port: "IOTFLEET_TLS__CERT_PORT"}
+        if tls.websockets_port:
+            taken[tls.websockets_port] = "IOTFLEET_TLS__WEBSOCKETS_PORT"
+        clash = wanted[port][1] if port in wanted else taken.get(port)
+        if clash is not None:
+            raise StackError(f"port {port} is configured twice ({clash} and {setting}): change {setting}")
+        problem = probes.bind_problem(host, port)
+        if problem is not None:
+            raise StackError(f"cannot listen on {host}:{port} for HTTPS ({problem}): change {setting}")
 
     def up(self, *, foreground: bool, on_progress: Callable[[str], None] = print) -> int | None:
         """Start everything; return the foreground supervisord's exit code, or None when detached."""
@@ -667,6 +724,7 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
     except (FileNotFoundError, KeyError):
         stored = {}
         base = f"http://{stack.settings.registry.host}:{stack.settings.registry.port}"
+    https = stored.get("https_api") if stored else stack.https_base()
     tls = stored.get("tls") or tls_endpoints(
         stack.settings, pki.platform_pki_paths(stack.settings.tls, stack.layout.root)
     )
@@ -681,4 +739,7 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
         "parts": [asdict(p) for p in parts],
         "ca_cert": tls["ca_cert"],
         "tls": tls,
+        # HTTPS for operators beyond loopback (None unless the stack listens: --listen).
+        "https_dashboard": f"{https}/" if https else None,
+        "https_api": f"{https}/api/v1" if https else None,
     }
