@@ -191,6 +191,9 @@ class DeviceTypeRead(BaseModel):
     units: dict[str, str]
     reading_schema: dict[str, Any]
     command_schemas: dict[str, dict[str, Any]]
+    state_schema: dict[str, Any] | None = Field(
+        None, description="The type's desired/reported state (device shadow); null if it has none"
+    )
 
 
 class DeviceTypeList(BaseModel):
