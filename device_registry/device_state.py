@@ -52,7 +52,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -64,6 +64,7 @@ from iotfleet.catalogue import DEVICE_TYPES, State, get_device_type
 from iotfleet.errors import TopicError
 from iotfleet.settings import Settings
 from iotfleet.topics import Channel
+from rules_engine import wire
 
 log = logging.getLogger("registry.state")
 
@@ -77,7 +78,6 @@ RETRY_S = 10.0
 """Pending deltas the broker did not acknowledge are sent again after this long."""
 MAX_DOCUMENT_BYTES = 16 * 1024
 """A stored document's size as JSON: far above any state model (a few bounded fields)."""
-REQUEST_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 def utcnow() -> datetime:
@@ -381,33 +381,6 @@ async def set_desired_many(
 # --- the MQTT side ---------------------------------------------------------------------------
 
 
-class DesiredRequest(BaseModel):
-    """A desired-state patch the rules engine asks for (``iotfleet/state/desired``, QoS 1)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: str = Field(pattern=REQUEST_ID_PATTERN)
-    device_type: str = Field(max_length=32)
-    device_id: str = Field(pattern=topics.DEVICE_ID_PATTERN)
-    patch: dict[str, Any] = Field(max_length=64)
-    source: str = Field("rule", max_length=200)
-
-
-def desired_request(
-    *, request_id: str, device_type: str, device_id: str, patch: Mapping[str, Any], source: str
-) -> bytes:
-    """The wire form of a ``DesiredRequest`` (what the rules engine publishes)."""
-    return orjson.dumps(
-        {
-            "id": request_id,
-            "device_type": device_type,
-            "device_id": device_id,
-            "patch": dict(patch),
-            "source": source,
-        }
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _Incoming:
     topic: str
@@ -689,11 +662,11 @@ class ShadowService:
     async def record(self, batch: Sequence[_Incoming]) -> None:
         """Validate a batch of reports and rule requests and apply them in one transaction."""
         reports: list[tuple[str, str, dict[str, Any]]] = []
-        requests: list[DesiredRequest] = []
+        requests: list[wire.DesiredStateRequest] = []
         for item in batch:
             if item.topic == topics.DESIRED_STATE_REQUESTS:
                 try:
-                    requests.append(DesiredRequest.model_validate_json(item.payload))
+                    requests.append(wire.DesiredStateRequest.model_validate_json(item.payload))
                 except ValidationError as exc:
                     self.metrics.messages.labels("request", "invalid").inc()
                     log.warning("ignored an invalid desired-state request: %s", str(exc)[:200])

@@ -295,3 +295,44 @@ def test_registry_restart_keeps_state_and_reports_sent_meanwhile(shadow_platform
         }
     finally:
         dev.disconnect()
+
+
+def test_a_rule_sets_desired_state_also_across_a_registry_restart(shadow_platform: Platform) -> None:
+    env = shadow_platform
+    dev = device(env).connect()
+    try:
+        name = f"eco-when-hot-{secrets.token_hex(3)}"
+        bad = {
+            "name": name,
+            "scope": {"device_type": "thermostat", "device_ids": [dev.device_id]},
+            "when": {"field": "temperature_c", "op": ">", "value": 30},
+            "then": [{"set_desired": {"mode": "turbo"}}],
+        }
+        resp = env.http.post("/api/v1/rules", json=bad)
+        assert resp.status_code == 422 and "set_desired" in resp.text, resp.text
+        rule = env.create_rule({**bad, "then": [{"set_desired": {"mode": "eco", "setpoint_c": 18.0}}]})
+        if env.engine is None:
+            env.start_engine()
+        env.wait_rule_loaded(rule["id"])
+        # The registry is down when the rule fires: the request waits in its persistent session.
+        env.registry.stop()
+        reading = {"temperature_c": 35.0, "humidity_pct": 40.0, "setpoint_c": 21.0, "mode": "auto"}
+        assert dev.publish(dev.topic(Channel.TELEMETRY), orjson.dumps(reading)) == 0
+        assert env.engine is not None
+        wait(
+            lambda: (
+                env.engine is not None and env.engine.metrics.commands.labels("set_desired")._value.get() >= 1
+            ),
+            "engine asked for the desired state",
+        )
+        env.registry = RegistryServer(env.registry_settings).start()
+        wait(
+            lambda: state(env, dev.device_id)["desired"] == {"mode": "eco", "setpoint_c": 18.0},
+            "rule applied",
+        )
+        wait(lambda: state(env, dev.device_id)["delta"] == {}, "device converged to the rule's state")
+        body = state(env, dev.device_id)
+        assert body["desired_source"] == f"rule:{name}"
+        assert body["versions"]["desired"] == 1  # applied once
+    finally:
+        dev.disconnect()
