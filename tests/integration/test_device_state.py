@@ -8,6 +8,7 @@ document on ``state/reported``.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import threading
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from iotfleet import topics
 from iotfleet.topics import Channel
+from simulators.fleet import DeviceCredentials, Fleet, FleetConfig
 from tests.harness import Broker
 from tests.integration.test_rules_registry import Platform, platform_settings
 from tests.registry_harness import ADMIN_KEY
@@ -336,3 +338,61 @@ def test_a_rule_sets_desired_state_also_across_a_registry_restart(shadow_platfor
         assert body["versions"]["desired"] == 1  # applied once
     finally:
         dev.disconnect()
+
+
+def test_simulated_devices_converge_on_a_batch_change(shadow_platform: Platform) -> None:
+    """set_desired_many (the service function jobs call) on a small simulated fleet: every device
+    reports the new state, and its behaviour follows it."""
+    env = shadow_platform
+    ids = [f"sim-{secrets.token_hex(4)}" for _ in range(12)]
+    creds = [
+        DeviceCredentials(id=i, type="thermostat", username=i, password=env.provision(i), client_id=i)
+        for i in ids
+    ]
+    holder: dict[str, Fleet] = {}
+    stop = threading.Event()
+
+    async def run() -> None:
+        fleet = holder["fleet"] = Fleet(
+            creds, FleetConfig(port=env.broker.port, interval_s=1.0, publish_on_start=True)
+        )
+
+        def tick() -> None:
+            if stop.is_set():
+                fleet.request_stop()
+
+        await fleet.run(60.0, on_tick=tick, tick_s=0.1)
+
+    thread = threading.Thread(target=asyncio.run, args=(run(),), daemon=True)
+    thread.start()
+    try:
+        wait(
+            lambda: all(state(env, i)["versions"]["reported"] >= 1 for i in ids),
+            "every device reported at connect",
+        )
+        shadow = shadow_of(env)
+        future = asyncio.run_coroutine_threadsafe(
+            shadow.set_desired_many(
+                [*ids, "no-such-device"], {"mode": "eco", "setpoint_c": 17.5}, source="job:t"
+            ),
+            shadow._loop,
+        )
+        result = future.result(10)
+        assert sorted(result.changed) == sorted(ids) and result.missing == ["no-such-device"]
+        wait(
+            lambda: all(state(env, i)["delta"] == {} for i in ids),
+            "every simulated device converged",
+            timeout=15,
+        )
+        assert all(state(env, i)["reported"] == {"mode": "eco", "setpoint_c": 17.5} for i in ids)
+        fleet = holder["fleet"]
+        assert all(d.model.state() == {"mode": "eco", "setpoint_c": 17.5} for d in fleet.devices)
+        assert fleet.stats.deltas_received >= len(ids) and fleet.stats.deltas_invalid == 0
+        # Refused for a type whose model does not fit: nothing changes.
+        refused = asyncio.run_coroutine_threadsafe(
+            shadow.set_desired_many(ids[:2], {"relay_on": True}, source="job:t"), shadow._loop
+        ).result(10)
+        assert set(refused.refused) == set(ids[:2]) and not refused.changed
+    finally:
+        stop.set()
+        thread.join(30)
