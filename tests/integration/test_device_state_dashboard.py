@@ -33,7 +33,9 @@ __all__ = ["shadow_platform"]  # the module-scoped platform fixture, used here
 def tab() -> Iterator[tuple[Page, Console]]:
     console = Console()
     # This platform has no InfluxDB: the page's telemetry panels get 503 (not what is tested here).
-    console.allowed.append(re.compile(r"status of 503 .*/api/v1/(fleet/summary|devices/[^/]+/(telemetry|deadletters))"))
+    console.allowed.append(
+        re.compile(r"status of 503 .*/api/v1/(fleet/summary|devices/[^/]+/(telemetry|deadletters))")
+    )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1366, "height": 900}, locale="en-GB")
