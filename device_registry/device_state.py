@@ -440,7 +440,9 @@ class ShadowService:
         self._mid_lock = threading.Lock()
         self._pending: dict[int, tuple[str, int]] = {}  # mid → (device id, delta seq)
         self._early: OrderedDict[int, ReasonCode] = OrderedDict()
-        self._inflight: dict[str, tuple[int, float]] = {}  # device id → (delta seq, sent at)
+        # device id → (delta seq, sent at, acked): kept until the DB flag of that seq is cleared, so a
+        # page read meanwhile does not send the same delta twice.
+        self._inflight: dict[str, tuple[int, float, bool]] = {}
         self._acked: list[tuple[str, int]] = []
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5, manual_ack=True
@@ -505,7 +507,8 @@ class ShadowService:
             self._loop.call_soon_threadsafe(self._reconnected)
 
     def _reconnected(self) -> None:
-        self._inflight.clear()  # what was unacknowledged goes again (retained: a repeat is harmless)
+        # What was unacknowledged goes again (retained: a repeat is harmless).
+        self._inflight = {k: v for k, v in self._inflight.items() if v[2]}
         self._wake.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -537,12 +540,13 @@ class ShadowService:
     # --- the event loop: publishing ----------------------------------------------------------
     def _delta_acked(self, entry: tuple[str, int], failed: bool) -> None:
         device_id, seq = entry
-        if self._inflight.get(device_id, (None, 0.0))[0] == seq:
-            del self._inflight[device_id]
-        if failed:
+        if failed:  # kept as sent: tried again after RETRY_S
             self.metrics.deltas.labels("refused").inc()
             log.warning("the broker refused the state/delta of %s (svc-registry ACL?)", device_id)
             return
+        current = self._inflight.get(device_id)
+        if current is not None and current[0] == seq:
+            self._inflight[device_id] = (seq, current[1], True)
         self.metrics.deltas.labels("acked").inc()
         self._acked.append(entry)
         self._wake.set()
@@ -550,7 +554,7 @@ class ShadowService:
     def _send(self, device_type: str, device_id: str, version: int, delta: dict[str, Any], seq: int) -> None:
         topic = topics.device_topic(device_type, device_id, Channel.STATE_DELTA)
         payload = delta_message(version, delta, int(time.time() * 1000))
-        self._inflight[device_id] = (seq, time.monotonic())
+        self._inflight[device_id] = (seq, time.monotonic(), False)
         info = self.client.publish(topic, payload, qos=1, retain=True)
         with self._mid_lock:
             early = self._early.pop(info.mid, None)
@@ -582,7 +586,11 @@ class ShadowService:
                 ).all()
             for device_id, device_type, version, delta, seq in rows:
                 inflight = self._inflight.get(device_id)
-                if inflight is not None and inflight[0] == seq and now - inflight[1] < RETRY_S:
+                if (
+                    inflight is not None
+                    and inflight[0] == seq
+                    and (inflight[2] or now - inflight[1] < RETRY_S)
+                ):
                     continue
                 try:
                     self._send(device_type, device_id, version, delta, seq)
@@ -611,6 +619,11 @@ class ShadowService:
         except Exception:
             log.exception("clearing %d acknowledged deltas failed; retrying", len(acked))
             self._acked = acked + self._acked
+            return
+        for device_id, seq in acked:
+            current = self._inflight.get(device_id)
+            if current is not None and current[0] == seq:
+                del self._inflight[device_id]
 
     async def _publisher(self) -> None:
         while True:
