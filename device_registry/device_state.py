@@ -75,7 +75,10 @@ BATCH = 2_000
 """Messages (reports, rule requests) recorded per transaction."""
 PUBLISH_PAGE = 1_000
 RETRY_S = 10.0
-"""Pending deltas the broker did not acknowledge are sent again after this long."""
+"""Pending deltas the broker did not acknowledge are sent again after this long (a scan of the
+pending rows: also at start, at every reconnect and after ``ShadowService.wake()``)."""
+ACK_COALESCE_S = 0.1
+"""PUBACKs arriving within this window clear their rows in one transaction."""
 MAX_DOCUMENT_BYTES = 16 * 1024
 """A stored document's size as JSON: far above any state model (a few bounded fields)."""
 
@@ -322,6 +325,8 @@ class DesiredBatch:
     unchanged: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
+    outbox: list[Shadow] = field(default_factory=list, repr=False)
+    """The changed shadows whose delta is to be published (what ``ShadowService`` sends at once)."""
 
     @property
     def pending(self) -> bool:
@@ -375,6 +380,7 @@ async def set_desired_many(
             continue
         (result.changed if changed else result.unchanged).append(device_id)
     await save(session, shadows.values())
+    result.outbox = [s for s in shadows.values() if s.delta_pending]
     return result
 
 
@@ -436,6 +442,7 @@ class ShadowService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Incoming] = asyncio.Queue()
         self._wake = asyncio.Event()
+        self._scan = True  # scan the pending rows at the next wake (start, reconnect, retry, wake())
         self._tasks: list[asyncio.Task[None]] = []
         self._mid_lock = threading.Lock()
         self._pending: dict[int, tuple[str, int]] = {}  # mid → (device id, delta seq)
@@ -488,7 +495,9 @@ class ShadowService:
                 await task
 
     def wake(self) -> None:
-        """Publish pending deltas now (after a commit that changed some)."""
+        """Publish every pending delta now: for writers outside this service (``set_desired_many`` in
+        a caller's transaction), after their commit. One scan of the pending rows."""
+        self._scan = True
         self._wake.set()
 
     # --- paho's thread -----------------------------------------------------------------------
@@ -509,7 +518,7 @@ class ShadowService:
     def _reconnected(self) -> None:
         # What was unacknowledged goes again (retained: a repeat is harmless).
         self._inflight = {k: v for k, v in self._inflight.items() if v[2]}
-        self._wake.set()
+        self.wake()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
         if self.connected.is_set():
@@ -625,17 +634,43 @@ class ShadowService:
             if current is not None and current[0] == seq:
                 del self._inflight[device_id]
 
+    def _send_committed(self, shadows: Iterable[Shadow]) -> None:
+        """Publish the deltas a transaction just committed (called under the lock: commit order is
+        publish order, so the retained message is always the newest delta)."""
+        for shadow in shadows:
+            inflight = self._inflight.get(shadow.device_id)
+            if inflight is not None and inflight[0] == shadow.delta_seq:
+                continue  # this very delta is on its way already
+            if shadow.delta_pending:
+                try:
+                    self._send(
+                        shadow.device_type,
+                        shadow.device_id,
+                        shadow.desired_version,
+                        shadow.delta,
+                        shadow.delta_seq,
+                    )
+                except TopicError:
+                    log.warning("cannot publish the delta of %r (%s)", shadow.device_id, shadow.device_type)
+
     async def _publisher(self) -> None:
+        """Clears acknowledged deltas (coalesced) and sends the pending ones nobody sent: the rows are
+        scanned only at start, reconnect, ``wake()`` and every RETRY_S, never per message."""
         while True:
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wake.wait(), RETRY_S)
+            except TimeoutError:
+                self._scan = True
             self._wake.clear()
             try:
+                await asyncio.sleep(ACK_COALESCE_S)
                 await self._clear_acked()
-                if self.connected.is_set():
+                if self._scan and self.connected.is_set():
+                    self._scan = False
                     await self.publish_pending()
             except Exception:
                 log.exception("publishing state deltas failed; retrying")
+                self._scan = True
                 await asyncio.sleep(1.0)
 
     # --- the event loop: consuming -----------------------------------------------------------
@@ -706,7 +741,17 @@ class ShadowService:
         if not reports and not requests:
             return
         at = utcnow()
-        async with self.lock, self.sessions() as session, session.begin():
+        async with self.lock:
+            shadows = await self._record(reports, requests, at)
+            self._send_committed(shadows.values())
+
+    async def _record(
+        self,
+        reports: Sequence[tuple[str, str, dict[str, Any]]],
+        requests: Sequence[wire.DesiredStateRequest],
+        at: datetime,
+    ) -> dict[str, Shadow]:
+        async with self.sessions() as session, session.begin():
             ids = [r[1] for r in reports] + [r.device_id for r in requests]
             types = await device_types(session, ids)
             shadows = await load(session, types, for_update=True)
@@ -738,35 +783,34 @@ class ShadowService:
                     continue
                 self.metrics.messages.labels("request", "ok").inc()
             await save(session, shadows.values())
-            pending = any(s.delta_pending for s in shadows.values())
-        if pending:
-            self._wake.set()
+        return shadows
 
     # --- the API's entry points ----------------------------------------------------------------
     async def patch_desired(
         self, device_id: str, device_type: str, patch: Mapping[str, Any], *, if_match: int | None, source: str
     ) -> Shadow:
         """Apply a validated patch to one device; raise VersionMismatch if ``if_match`` is stale."""
-        async with self.lock, self.sessions() as session, session.begin():
-            shadow = (await load(session, [device_id], for_update=True)).get(device_id)
-            if shadow is None:
-                shadow = Shadow(device_id, device_type)
-            if if_match is not None and if_match != shadow.desired_version:
-                raise VersionMismatch(shadow.desired_version)
-            shadow.set_desired(patch, source=source, at=utcnow())
-            await save(session, [shadow])
-        if shadow.delta_pending:
-            self._wake.set()
+        async with self.lock:
+            async with self.sessions() as session, session.begin():
+                shadow = (await load(session, [device_id], for_update=True)).get(device_id)
+                if shadow is None:
+                    shadow = Shadow(device_id, device_type)
+                if if_match is not None and if_match != shadow.desired_version:
+                    raise VersionMismatch(shadow.desired_version)
+                changed = shadow.set_desired(patch, source=source, at=utcnow())
+                await save(session, [shadow])
+            if changed:
+                self._send_committed([shadow])
         return shadow
 
     async def set_desired_many(
         self, device_ids: Sequence[str], patch: Mapping[str, Any], *, source: str
     ) -> DesiredBatch:
         """``set_desired_many`` in a transaction of its own, under the lock, deltas sent at once."""
-        async with self.lock, self.sessions() as session, session.begin():
-            result = await set_desired_many(session, device_ids, patch, source=source)
-        if result.pending:
-            self._wake.set()
+        async with self.lock:
+            async with self.sessions() as session, session.begin():
+                result = await set_desired_many(session, device_ids, patch, source=source)
+            self._send_committed(result.outbox)
         return result
 
 
