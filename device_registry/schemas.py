@@ -108,6 +108,10 @@ class DeviceTopics(BaseModel):
     commands: str
     acks: str
     errors: str = Field(description="Subscribe here to learn why the ingest rejected a reading (optional)")
+    state_delta: str | None = Field(
+        None, description="Subscribe here: the desired state not reported yet (retained; device shadow)"
+    )
+    state_reported: str | None = Field(None, description="Publish your state here (device shadow)")
 
 
 class DeviceCredentials(BaseModel):

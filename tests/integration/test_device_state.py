@@ -159,6 +159,9 @@ def test_patch_reaches_the_device_which_reports_and_the_delta_empties(shadow_pla
     dev = device(env).connect()
     try:
         assert state(env, dev.device_id)["versions"] == {"desired": 0, "reported": 0}
+        own = env.http.get(f"/api/v1/devices/{dev.device_id}").json()["topics"]
+        assert own["state_delta"] == dev.topic(Channel.STATE_DELTA)
+        assert own["state_reported"] == dev.topic(Channel.STATE_REPORTED)
         resp = patch(env, dev.device_id, {"mode": "eco", "setpoint_c": 19.5}, if_match='"0"')
         assert resp.status_code == 200, resp.text
         assert resp.headers["etag"] == '"1"'
