@@ -74,6 +74,8 @@ CHUNK = 500
 BATCH = 2_000
 """Messages (reports, rule requests) recorded per transaction."""
 PUBLISH_PAGE = 1_000
+MAX_QUEUED = 100_000
+"""Messages waiting to be recorded, beyond which QoS 0 reports are dropped (memory bound)."""
 RETRY_S = 10.0
 """Pending deltas the broker did not acknowledge are sent again after this long (a scan of the
 pending rows: also at start, at every reconnect and after ``ShadowService.wake()``)."""
@@ -527,6 +529,11 @@ class ShadowService:
         self.metrics.connected.set(0)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if msg.qos == 0 and self._queue.qsize() >= MAX_QUEUED:
+            # QoS 1 is bounded by the session's receive maximum (acked after commit); QoS 0 reports
+            # are not, so past this backlog they are dropped (counted) rather than held in memory.
+            self.metrics.messages.labels("reported", "dropped_backlog").inc()
+            return
         if self._loop is not None:
             item = _Incoming(msg.topic, bytes(msg.payload), msg.mid, msg.qos)
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)

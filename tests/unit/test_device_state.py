@@ -8,7 +8,8 @@ import pytest
 
 from device_registry import device_state
 from device_registry.device_state import NoStateError, PatchError, Shadow
-from iotfleet.catalogue import DeviceType, Reading
+from iotfleet.admission import Limits, Rejected, StateAdmission
+from iotfleet.catalogue import DeviceType, Reading, get_device_type
 
 AT = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -73,3 +74,31 @@ def test_versions_move_only_on_change() -> None:
     assert (shadow.reported_version, shadow.delta, shadow.delta_seq) == (1, {}, 2)
     assert not shadow.set_reported({"mode": "eco"}, at=AT)
     assert shadow.reported_version == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b'{"mode": "turbo"}', "invalid_value"),
+        (b'{"fan": 1}', "unknown_field"),
+        (b'{"setpoint_c": "21"}', "wrong_type"),
+        (b'{"setpoint_c": 1e400}', "out_of_range"),
+        (b"[{}]", "wrong_shape"),
+        (b'{"mode": "eco", "mode": "off"}', "duplicate_key"),
+        (b"{", "not_json"),
+        (b"\xff", "invalid_utf8"),
+        (b'{"mode": "' + b"x" * 3000 + b'"}', "payload_too_large"),
+        (b'{"a": ' + b"[" * 20 + b"]" * 20 + b", " + b" " * 1100 + b"}", "too_deep"),
+    ],
+)
+def test_reported_state_admission_refuses_like_the_ingest(payload: bytes, reason: str) -> None:
+    admission = StateAdmission(get_device_type("thermostat"), Limits(max_payload_bytes=2048))
+    with pytest.raises(Rejected) as info:
+        admission.admit(payload)
+    assert info.value.reason == reason
+
+
+def test_reported_state_admission_returns_a_merge_patch() -> None:
+    admission = StateAdmission(get_device_type("thermostat"), Limits())
+    assert admission.admit(b'{"mode": "eco", "setpoint_c": null}') == {"mode": "eco", "setpoint_c": None}
+    assert admission.admit(b"{}") == {}
