@@ -77,8 +77,8 @@ PUBLISH_PAGE = 1_000
 MAX_QUEUED = 100_000
 """Messages waiting to be recorded, beyond which QoS 0 reports are dropped (memory bound)."""
 RETRY_S = 10.0
-"""Pending deltas the broker did not acknowledge are sent again after this long (a scan of the
-pending rows: also at start, at every reconnect and after ``ShadowService.wake()``)."""
+"""How often the pending rows are scanned for deltas nobody sent (also at start, at every reconnect
+and after ``ShadowService.wake()``); one in flight on the current connection is never sent twice."""
 ACK_COALESCE_S = 0.1
 """PUBACKs arriving within this window clear their rows in one transaction."""
 MAX_DOCUMENT_BYTES = 16 * 1024
@@ -556,7 +556,7 @@ class ShadowService:
     # --- the event loop: publishing ----------------------------------------------------------
     def _delta_acked(self, entry: tuple[str, int], failed: bool) -> None:
         device_id, seq = entry
-        if failed:  # kept as sent: tried again after RETRY_S
+        if failed:  # kept as sent: tried again after the next reconnect
             self.metrics.deltas.labels("refused").inc()
             log.warning("the broker refused the state/delta of %s (svc-registry ACL?)", device_id)
             return
@@ -583,7 +583,6 @@ class ShadowService:
         """Send the delta of every row whose delta the broker has not acknowledged (pages by id)."""
         sent = 0
         after = ""
-        now = time.monotonic()
         while True:
             async with self.sessions() as session:
                 rows = (
@@ -602,11 +601,9 @@ class ShadowService:
                 ).all()
             for device_id, device_type, version, delta, seq in rows:
                 inflight = self._inflight.get(device_id)
-                if (
-                    inflight is not None
-                    and inflight[0] == seq
-                    and (inflight[2] or now - inflight[1] < RETRY_S)
-                ):
+                if inflight is not None and inflight[0] == seq:
+                    # On its way (paho queues and the session retransmits it) or acked: sending it
+                    # again would only lengthen the queue. A reconnect forgets the unacked ones.
                     continue
                 try:
                     self._send(device_type, device_id, version, delta, seq)
