@@ -65,6 +65,8 @@ def _topics(device_type: str, device_id: str) -> DeviceTopics:
         commands=own[Channel.COMMANDS],
         acks=own[Channel.ACKS],
         errors=own[Channel.ERRORS],
+        state_delta=own[Channel.STATE_DELTA],
+        state_reported=own[Channel.STATE_REPORTED],
     )
 
 

@@ -133,6 +133,10 @@ class DeviceTopics(BaseModel):
     commands: str
     acks: str
     errors: str = Field(description="Subscribe here to learn why the ingest rejected a reading (optional)")
+    state_delta: str | None = Field(
+        None, description="Subscribe here: the desired state not reported yet (retained; device shadow)"
+    )
+    state_reported: str | None = Field(None, description="Publish your state here (device shadow)")
 
 
 class DeviceCredentials(BaseModel):
@@ -236,6 +240,9 @@ class DeviceTypeRead(BaseModel):
     units: dict[str, str]
     reading_schema: dict[str, Any]
     command_schemas: dict[str, dict[str, Any]]
+    state_schema: dict[str, Any] | None = Field(
+        None, description="The type's desired/reported state (device shadow); null if it has none"
+    )
 
 
 class DeviceTypeList(BaseModel):

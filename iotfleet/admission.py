@@ -38,7 +38,7 @@ from typing import Annotated, Any, NamedTuple
 import orjson
 from pydantic import Field, TypeAdapter, ValidationError
 
-from iotfleet.catalogue import DeviceType, Reading
+from iotfleet.catalogue import DeviceType, Reading, State
 from iotfleet.settings import IngestSettings
 
 # Rejection reasons: the `reason` label of the rejected/skipped counters and the dead letter's
@@ -429,6 +429,59 @@ class Admission:
                 check_times(readings, now_ms, limits.max_future_ms, limits.max_past_ms, limits.max_errors)
 
 
+class StateAdmission:
+    """Admission of a device's reported state (``state/reported``) under the telemetry's limits.
+
+    The same walls as a reading, in the same order: size before parsing, structure (nesting depth,
+    members) at C speed, the catalogue's state model (strict, no unknown fields, ranges, finite
+    numbers) straight from the bytes, then duplicate keys. A report is one flat JSON object: a
+    partial document of the state model where ``null`` removes a field (JSON merge patch).
+    """
+
+    def __init__(self, device_type: DeviceType, limits: Limits) -> None:
+        if device_type.state is None:
+            raise ValueError(f"device type {device_type.name!r} has no state model")
+        self.device_type = device_type
+        self.limits = limits
+        self._adapter: TypeAdapter[State] = TypeAdapter(device_type.state)
+        self._max_members = 4 * len(device_type.state.model_fields) + 16
+
+    def admit(self, payload: bytes) -> dict[str, Any]:
+        """The report as a merge patch (fields it sets, ``None`` for those it removes); else raise
+        Rejected (capped)."""
+        try:
+            return self._admit(payload)
+        except Rejected as rejected:
+            raise rejected.capped(self.limits.max_errors) from None
+
+    def _admit(self, payload: bytes) -> dict[str, Any]:
+        limits = self.limits
+        if len(payload) > limits.max_payload_bytes:
+            raise Rejected.one(
+                PAYLOAD_TOO_LARGE,
+                f"payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes} bytes",
+            )
+        if len(payload) > 1024:
+            check_structure(payload, limits, self._max_members)
+        if payload.lstrip()[:1] != b"{":
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise Rejected.one(
+                    INVALID_UTF8, f"payload is not valid UTF-8: {bad.reason} at byte {bad.start}"
+                ) from None
+            raise Rejected.one(WRONG_SHAPE, "a reported state is one JSON object (fields of the state model)")
+        try:
+            state = self._adapter.validate_json(payload)
+        except ValidationError as exc:
+            raise explain(exc, payload, limits.max_errors) from None
+        # Reports are small (a few fields): the exact duplicate check costs microseconds.
+        key = find_duplicate_key(payload)
+        if key is not None:
+            raise Rejected.one(DUPLICATE_KEY, f"key {key!r} appears twice in one object", key)
+        return state.model_dump(mode="json", exclude_unset=True)
+
+
 def check_times(
     readings: Sequence[Reading],
     now_ms: int,
@@ -508,15 +561,24 @@ def dead_letter(
 _SEQ = re.compile(rb'"seq"\s*:\s*(\d{1,19})')
 
 
-def device_error(*, received_at_ms: int, rejected: Rejected, payload: bytes, max_errors: int = 20) -> bytes:
+def device_error(
+    *,
+    received_at_ms: int,
+    rejected: Rejected,
+    payload: bytes,
+    max_errors: int = 20,
+    channel: str | None = None,
+) -> bytes:
     """What the device learns on its own ``errors`` topic: the reading's seq, the reason and the errors.
 
     The seq is looked up in the first 4 KiB of the payload without parsing it (a rejected payload
     may not be JSON): the first reading's, for a batch; the errors' field paths say which reading.
+    ``channel`` names the refused message's channel when it is not telemetry (``state/reported``).
     """
     found = _SEQ.search(payload[:4096])
     shown = rejected.capped(max_errors)
-    body: dict[str, Any] = {
+    body: dict[str, Any] = {} if channel is None else {"channel": channel}
+    body |= {
         "seq": int(found.group(1)) if found else None,
         "reason": rejected.reason,
         "errors": [error.as_json() for error in shown.errors],

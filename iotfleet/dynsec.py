@@ -84,7 +84,13 @@ def service_roles() -> list[dict[str, Any]]:
         },
         _service_role(
             "svc-registry",
-            publish=[commands, platform],
+            # state/delta: the desired state a device has not reported; errors: why its report was refused.
+            publish=[
+                commands,
+                platform,
+                topics.device_filter(Channel.STATE_DELTA),
+                topics.device_filter(Channel.ERRORS),
+            ],
             subscribe=[
                 all_devices,
                 platform,

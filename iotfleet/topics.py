@@ -3,8 +3,11 @@
 Device topics: ``devices/{type}/{id}/{channel}`` with channel one of
 ``telemetry`` (device → platform readings), ``status`` (retained online/offline,
 the LWT), ``commands`` (platform → device) and ``acks`` (device → platform
-command results). Invalid readings go to ``deadletter/{type}/{id}``. Platform
-services talk among themselves under ``iotfleet/``.
+command results), ``errors`` (platform → device: why a message was refused),
+``state/delta`` (platform → device, retained: the desired state it has not
+reported yet) and ``state/reported`` (device → platform: its state). Invalid
+readings go to ``deadletter/{type}/{id}``. Platform services talk among
+themselves under ``iotfleet/``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ ALERT_EVENTS = f"{PLATFORM_ROOT}/alerts/events"
 PRESENCE_ROOT = f"{PLATFORM_ROOT}/presence"
 """``iotfleet/presence/{type}/{id}``: the registry's presence of each device, retained, one message
 per transition (see ``iotfleet/presence_event.py``). The rules engine's presence conditions read it."""
+DESIRED_STATE_REQUESTS = f"{PLATFORM_ROOT}/state/desired"
+"""Desired-state patches from the rules engine for the registry to apply (QoS 1, at least once)."""
 
 STATUS_ONLINE = b"online"
 STATUS_OFFLINE = b"offline"
@@ -45,6 +50,8 @@ class Channel(StrEnum):
     COMMANDS = "commands"
     ACKS = "acks"
     ERRORS = "errors"
+    STATE_DELTA = "state/delta"
+    STATE_REPORTED = "state/reported"
 
 
 Access = Literal["read", "write"]
@@ -55,10 +62,13 @@ DEVICE_ACL: tuple[tuple[Access, Channel], ...] = (
     ("write", Channel.ACKS),
     ("read", Channel.COMMANDS),
     ("read", Channel.ERRORS),
+    ("write", Channel.STATE_REPORTED),
+    ("read", Channel.STATE_DELTA),
 )
 """What a device may do on its own topics, and nothing else: publish (write) its telemetry,
 status and acks; subscribe to and receive (read) its commands and the ingest's reports of
-its rejected readings (``errors``). Every broker ACL of a
+its rejected readings (``errors``); report its state (``state/reported``) and receive the desired
+state it has not reached (``state/delta``). Every broker ACL of a
 device (the device plugin's options, legacy dynsec roles) is generated from this table: a new
 device channel is one line here."""
 
@@ -109,7 +119,8 @@ def device_topics(device_type: str, device_id: str) -> dict[Channel, str]:
 
 def parse_device_topic(topic: str) -> DeviceTopic:
     """Split a device topic; raise TopicError if it is not one."""
-    parts = topic.split("/")
+    # maxsplit 3: a channel may hold a '/' (state/delta); Channel() then accepts only known ones.
+    parts = topic.split("/", 3)
     if len(parts) != 4 or parts[0] != DEVICES_ROOT:
         raise TopicError(f"not a device topic: {topic!r}")
     _, device_type, device_id, channel = parts

@@ -50,6 +50,10 @@ def _actions(rule: StoredRule, firing: Firing, directory: Directory) -> list[dic
     for action in commands:
         for entry in directory.resolve(action.target, rule.scope.device_type, firing.device_id):
             out.append({"command": action.command, "args": action.args, "device_id": entry.device_id})
+    if firing.kind == "fire":
+        for change in rule.desired_changes:
+            for entry in directory.resolve(change.target, rule.scope.device_type, firing.device_id):
+                out.append({"set_desired": change.set_desired, "device_id": entry.device_id})
     alert = rule.alert
     if alert is not None:
         if firing.kind == "fire":

@@ -52,7 +52,7 @@ from iotfleet.settings import Settings
 from iotfleet.topics import Channel
 from rules_engine import wire
 from rules_engine.evaluator import Evaluator, Firing
-from rules_engine.models import CommandAction, StoredRule, duration_ms, rule_definition
+from rules_engine.models import CommandAction, SetDesiredAction, StoredRule, duration_ms, rule_definition
 from rules_engine.sources import DeviceEntry, Directory, RuleSource, SourceError, parse_rules
 from rules_engine.store import StateStore
 
@@ -435,6 +435,11 @@ class RulesEngine:
                 for action in rule.then:
                     if isinstance(action, CommandAction):
                         self._send_all(rule, action, firing.device_id)
+                    elif isinstance(action, SetDesiredAction):
+                        for entry in self.directory.resolve(
+                            action.target, rule.scope.device_type, firing.device_id
+                        ):
+                            self.set_desired(rule, action, entry)
                 alert = rule.alert
                 if alert is not None:
                     self._publish(
@@ -500,6 +505,36 @@ class RulesEngine:
             on_ack=lambda reason: self._command_acked(command.id, reason),
         )
         self.metrics.commands.labels("published").inc()
+
+    def set_desired(self, rule: StoredRule, action: SetDesiredAction, entry: DeviceEntry) -> None:
+        """Ask the registry to merge the action's patch into the device's desired state.
+
+        The registry owns the shadow (versions, delta, the retained message to the device), so the
+        engine publishes a request on ``iotfleet/state/desired`` (QoS 1) that the registry consumes
+        on its persistent session: a registry restart loses none, and while a reading is handled its
+        ack waits for this PUBACK (an engine crash re-fires rather than forgets). A request applied
+        twice changes nothing the second time (merge patch; same id skipped).
+        """
+        catalogue = DEVICE_TYPES.get(entry.device_type)
+        if catalogue is None or catalogue.state is None:
+            self.metrics.commands.labels("not_applicable").inc()
+            return
+        try:
+            catalogue.state.model_validate(action.set_desired)
+        except ValidationError:
+            self.metrics.commands.labels("invalid").inc()
+            return
+        self._publish(
+            topics.DESIRED_STATE_REQUESTS,
+            wire.desired_state_request(
+                device_type=entry.device_type,
+                device_id=entry.device_id,
+                patch=dict(action.set_desired),
+                source=f"rule:{rule.name}",
+                rule_id=rule.id,
+            ),
+        )
+        self.metrics.commands.labels("set_desired").inc()
 
     def _command_acked(self, command_id: str, reason: int) -> None:
         if reason >= 0x80:
@@ -637,7 +672,16 @@ class RulesEngine:
             for entry in targets:
                 self.send_command(rule, action, entry)
                 sent += 1
-        log.info("schedule %s ran: %d commands", rule.name, sent)
+        for change in rule.desired_changes:
+            if change.target is not None:
+                targets = self.directory.resolve(change.target, rule.scope.device_type, None)
+            else:
+                scope = rule.scope
+                targets = self.directory.of_type(scope.device_type, scope.device_ids, scope.tags)
+            for entry in targets:
+                self.set_desired(rule, change, entry)
+                sent += 1
+        log.info("schedule %s ran: %d commands and desired-state changes", rule.name, sent)
 
     async def _reload_loop(self, wanted: asyncio.Event, stop: asyncio.Event) -> None:
         poll = self.settings.rules.reload_poll_s

@@ -11,6 +11,10 @@ evaluates; nothing in it is ever ``eval``-ed. The public shape::
               {"alert": {"severity": "major", "message": "overheating"}}],
      "cooldown": "60s"}
 
+Actions: a command (``command`` + ``args``), an alert, or a change of the
+desired state (``{"set_desired": {"mode": "eco"}}``: a JSON merge patch of the
+device shadow, validated against the target type's state model).
+
 Conditions (``when``/``clear_when``) are one of: a field condition (threshold,
 optionally held ``for`` a duration, over a windowed aggregate ``agg``+``window``,
 or a rate of change ``rate_per``), ``{"absent_for": …}``, ``{"presence":
@@ -245,6 +249,14 @@ class CommandAction(_Model):
     ttl: Duration | None = Field(None, description="Message expiry; default IOTFLEET_RULES__COMMAND_TTL_S")
 
 
+class SetDesiredAction(_Model):
+    """Merge ``set_desired`` into the desired state (device shadow) of the triggering device, or of the
+    target's devices; ``null`` removes a field. The registry applies it (``iotfleet/state/desired``)."""
+
+    set_desired: dict[str, Any] = Field(min_length=1, max_length=64)
+    target: Target | None = None
+
+
 class AlertSpec(_Model):
     severity: Severity = "major"
     message: str = Field("", max_length=500)
@@ -259,20 +271,26 @@ def _action_kind(value: Any) -> str | None:
         return "command"
     if isinstance(value, AlertAction):
         return "alert"
+    if isinstance(value, SetDesiredAction):
+        return "set_desired"
     if isinstance(value, dict):
         if "command" in value:
             return "command"
         if "alert" in value:
             return "alert"
+        if "set_desired" in value:
+            return "set_desired"
     return None
 
 
 Action = Annotated[
-    Annotated[CommandAction, Tag("command")] | Annotated[AlertAction, Tag("alert")],
+    Annotated[CommandAction, Tag("command")]
+    | Annotated[AlertAction, Tag("alert")]
+    | Annotated[SetDesiredAction, Tag("set_desired")],
     Discriminator(
         _action_kind,
         custom_error_type="action_kind",
-        custom_error_message="an action is {'command': …, 'args': …} or {'alert': {…}}",
+        custom_error_message="an action is {'command': …, 'args': …}, {'alert': {…}} or {'set_desired': {…}}",
     ),
 ]
 
@@ -419,6 +437,8 @@ class Rule(_Model):
         for index, action in enumerate(self.then):
             if isinstance(action, CommandAction):
                 check_command(action, self.scope.device_type, f"then[{index}]")
+            elif isinstance(action, SetDesiredAction):
+                check_set_desired(action, self.scope.device_type, f"then[{index}]")
         for index, action in enumerate(self.on_clear):
             check_command(action, self.scope.device_type, f"on_clear[{index}]")
         return self
@@ -426,6 +446,10 @@ class Rule(_Model):
     @property
     def commands(self) -> list[CommandAction]:
         return [a for a in self.then if isinstance(a, CommandAction)]
+
+    @property
+    def desired_changes(self) -> list[SetDesiredAction]:
+        return [a for a in self.then if isinstance(a, SetDesiredAction)]
 
     @property
     def alert(self) -> AlertSpec | None:
@@ -487,6 +511,24 @@ def check_command(action: CommandAction, scope_type: str, where: str) -> None:
             f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}" for err in exc.errors()
         )
         raise ValueError(f"{where}: invalid args for {action.command!r}: {problems}") from None
+
+
+def check_set_desired(action: SetDesiredAction, scope_type: str, where: str) -> None:
+    """Validate a desired-state action against its target type's state model (ValueError if invalid)."""
+    type_name = action.target.device_type if action.target and action.target.device_type else scope_type
+    try:
+        device_type = get_device_type(type_name)
+    except UnknownDeviceTypeError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if device_type.state is None:
+        raise ValueError(f"{where}: {type_name} has no configurable state to set")
+    try:
+        device_type.state.model_validate(action.set_desired)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'set_desired'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"{where}: invalid set_desired for {type_name}: {problems}") from None
 
 
 class StoredRule(Rule):

@@ -16,6 +16,8 @@ Events for the registry (the system of record), QoS 1:
 - ``iotfleet/alerts/events``: ``{"event": "raised", "id", "rule_id", "rule_name",
   "device_type", "device_id", "severity", "message", "at", "values"}`` and
   ``{"event": "cleared", "rule_id", "device_id", "at", "reason"}``.
+- ``iotfleet/state/desired``: ``{"id", "device_type", "device_id", "patch", "source",
+  "rule_id", "at"}``: a desired-state merge patch (device shadow) for the registry to apply.
 """
 
 from __future__ import annotations
@@ -201,3 +203,34 @@ class CommandFailed(_Event):
     id: str = Field(max_length=64)
     detail: str = ""
     at: int
+
+
+class DesiredStateRequest(BaseModel):
+    """A desired-state merge patch the rules engine asks the registry to apply (QoS 1, at least once:
+    the registry skips a request whose id it applied last, and a repeated patch changes nothing)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    device_type: str = Field(max_length=32)
+    device_id: str = Field(pattern=topics.DEVICE_ID_PATTERN)
+    patch: dict[str, Any] = Field(max_length=64)
+    source: str = Field("rule", max_length=200)
+    rule_id: str | None = Field(None, max_length=64)
+    at: int | None = None
+
+
+def desired_state_request(
+    *, device_type: str, device_id: str, patch: dict[str, Any], source: str, rule_id: str | None = None
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": str(uuid.uuid4()),
+            "device_type": device_type,
+            "device_id": device_id,
+            "patch": patch,
+            "source": source,
+            "rule_id": rule_id,
+            "at": now_ms(),
+        }
+    )

@@ -161,6 +161,9 @@ class Stats:
         "commands_ignored",
         "acks_sent",
         "acks_refused",
+        "deltas_received",
+        "deltas_invalid",
+        "states_reported",
         "subscribe_refused",
         "bytes_sent",
     )
@@ -199,6 +202,9 @@ class Stats:
         self.commands_ignored = 0
         self.acks_sent = 0
         self.acks_refused = 0
+        self.deltas_received = 0  # desired-state deltas (device shadow), the empty "cleared" ones excluded
+        self.deltas_invalid = 0
+        self.states_reported = 0
         self.subscribe_refused = 0
         self.bytes_sent = 0
         self.connect_errors: Counter[str] = Counter()
@@ -369,6 +375,10 @@ class SimDevice(mqtt.MqttHandler):
         stats.status_published += 1
         self.sub_pid = self._next_pid()
         self._write(mqtt.encode_subscribe(self.sub_pid, self._commands_topic(), 1), now)
+        # The device shadow: the retained delta arrives on subscribe (what changed while we were
+        # away); the full state is reported first, as a device does after a (re)boot.
+        self._write(mqtt.encode_subscribe(self._next_pid(), self._state_topic(Channel.STATE_DELTA), 1), now)
+        self._report_state(self.model.state())
         # What the broker never acknowledged goes again, then what was measured while offline.
         resend, self.resend = self.resend, None
         for stored, first_seq, n in resend or ():
@@ -385,6 +395,34 @@ class SimDevice(mqtt.MqttHandler):
 
     def _commands_topic(self) -> str:
         return topics.device_topic(self.creds.type, self.creds.id, Channel.COMMANDS)
+
+    def _state_topic(self, channel: Channel) -> str:
+        # Built when needed, not kept per device: shadow traffic is rare next to telemetry.
+        return topics.device_topic(self.creds.type, self.creds.id, channel)
+
+    def _report_state(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        topic = mqtt.topic_prefix(self._state_topic(Channel.STATE_REPORTED))
+        self._publish(topic, orjson.dumps(state), KIND_OTHER)
+        self.fleet.stats.states_reported += 1
+
+    def on_delta(self, payload: bytes) -> None:
+        """Apply a desired-state delta (``{"version", "state": {…}, "ts"}``) and report the result."""
+        if not payload:
+            return  # the platform cleared the retained delta: we converged
+        stats = self.fleet.stats
+        stats.deltas_received += 1
+        model = get_device_type(self.creds.type).state
+        try:
+            body = orjson.loads(payload)
+            if model is None or not isinstance(body, dict) or not isinstance(body.get("state"), dict):
+                raise ValueError("not a delta")
+            delta = model.model_validate(body["state"]).model_dump(mode="json", exclude_unset=True)
+        except (ValueError, ValidationError):
+            stats.deltas_invalid += 1
+            return
+        self._report_state(self.model.apply_state({k: v for k, v in delta.items() if v is not None}))
 
     def on_suback(self, packet_id: int, reasons: bytes) -> None:
         if reasons and reasons[0] >= 0x80:
@@ -694,6 +732,9 @@ class SimDevice(mqtt.MqttHandler):
         fleet = self.fleet
         if message.qos and self.conn is not None:
             self.conn.write(bytes((mqtt.PUBACK, 2, packet_id >> 8, packet_id & 0xFF)), fleet.loop.time())
+        if message.topic.endswith("/state/delta") and message.topic == self._state_topic(Channel.STATE_DELTA):
+            self.on_delta(message.payload)
+            return
         stats = fleet.stats
         stats.commands_received += 1
         if self.faults is not None and self.faults.ignore_commands:

@@ -74,6 +74,15 @@ class DeviceModel:
         """A device-chosen publish interval (s), or None to use the fleet's."""
         return None
 
+    def state(self) -> dict[str, Any]:
+        """The configurable state (device shadow) as the catalogue's state model names it."""
+        return {}
+
+    def apply_state(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Apply validated desired fields; return the state of those fields now (what is reported)."""
+        current = self.state()
+        return {k: current[k] for k in fields if k in current}
+
 
 class Thermostat(DeviceModel):
     """A room with heat loss to the outside and a heater/cooler driven toward the setpoint.
@@ -89,6 +98,7 @@ class Thermostat(DeviceModel):
     HEAT_RATE = 0.02  # °C/s at full power: ~1.2 °C per minute
     COOL_RATE = 0.015
     HYSTERESIS = 0.3
+    ECO_BAND_C = 2.0
 
     def __init__(self, rng: random.Random, now_s: float) -> None:
         super().__init__(rng, now_s)
@@ -103,9 +113,12 @@ class Thermostat(DeviceModel):
 
     def _advance(self, now_s: float, dt: float) -> None:
         t = self.temperature
-        low, high = self.setpoint - self.HYSTERESIS, self.setpoint + self.HYSTERESIS
-        can_heat = self.mode in ("heat", "auto")
-        can_cool = self.mode in ("cool", "auto")
+        # eco: heats and cools like auto, but only outside a band ECO_BAND_C around the setpoint
+        # (lower energy use, the room drifts more: visible in the readings).
+        band = self.ECO_BAND_C if self.mode == "eco" else self.HYSTERESIS
+        low, high = self.setpoint - band, self.setpoint + band
+        can_heat = self.mode in ("heat", "auto", "eco")
+        can_cool = self.mode in ("cool", "auto", "eco")
         heating_done = self.active > 0 and (not can_heat or t >= high)
         cooling_done = self.active < 0 and (not can_cool or t <= low)
         if heating_done or cooling_done:
@@ -134,6 +147,18 @@ class Thermostat(DeviceModel):
             "setpoint_c": self.setpoint,
             "mode": self.mode,
         }
+
+    def state(self) -> dict[str, Any]:
+        return {"setpoint_c": self.setpoint, "mode": self.mode}
+
+    def apply_state(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if "setpoint_c" in fields:
+            self.setpoint = float(fields["setpoint_c"])
+        if "mode" in fields:
+            self.mode = fields["mode"]
+            if self.mode == "off":
+                self.active = 0
+        return super().apply_state(fields)
 
     def apply(self, name: str, command: Command) -> str:
         if name == "set_setpoint":
@@ -201,6 +226,14 @@ class AirQuality(DeviceModel):
             "ventilation_pct": self.ventilation,
         }
 
+    def state(self) -> dict[str, Any]:
+        return {"ventilation_pct": self.ventilation}
+
+    def apply_state(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if "ventilation_pct" in fields:
+            self.ventilation = float(fields["ventilation_pct"])
+        return super().apply_state(fields)
+
     def apply(self, name: str, command: Command) -> str:
         if name == "set_ventilation":
             self.ventilation = float(command.level_pct)  # type: ignore[attr-defined]
@@ -256,6 +289,16 @@ class SmartPlug(DeviceModel):
             "energy_kwh": round(self.energy_kwh, 4),
             "relay_on": self.relay_on,
         }
+
+    def state(self) -> dict[str, Any]:
+        return {"relay_on": self.relay_on}
+
+    def apply_state(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if "relay_on" in fields:
+            self.relay_on = bool(fields["relay_on"])
+            if not self.relay_on:
+                self.power = 0.0
+        return super().apply_state(fields)
 
     def apply(self, name: str, command: Command) -> str:
         if name == "set_relay":
@@ -347,6 +390,15 @@ class GpsTracker(DeviceModel):
             "heading_deg": round(self.heading, 1) % 360.0,
             "battery_pct": round(self.battery, 1),
         }
+
+    def state(self) -> dict[str, Any]:
+        # Unset (the fleet's interval) is not part of the reported state.
+        return {} if self.interval is None else {"report_interval_s": int(self.interval)}
+
+    def apply_state(self, fields: dict[str, Any]) -> dict[str, Any]:
+        if "report_interval_s" in fields:
+            self.interval = float(fields["report_interval_s"])
+        return super().apply_state(fields)
 
     def apply(self, name: str, command: Command) -> str:
         if name == "set_report_interval":

@@ -11,7 +11,7 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from device_registry import models, models_rules  # noqa: F401  (registers the tables on Base)
+from device_registry import models, models_rules, models_state  # noqa: F401  (registers the tables on Base)
 from device_registry.db import Base, create_engine
 
 target_metadata = Base.metadata

@@ -9,7 +9,7 @@ from __future__ import annotations
 from types import MappingProxyType
 
 from iotfleet.catalogue import air_quality, gps_tracker, smart_plug, thermostat
-from iotfleet.catalogue.base import Command, DeviceType, Reading, Reboot, TimestampMs
+from iotfleet.catalogue.base import Command, DeviceType, Reading, Reboot, State, TimestampMs
 from iotfleet.errors import UnknownDeviceTypeError
 
 _MODULES = (
@@ -45,6 +45,7 @@ __all__ = [
     "DeviceType",
     "Reading",
     "Reboot",
+    "State",
     "TimestampMs",
     "export_schemas",
     "get_device_type",

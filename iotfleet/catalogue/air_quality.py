@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from iotfleet.catalogue.base import Command, DeviceType, Reading
+from iotfleet.catalogue.base import Command, DeviceType, Reading, State
 
 
 class AirQualityReading(Reading):
@@ -16,10 +16,15 @@ class SetVentilation(Command):
     level_pct: float = Field(ge=0, le=100)
 
 
+class AirQualityState(State):
+    ventilation_pct: float | None = Field(None, ge=0, le=100, description="Ventilation level, %")
+
+
 DEVICE_TYPE = DeviceType(
     name="air_quality",
     description="Indoor air-quality sensor driving a ventilation flap.",
     reading=AirQualityReading,
     commands={"set_ventilation": SetVentilation},
     units={"co2_ppm": "ppm", "pm2_5_ugm3": "µg/m³", "voc_index": "", "ventilation_pct": "%"},
+    state=AirQualityState,
 )

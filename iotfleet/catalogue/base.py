@@ -83,6 +83,18 @@ class Reboot(Command):
     """Restart the device. Every type accepts it."""
 
 
+class State(BaseModel):
+    """Base of every type's configurable state (the device shadow's ``desired``/``reported`` documents).
+
+    Every field is optional: a document holds the fields that were set, and a JSON merge patch
+    (RFC 7396) changes some of them. Strict like readings (no coercion, no unknown fields, finite
+    numbers), and flat: a document is bounded by its model (a few fields of bounded values).
+    ``None`` never reaches a stored document: in a patch it removes the field.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+
 @dataclass(frozen=True)
 class DeviceType:
     """One entry of the catalogue: a reading model and the commands the type accepts."""
@@ -92,6 +104,8 @@ class DeviceType:
     commands: Mapping[str, type[Command]]
     description: str = ""
     units: Mapping[str, str] = field(default_factory=dict)
+    state: type[State] | None = None
+    """The configurable state (device shadow), or None if the type has none."""
 
     def __post_init__(self) -> None:
         # Every type accepts reboot; a module cannot forget it.
@@ -133,4 +147,5 @@ class DeviceType:
             "units": dict(self.units),
             "reading_schema": self.reading_schema(),
             "command_schemas": self.command_schemas(),
+            "state_schema": self.state.model_json_schema() if self.state is not None else None,
         }

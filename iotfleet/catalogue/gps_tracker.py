@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from iotfleet.catalogue.base import Command, DeviceType, Reading
+from iotfleet.catalogue.base import Command, DeviceType, Reading, State
 
 
 class GpsTrackerReading(Reading):
@@ -17,10 +17,15 @@ class SetReportInterval(Command):
     seconds: int = Field(ge=1, le=86_400)
 
 
+class GpsTrackerState(State):
+    report_interval_s: int | None = Field(None, ge=1, le=86_400, description="Seconds between readings")
+
+
 DEVICE_TYPE = DeviceType(
     name="gps_tracker",
     description="GPS tracker reporting position, speed and battery.",
     reading=GpsTrackerReading,
     commands={"set_report_interval": SetReportInterval},
     units={"lat": "°", "lon": "°", "speed_kmh": "km/h", "heading_deg": "°", "battery_pct": "%"},
+    state=GpsTrackerState,
 )

@@ -2,7 +2,7 @@
 
 from pydantic import Field
 
-from iotfleet.catalogue.base import Command, DeviceType, Reading
+from iotfleet.catalogue.base import Command, DeviceType, Reading, State
 
 
 class SmartPlugReading(Reading):
@@ -17,10 +17,15 @@ class SetRelay(Command):
     on: bool
 
 
+class SmartPlugState(State):
+    relay_on: bool | None = Field(None, description="Relay closed (load powered)")
+
+
 DEVICE_TYPE = DeviceType(
     name="smart_plug",
     description="Metered smart plug with a relay.",
     reading=SmartPlugReading,
     commands={"set_relay": SetRelay},
     units={"power_w": "W", "voltage_v": "V", "current_a": "A", "energy_kwh": "kWh"},
+    state=SmartPlugState,
 )

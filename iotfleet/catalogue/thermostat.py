@@ -4,9 +4,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from iotfleet.catalogue.base import Command, DeviceType, Reading
+from iotfleet.catalogue.base import Command, DeviceType, Reading, State
 
-Mode = Literal["heat", "cool", "off", "auto"]
+# "eco": heat/cool like auto, around a setpoint relaxed by ECO_OFFSET_C (added with the device shadow).
+Mode = Literal["heat", "cool", "off", "auto", "eco"]
 
 
 class ThermostatReading(Reading):
@@ -24,10 +25,16 @@ class SetMode(Command):
     mode: Mode
 
 
+class ThermostatState(State):
+    setpoint_c: float | None = Field(None, ge=5, le=35, description="Target temperature, °C")
+    mode: Mode | None = Field(None, description="Operating mode")
+
+
 DEVICE_TYPE = DeviceType(
     name="thermostat",
     description="Room thermostat: heats or cools toward a setpoint.",
     reading=ThermostatReading,
     commands={"set_setpoint": SetSetpoint, "set_mode": SetMode},
     units={"temperature_c": "°C", "humidity_pct": "%", "setpoint_c": "°C"},
+    state=ThermostatState,
 )

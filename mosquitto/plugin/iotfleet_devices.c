@@ -21,7 +21,7 @@
  *   without its certificate (a password cannot stand in for it).
  * - ACL_CHECK: a device may publish only devices/<its type>/<its id>/<c> for c in `publish`, and
  *   subscribe to / receive only devices/<its type>/<its id>/<c> for c in `subscribe` (exact topics,
- *   no wildcards): PUBACK/SUBACK 135 otherwise.
+ *   no wildcards; a channel may span levels, e.g. "state/delta"): PUBACK/SUBACK 135 otherwise.
  * - The file is re-read on SIGHUP (MOSQ_EVT_RELOAD) and when its inode/mtime/size changes (checked on
  *   MOSQ_EVT_TICK), so the agent only needs an atomic rename. Devices removed or whose hash changed
  *   are kicked at once (disable, delete, credential rotation).
@@ -377,8 +377,9 @@ static int on_acl_check(int event, void *event_data, void *userdata)
 	t += n + 1;
 	n = strlen(d->id);
 	if(strncmp(t, d->id, n) != 0 || t[n] != '/') return MOSQ_ERR_ACL_DENIED;
+	/* The rest must equal a configured channel exactly; channels may hold '/' (state/delta), and a
+	 * wildcard (+, #) or any extra level never equals one. */
 	const char *channel = t + n + 1;
-	if(strchr(channel, '/') != NULL) return MOSQ_ERR_ACL_DENIED;
 	switch(ed->access){
 		case MOSQ_ACL_WRITE:
 			if(!channel_in(channel, publish_channels, publish_count)) return MOSQ_ERR_ACL_DENIED;

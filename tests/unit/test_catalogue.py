@@ -137,5 +137,11 @@ def test_json_schemas_are_exported() -> None:
         "cool",
         "off",
         "auto",
+        "eco",
     ]
+    # Every type has a configurable state (the device shadow), all fields optional.
+    for name, schema in schemas.items():
+        assert schema["state_schema"] is not None, name
+        assert not schema["state_schema"].get("required"), name
+    assert set(thermostat["state_schema"]["properties"]) == {"setpoint_c", "mode"}
     json.dumps(schemas)  # serialisable as is

@@ -94,9 +94,9 @@ def test_device_broker_identity() -> None:
         with pytest.raises(ValueError):
             broker_files.check_hash(bad)
     # Every device ACL comes from the one table in iotfleet.topics (the plugin's options).
-    assert topics.device_channels("write") == ["telemetry", "status", "acks"]
-    assert topics.device_channels("read") == ["commands", "errors"]
-    assert len(dynsec.device_acls("thermostat", "t-1")) == 7
+    assert topics.device_channels("write") == ["telemetry", "status", "acks", "state/reported"]
+    assert topics.device_channels("read") == ["commands", "errors", "state/delta"]
+    assert len(dynsec.device_acls("thermostat", "t-1")) == 10
 
 
 def test_control_messages_adapt_to_the_broker() -> None:
