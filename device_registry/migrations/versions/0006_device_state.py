@@ -13,7 +13,7 @@ from alembic import op
 from device_registry.models import UtcDateTime
 
 revision = "0006_device_state"
-down_revision = "0004"
+down_revision = "0005_jobs"
 branch_labels = None
 depends_on = None
 

@@ -19,7 +19,7 @@ from alembic import op
 from device_registry.models import UtcDateTime
 
 revision = "0008_device_certificates"
-down_revision = "0005_jobs"
+down_revision = "0006_device_state"
 branch_labels = None
 depends_on = None
 
