@@ -728,10 +728,12 @@ async function initDevice() {
     series.times = [];
     for (const f of fields) series.values[f] = [];
     lastMs = null;
-    const statesLoaded = states ? states.load(rangeS) : null; // in parallel with the charts' request
+    // In parallel with the charts' request; its error is rethrown where it is awaited (never unhandled).
+    const statesLoaded = states ? states.load(rangeS).catch((err) => err) : null;
     if (!fields.length) {
       if (!states) chartsBox.replaceChildren(el("p", { class: "muted", text: "This device type has no field to chart." }));
-      await statesLoaded;
+      const statesError = await statesLoaded;
+      if (statesError instanceof Error) throw statesError;
       return;
     }
     if (rangeS <= RAW_MAX_RANGE_S) {
@@ -748,7 +750,8 @@ async function initDevice() {
       $("#chart-mode").textContent = `mean per ${every} (aggregated for the long range)`;
     }
     draw();
-    await statesLoaded;
+    const statesError = await statesLoaded;
+    if (statesError instanceof Error) throw statesError;
   };
   const liveCharts = async () => {
     if (loading) return; // the full load in progress brings the points
