@@ -28,6 +28,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -45,6 +46,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from device_registry import notifications
+from device_registry.models_notifications import Transition
 from device_registry.models_rules import AlertRow, AlertStatus, CommandRow, CommandStatus
 from iotfleet import topics
 from iotfleet.errors import TopicError
@@ -96,6 +99,9 @@ class CommandTracker:
         self._mid_lock = threading.Lock()
         self._pending: dict[int, str] = {}
         self._early: OrderedDict[int, ReasonCode] = OrderedDict()
+        self.notified = False  # the batch being recorded enqueued notifications
+        self.on_notifications: Callable[[], None] | None = None
+        """Called after a commit that enqueued notifications (the sender's ``wake``)."""
         self.m_events = Counter(
             "registry_command_events", "Command/alert/ack messages recorded", ["kind"], registry=registry
         )
@@ -250,6 +256,7 @@ class CommandTracker:
             batch = [await self._queue.get()]
             while len(batch) < BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            self.notified = False
             try:
                 async with self.sessions() as session, session.begin():
                     await _prefetch(session, batch)
@@ -266,6 +273,8 @@ class CommandTracker:
             for item in batch:
                 if isinstance(item, _Incoming) and item.qos > 0:
                     self.client.ack(item.mid, item.qos)
+            if self.notified and self.on_notifications is not None:
+                self.on_notifications()
 
     async def _apply(self, session: AsyncSession, item: _Incoming | _Sent) -> None:
         if isinstance(item, _Sent):
@@ -409,37 +418,43 @@ class CommandTracker:
                 return  # redelivered
             try:
                 async with session.begin_nested():
-                    session.add(
-                        AlertRow(
-                            id=event.id,
-                            rule_id=event.rule_id,
-                            rule_name=event.rule_name,
-                            device_id=event.device_id,
-                            device_type=event.device_type,
-                            severity=event.severity,
-                            message=event.message,
-                            status=AlertStatus.active.value,
-                            values=event.values,
-                            open_key=open_key,
-                            raised_at=utc_ms(event.at),
-                        )
+                    alert = AlertRow(
+                        id=event.id,
+                        rule_id=event.rule_id,
+                        rule_name=event.rule_name,
+                        device_id=event.device_id,
+                        device_type=event.device_type,
+                        severity=event.severity,
+                        message=event.message,
+                        status=AlertStatus.active.value,
+                        values=event.values,
+                        open_key=open_key,
+                        raised_at=utc_ms(event.at),
                     )
+                    session.add(alert)
+                    await session.flush()
+                    await notifications.enqueue(
+                        session, alert, Transition.raised, named=event.notify, at=alert.raised_at
+                    )
+                    self.notified = True
             except IntegrityError:  # a concurrent raise won: one open alert per (rule, device)
                 self.m_events.labels("alert_duplicate").inc()
                 return
             self.m_events.labels("alert_raised").inc()
         elif kind == "cleared":
             cleared = wire.AlertCleared.model_validate(body)
-            await session.execute(
-                update(AlertRow)
-                .where(AlertRow.open_key == f"{cleared.rule_id}:{cleared.device_id}")
-                .values(
-                    status=AlertStatus.cleared.value,
-                    cleared_at=utc_ms(cleared.at),
-                    clear_reason=cleared.reason[:200] or "cleared",
-                    open_key=None,
-                )
+            open_alert = await session.scalar(
+                select(AlertRow).where(AlertRow.open_key == f"{cleared.rule_id}:{cleared.device_id}")
             )
+            if open_alert is None:
+                return  # nothing open (a redelivered clear, or a clear without a raise)
+            open_alert.status = AlertStatus.cleared.value
+            open_alert.cleared_at = utc_ms(cleared.at)
+            open_alert.clear_reason = cleared.reason[:200] or "cleared"
+            open_alert.open_key = None
+            await session.flush()
+            await notifications.enqueue(session, open_alert, Transition.cleared, at=open_alert.cleared_at)
+            self.notified = True
             self.m_events.labels("alert_cleared").inc()
         else:
             raise ValueError(f"unknown alert event {kind!r}")

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from device_registry.command_tracker import CommandTracker
+from device_registry.notifications_runtime import running_sender
 from device_registry.problems import Problem
 
 STATE_ATTR = "command_tracker"
@@ -24,6 +25,9 @@ STATE_ATTR = "command_tracker"
 async def tracker_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.registry
     tracker = CommandTracker(state.settings, state.sessions, state.registry)
+    sender = running_sender(app)
+    if sender is not None:
+        tracker.on_notifications = sender.wake
     await tracker.start()
     setattr(app.state, STATE_ATTR, tracker)
     try:

@@ -226,6 +226,31 @@ class JobsSettings(BaseModel):
     )
 
 
+class NotificationsSettings(BaseModel):
+    """Alert notifications (``device_registry.notifications``): webhooks and e-mail, from an outbox."""
+
+    send: bool = Field(
+        True, description="False: deliveries are recorded in the outbox but this registry sends none"
+    )
+    poll_s: float = Field(1.0, gt=0, le=60, description="How often due deliveries are looked for when idle")
+    concurrency: int = Field(8, ge=1, le=256, description="Deliveries sent at once")
+    timeout_s: float = Field(10.0, gt=0, le=120, description="Timeout of one webhook call or SMTP session")
+    retry_base_s: float = Field(
+        10.0, gt=0, le=3600, description="First retry after this; doubles per attempt (full jitter)"
+    )
+    retry_max_s: float = Field(1800.0, gt=0, le=86_400, description="Longest wait between two attempts")
+    retry_for_s: int = Field(
+        86_400, ge=60, le=30 * 86_400, description="A delivery is retried this long, then marked failed"
+    )
+    attempts_kept: int = Field(20, ge=1, le=1000, description="Attempts kept per delivery (the newest)")
+    smtp_host: str | None = Field(None, description="SMTP server for e-mail channels (none: refused)")
+    smtp_port: Port = 25
+    smtp_starttls: bool = Field(False, description="Upgrade the SMTP session with STARTTLS")
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    mail_from: str = Field("iotfleet@localhost", max_length=254, description="From address of alert e-mails")
+
+
 class BrokerAgentSettings(BaseModel):
     """The broker-side agent that owns the broker's device password and ACL files.
 
@@ -375,6 +400,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     rules: RulesSettings = RulesSettings()
     jobs: JobsSettings = JobsSettings()
+    notifications: NotificationsSettings = NotificationsSettings()
     health: HealthSettings = HealthSettings()
     broker_agent: BrokerAgentSettings = BrokerAgentSettings()
     stack: StackSettings = StackSettings()

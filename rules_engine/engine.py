@@ -453,6 +453,7 @@ class RulesEngine:
                             message=alert.message,
                             at=firing.at_ms,
                             values=dict(firing.values),
+                            notify=alert.notify,
                         ),
                     )
                     self.metrics.alerts.labels("raised").inc()

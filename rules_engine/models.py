@@ -257,9 +257,25 @@ class SetDesiredAction(_Model):
     target: Target | None = None
 
 
+ChannelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="A notification channel (/api/v1/channels)",
+    ),
+]
+
+
 class AlertSpec(_Model):
     severity: Severity = "major"
     message: str = Field("", max_length=500)
+    notify: list[ChannelName] | None = Field(
+        None,
+        max_length=16,
+        description="Notification channels told on raise, acknowledge and clear (besides default routes)",
+    )
 
 
 class AlertAction(_Model):

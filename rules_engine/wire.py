@@ -113,10 +113,12 @@ def alert_raised_event(
     message: str,
     at: int,
     values: dict[str, Any],
+    notify: list[str] | None = None,
 ) -> bytes:
     return orjson.dumps(
         {
             "event": "raised",
+            "notify": notify or [],
             "id": str(uuid.uuid4()),
             "rule_id": rule_id,
             "rule_name": rule_name,
@@ -173,6 +175,7 @@ class AlertRaised(_Event):
     message: str = ""
     at: int
     values: dict[str, Any] = Field(default_factory=dict)
+    notify: list[str] = Field(default_factory=list, max_length=16)
 
 
 class AlertCleared(_Event):

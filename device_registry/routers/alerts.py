@@ -10,11 +10,14 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query
-from sqlalchemy import Select, and_, or_, select
+from fastapi import APIRouter, Path, Query, Request
+from sqlalchemy import Select, and_, or_, select, update
 
+from device_registry import notifications
 from device_registry.deps import CurrentOperator, CurrentViewer, SessionDep
+from device_registry.models_notifications import Transition
 from device_registry.models_rules import AlertRow, AlertStatus
+from device_registry.notifications_runtime import wake_sender
 from device_registry.problems import PROBLEM_RESPONSES, Conflict, NotFound
 from device_registry.schemas_rules import AlertPage, AlertRead, alert_read, decode_cursor, encode_cursor
 from rules_engine.models import Severity
@@ -84,7 +87,9 @@ async def get_alert(alert_id: AlertIdPath, session: SessionDep, _caller: Current
     summary="Acknowledge an active alert (idempotent); a cleared alert cannot be acknowledged",
     responses={404: {}, 409: {"description": "The alert is cleared"}},
 )
-async def acknowledge_alert(alert_id: AlertIdPath, session: SessionDep, caller: CurrentOperator) -> AlertRead:
+async def acknowledge_alert(
+    alert_id: AlertIdPath, request: Request, session: SessionDep, caller: CurrentOperator
+) -> AlertRead:
     row = await session.get(AlertRow, alert_id)
     if row is None:
         raise NotFound("alert", alert_id)
@@ -94,8 +99,27 @@ async def acknowledge_alert(alert_id: AlertIdPath, session: SessionDep, caller: 
             cleared_at=row.cleared_at.isoformat() if row.cleared_at else None,
         )
     if row.status == AlertStatus.active:
-        row.status = AlertStatus.acknowledged.value
-        row.acknowledged_at = datetime.now(UTC)
-        row.acknowledged_by = caller.name
+        # Conditional: a clear recorded meanwhile by the tracker wins (never overwritten back to
+        # "acknowledged"), and only the request that moved it notifies.
+        moved = await session.execute(
+            update(AlertRow)
+            .where(AlertRow.id == alert_id, AlertRow.status == AlertStatus.active.value)
+            .values(
+                status=AlertStatus.acknowledged.value,
+                acknowledged_at=datetime.now(UTC),
+                acknowledged_by=caller.name,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        await session.refresh(row)
+        enqueued = []
+        if getattr(moved, "rowcount", 0):
+            enqueued = await notifications.enqueue(
+                session, row, Transition.acknowledged, at=row.acknowledged_at
+            )
         await session.commit()
+        if enqueued:
+            wake_sender(request)
+        if row.status == AlertStatus.cleared:
+            raise Conflict(f"alert {alert_id!r} was cleared meanwhile")
     return alert_read(row)

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 
 from device_registry.deps import CurrentAdmin, CurrentViewer, SessionDep
 from device_registry.models import Device
+from device_registry.models_notifications import ChannelRow
 from device_registry.models_rules import RuleRow
 from device_registry.problems import PROBLEM_RESPONSES, Conflict, NotFound, Problem
 from device_registry.rules_runtime import TrackerDep
@@ -70,6 +71,29 @@ def _validate(body: dict[str, Any]) -> Rule:
         ) from None
 
 
+async def _check_channels(session: SessionDep, rule: Rule) -> None:
+    """A rule's alert may only notify channels that exist (422 naming the missing ones)."""
+    errors = []
+    for index, action in enumerate(rule.then):
+        named = getattr(getattr(action, "alert", None), "notify", None)
+        if not named:
+            continue
+        known = set((await session.scalars(select(ChannelRow.name).where(ChannelRow.name.in_(named)))).all())
+        for position, name in enumerate(named):
+            if name not in known:
+                errors.append(
+                    {
+                        "type": "unknown_channel",
+                        "loc": ("body", "then", index, "alert", "notify", position),
+                        "msg": f"no notification channel named {name!r} (create it at /api/v1/channels)",
+                        "input": name,
+                        "ctx": None,
+                    }
+                )
+    if errors:
+        raise RequestValidationError(errors)
+
+
 async def _get(session: SessionDep, rule_id: str) -> RuleRow:
     row = await session.get(RuleRow, rule_id)
     if row is None:
@@ -109,6 +133,7 @@ async def create_rule(
     body: RuleBody, session: SessionDep, caller: CurrentAdmin, tracker: TrackerDep
 ) -> dict[str, Any]:
     rule = _validate(body)
+    await _check_channels(session, rule)
     if await _name_taken(session, rule.name):
         raise Conflict(f"a rule named {rule.name!r} exists")
     now = datetime.now(UTC)
@@ -153,6 +178,7 @@ async def replace_rule(
 ) -> dict[str, Any]:
     rule = _validate(body)
     row = await _get(session, rule_id)
+    await _check_channels(session, rule)
     if await _name_taken(session, rule.name, other_than=rule_id):
         raise Conflict(f"a rule named {rule.name!r} exists")
     _apply(row, rule)

@@ -37,7 +37,12 @@ def registry(broker: Broker, influxd: Influxd, database: str, tmp_path: Path) ->
     process = RegistryProcess(
         broker,
         tmp_path / "fuzzed-registry",
-        extra_env={"IOTFLEET_INFLUX__URL": influxd.url, "IOTFLEET_INFLUX__DATABASE": database},
+        extra_env={
+            "IOTFLEET_INFLUX__URL": influxd.url,
+            "IOTFLEET_INFLUX__DATABASE": database,
+            # Generated webhook channels name arbitrary hosts: record their deliveries, send none.
+            "IOTFLEET_NOTIFICATIONS__SEND": "false",
+        },
     ).start()
     yield process
     process.stop()
