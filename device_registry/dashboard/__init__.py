@@ -50,6 +50,7 @@ NAV = (
     ("rules", "/rules", "Rules"),
     ("apikeys", "/api-keys", "API keys"),
     ("jobs", "/jobs", "Jobs"),
+    ("channels", "/notifications", "Notifications"),
 )
 
 
@@ -120,6 +121,11 @@ async def api_keys_page() -> HTMLResponse:
 @router.get("/jobs", response_class=HTMLResponse)
 async def jobs_page() -> HTMLResponse:
     return _page("jobs.html", "jobs", "Jobs")
+
+
+@router.get("/notifications", response_class=HTMLResponse)
+async def channels_page() -> HTMLResponse:
+    return _page("channels.html", "channels", "Notifications")
 
 
 async def not_found_page(request: Request) -> Response:

@@ -13,7 +13,16 @@ from fastapi.testclient import TestClient
 
 from device_registry.dashboard import NAV, STATIC_DIR, mount_dashboard
 
-PAGES = ("/", "/signin", "/devices", "/devices/thermostat-0001", "/alerts", "/rules", "/jobs")
+PAGES = (
+    "/",
+    "/signin",
+    "/devices",
+    "/devices/thermostat-0001",
+    "/alerts",
+    "/rules",
+    "/jobs",
+    "/notifications",
+)
 
 
 def _client() -> TestClient:

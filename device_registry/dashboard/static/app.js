@@ -1455,6 +1455,7 @@ const PAGES = {
   rules: initRules,
   apikeys: async () => (await loadModule("api_keys.js")).initApiKeys(kit),
   jobs: async () => (await loadModule("jobs.js")).initJobs(kit),
+  channels: async () => (await loadModule("channels.js")).initChannels(kit),
   notfound: ready,
 };
 
