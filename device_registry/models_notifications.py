@@ -54,7 +54,7 @@ class ChannelRow(Base):
     url: Mapped[str | None] = mapped_column(Text)
     recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
     secret: Mapped[str | None] = mapped_column(String(128))
-    route: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    route: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_by: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
