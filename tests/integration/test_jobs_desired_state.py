@@ -9,6 +9,8 @@ so it judges only its own change.
 
 from __future__ import annotations
 
+import os
+import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -235,3 +237,58 @@ def test_registry_kill9_mid_job_loses_nothing_and_sets_nothing_twice(fleet: Flee
         # The delta of that one version, possibly republished after the crash: never another version.
         assert got == {after[device_id]}, (device_id, got)
         assert fleet.state(device_id)["reported"]["setpoint_c"] == 22.5
+
+
+# --- the dashboard in a real browser (Debian's Chromium through Playwright) ---------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
+
+
+def test_dashboard_creates_a_desired_state_job_and_shows_it_reach_100_percent(fleet: Fleet) -> None:
+    if not CHROMIUM.exists() and not os.environ.get("CI"):
+        pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.integration.test_dashboard import CHROMIUM_ARGS, Console
+
+    console = Console()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1366, "height": 860}, locale="en-GB")
+            key = fleet.http.headers["Authorization"].removeprefix("Bearer ")
+            context.add_init_script(f"sessionStorage.setItem('iotfleet.apiKey', {key!r})")
+            page = context.new_page()
+            page.set_default_timeout(15_000)
+            page.on("console", console.on_console)
+            page.on("pageerror", console.on_page_error)
+            page.goto(fleet.registry.url + "/jobs?type=thermostat")
+            page.wait_for_selector("body[data-state=ready]")
+
+            # The type's state model gives the fields; only the chosen action's inputs are in the form.
+            page.get_by_label("Action", exact=True).select_option("desired_state")
+            expect(page.get_by_label("Command", exact=True)).to_be_hidden()
+            page.get_by_label("Desired mode").select_option(label="eco")
+            page.get_by_label("Desired setpoint_c").fill("23.5")
+            page.get_by_label("Only devices tagged").fill("site=paris")
+            page.get_by_label("Name (optional)").fill("dashboard eco")
+            page.get_by_role("button", name="Create job").click()
+            page.wait_for_selector("#job-form[data-last-job-id]")
+            job_id = page.get_attribute("#job-form", "data-last-job-id") or ""
+            row = page.locator(f"#jobs-table tr[data-job-id='{job_id}']")
+            expect(row).to_contain_text('desired state {"setpoint_c":23.5,"mode":"eco"}')
+            expect(row).to_have_attribute("data-status", "completed", timeout=30_000)
+            expect(row.locator(".jobbar")).to_have_attribute(
+                "aria-label", re.compile(f"^{N} succeeded, 0 failed")
+            )
+            expect(row).to_contain_text(f"{N} / {N} finished")
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SCREENSHOTS / "jobs-desired-state.png"), full_page=True)
+            context.close()
+        finally:
+            browser.close()
+    console.assert_clean()
+    job = fleet.job(job_id)
+    assert job["action"] == set_state(mode="eco", setpoint_c=23.5) and job["counts"]["succeeded"] == N
+    assert all(fleet.state(d)["reported"]["setpoint_c"] == 23.5 for d in fleet.ids)
