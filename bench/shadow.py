@@ -322,6 +322,9 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         job_text += (
             f"; the job showed every execution succeeded at {job.get('job_completed_s')} s"
             f" ({job.get('job_status')}, {job.get('job_counts')})."
+            ' For the job, "requests sent" is the `POST /api/v1/jobs` answer (its executions recorded in'
+            " one INSERT … SELECT); the rollout then releases them in batches (IOTFLEET_JOBS__RELEASE_BATCH),"
+            " and each execution succeeds when the registry records the device's report holding the fields."
         )
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['os']}, Python"
