@@ -1,6 +1,7 @@
 """Desired-state jobs against the real stack: the registry as a process, mosquitto, devices that converge.
 
-One registry and 50 provisioned thermostats (tag site=paris) for the module. Each
+One registry and 50 provisioned thermostats (tag site=paris) per backend (SQLite, then
+PostgreSQL: row locks, the correlated timeout UPDATE). Each
 device subscribes to its retained ``state/delta``, applies it and reports the
 result on ``state/reported``; an execution succeeds when the registry records a
 report holding every field the job sets. Each test sets its own ``setpoint_c``
@@ -24,7 +25,7 @@ import pytest
 from iotfleet.stack import probes
 from tests.harness import Broker
 from tests.jobs_support import StateDevice
-from tests.registry_harness import RegistryProcess
+from tests.registry_harness import Postgres, RegistryProcess, postgres  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -77,10 +78,18 @@ def set_state(**fields: Any) -> dict[str, Any]:
     return {"desired_state": {"set": fields}}
 
 
-@pytest.fixture(scope="module")
-def fleet(session_broker: Broker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def fleet(
+    request: pytest.FixtureRequest, session_broker: Broker, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Fleet]:
     state_dir: Path = tmp_path_factory.mktemp("jobs-state") / "state"
-    registry = RegistryProcess(session_broker, state_dir, extra_env={"IOTFLEET_JOBS__TICK_S": "0.1"}).start()
+    database_url = None
+    if request.param == "postgres":
+        server: Postgres = request.getfixturevalue("postgres")
+        database_url = server.create_database()
+    registry = RegistryProcess(
+        session_broker, state_dir, database_url=database_url, extra_env={"IOTFLEET_JOBS__TICK_S": "0.1"}
+    ).start()
     http = registry.client()
     devices: dict[str, StateDevice] = {}
     try:
