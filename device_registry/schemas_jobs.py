@@ -196,7 +196,11 @@ class JobCounts(BaseModel):
     """Executions per state (command lifecycle, plus `canceled`)."""
 
     queued: int = Field(0, description="Not yet released, or released and not yet accepted by the broker")
-    sent: int = 0
+    sent: int = Field(
+        0,
+        description="Commands the broker accepted; desired-state executions released and waiting for the"
+        " device to report the state",
+    )
     delivered: int = 0
     succeeded: int = 0
     failed: int = 0
