@@ -20,7 +20,11 @@ InfluxDB, registry, ingest services, rules engine):
    the moment every retained delta was cleared;
 4. peer, same run: the next change through the public API, one ``PATCH
    …/state/desired`` per device (``--api-clients`` concurrent clients), timed
-   the same way.
+   the same way;
+5. job, same run: the next change as ONE desired-state job to every thermostat
+   (``POST /api/v1/jobs`` with ``{"desired_state": {"set": …}}``, unthrottled
+   rollout), timed the same way, plus the moment the job shows every execution
+   succeeded (the registry matched each device's report to its execution).
 
 Writes the section "Device shadow: desired state to N devices" of
 docs/benchmarks.md with ``--write-docs`` and bench/results/shadow-N.json.
@@ -129,6 +133,36 @@ def patch_via_api(api: str, key: str, ids: list[str], patch: dict[str, Any], cli
     return time.perf_counter() - started
 
 
+def create_job(api: str, key: str, patch: dict[str, Any]) -> tuple[str, float]:
+    """One desired-state job to every thermostat, unthrottled: its id and the time the POST took."""
+    body = {
+        "name": "bench: desired state to the fleet",
+        "action": {"desired_state": {"set": patch}},
+        "target": {"device_type": "thermostat"},
+    }
+    started = time.perf_counter()
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=300) as http:
+        resp = http.post("/api/v1/jobs", json=body)
+    if resp.status_code != 201:
+        raise RuntimeError(f"job creation failed: {resp.status_code} {resp.text[:200]}")
+    return str(resp.json()["id"]), time.perf_counter() - started
+
+
+def job_done(api: str, key: str, job_id: str, started: float, timeout: float) -> dict[str, Any]:
+    """Poll the job until completed: (seconds from ``started``, its counts)."""
+    deadline = time.perf_counter() + timeout
+    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+        while True:
+            job = http.get(f"/api/v1/jobs/{job_id}").json()
+            if job["status"] != "in_progress" or time.perf_counter() > deadline:
+                return {
+                    "job_status": job["status"],
+                    "job_completed_s": round(time.perf_counter() - started, 2),
+                    "job_counts": {k: v for k, v in job["counts"].items() if v},
+                }
+            time.sleep(0.25)
+
+
 def converge(  # noqa: PLR0917 (one argument per input)
     db: Path,
     simulator: Simulator,
@@ -207,21 +241,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         registry_pid = stack.stack._rpc().supervisor.getProcessInfo("registry")["pid"]
         registry = psutil.Process(registry_pid) if registry_pid else None
 
-        for name, setpoint in (("batched", 17.5), ("api", 18.5)):
+        for name, setpoint in (("batched", 17.5), ("api", 18.5), ("job", 19.5)):
             patch = {"mode": "eco", "setpoint_c": setpoint}
             deltas_before = int(simulator.stats().get("deltas_received", 0))
             cpu_before = sum(registry.cpu_times()[:2]) if registry else 0.0
             log(f"{name}: setting {patch} on {args.devices:,} devices")
             started = time.perf_counter()
+            job_id = None
             if name == "batched":
                 sent_s = publish_requests(stack, ids, patch)
-            else:
+            elif name == "api":
                 sent_s = patch_via_api(api, key, ids, patch, args.api_clients)
+            else:
+                job_id, sent_s = create_job(api, key, patch)
             marks = converge(db, simulator, setpoint, args.devices, deltas_before, started, args.timeout)
+            job = job_done(api, key, job_id, started, args.timeout) if job_id else {}
             cpu = (sum(registry.cpu_times()[:2]) - cpu_before) if registry else None
             result[name] = {
                 "requests_sent_s": round(sent_s, 2),
                 **marks,
+                **job,
                 "registry_cpu_s": cpu and round(cpu, 1),
                 # The machine may be shared: the 1-minute load average says how much.
                 "load_average_1m": round(os.getloadavg()[0], 1),
@@ -250,6 +289,7 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
     for name, label in (
         ("batched", "rule-engine requests (`iotfleet/state/desired`, batched)"),
         ("api", "one `PATCH …/state/desired` per device (peer)"),
+        ("job", "one desired-state job (`POST /api/v1/jobs`, unthrottled)"),
     ):
         r = result.get(name, {})
         sent = r.get("requests_sent_s")
@@ -268,6 +308,24 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
     cpu = ""
     if batched.get("registry_cpu_s") and api.get("registry_cpu_s"):
         cpu = f", with {api['registry_cpu_s'] / batched['registry_cpu_s']:.1f}× less registry CPU"
+    job = result.get("job", {})
+    job_text = ""
+    if job.get("all_reported_s") and a_done:
+        job_text = (
+            f' The job reaches "every device reports it" in {job["all_reported_s"]} s:'
+            f" {a_done / job['all_reported_s']:.1f}× faster than one PATCH per device"
+        )
+        if job.get("registry_cpu_s") and api.get("registry_cpu_s"):
+            job_text += f", with {api['registry_cpu_s'] / job['registry_cpu_s']:.1f}× less registry CPU"
+        if b_done:
+            job_text += f" ({job['all_reported_s'] / b_done:.1f}× the batched rule-engine path's time)"
+        job_text += (
+            f"; the job showed every execution succeeded at {job.get('job_completed_s')} s"
+            f" ({job.get('job_status')}, {job.get('job_counts')})."
+            ' For the job, "requests sent" is the `POST /api/v1/jobs` answer (its executions recorded in'
+            " one INSERT … SELECT); the rollout then releases them in batches (IOTFLEET_JOBS__RELEASE_BATCH),"
+            " and each execution succeeds when the registry records the device's report holding the fields."
+        )
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB, {info['os']}, Python"
         f" {info['python']}, {info['mosquitto']}; shared with other jobs during the run (1-minute load"
@@ -279,8 +337,8 @@ def render(result: dict[str, Any], info: dict[str, Any], command: str) -> str:
         "| path | requests sent | every device received its delta | registry holds every report |"
         " retained deltas cleared | registry CPU (s) | load avg |\n|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
-        + f'\n\nThe batched path reaches "every device reports it" {ratio} the API peer{cpu}. Simulator:'
-        f" {result.get('simulator')}.\n"
+        + f'\n\nThe batched path reaches "every device reports it" {ratio} the API peer{cpu}.{job_text}'
+        f" Simulator: {result.get('simulator')}.\n"
     )
 
 

@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -329,6 +329,9 @@ class DesiredBatch:
     refused: dict[str, str] = field(default_factory=dict)
     outbox: list[Shadow] = field(default_factory=list, repr=False)
     """The changed shadows whose delta is to be published (what ``ShadowService`` sends at once)."""
+    converged: set[str] = field(default_factory=set, repr=False)
+    """Of ``changed`` and ``unchanged``: the devices whose REPORTED state already holds every field
+    the patch sets (nothing to wait for; an unchanged desired state alone does not say that)."""
 
     @property
     def pending(self) -> bool:
@@ -381,12 +384,18 @@ async def set_desired_many(
             result.refused[device_id] = str(exc)
             continue
         (result.changed if changed else result.unchanged).append(device_id)
+        if not any(key in shadow.delta for key, value in checked.items() if value is not None):
+            result.converged.add(device_id)
     await save(session, shadows.values())
     result.outbox = [s for s in shadows.values() if s.delta_pending]
     return result
 
 
 # --- the MQTT side ---------------------------------------------------------------------------
+
+ReportHook = Callable[[AsyncSession, Mapping[str, "Shadow"]], Awaitable[object]]
+"""Called in the transaction recording a batch of reports, with the shadows of the devices that
+reported (id → shadow, reported state applied): e.g. jobs mark executions whose state arrived."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,6 +441,7 @@ class ShadowService:
         self.sessions = sessions
         self.lock = asyncio.Lock()
         """Held around every read-modify-write of shadow rows in this registry."""
+        self.report_hooks: list[ReportHook] = []
         limits = Limits.from_settings(settings.ingest)
         self.admissions = {
             name: StateAdmission(t, limits) for name, t in DEVICE_TYPES.items() if t.state is not None
@@ -638,7 +648,7 @@ class ShadowService:
             if current is not None and current[0] == seq:
                 del self._inflight[device_id]
 
-    def _send_committed(self, shadows: Iterable[Shadow]) -> None:
+    def send_committed(self, shadows: Iterable[Shadow]) -> None:
         """Publish the deltas a transaction just committed (called under the lock: commit order is
         publish order, so the retained message is always the newest delta)."""
         for shadow in shadows:
@@ -747,7 +757,7 @@ class ShadowService:
         at = utcnow()
         async with self.lock:
             shadows = await self._record(reports, requests, at)
-            self._send_committed(shadows.values())
+            self.send_committed(shadows.values())
 
     async def _record(
         self,
@@ -759,6 +769,7 @@ class ShadowService:
             ids = [r[1] for r in reports] + [r.device_id for r in requests]
             types = await device_types(session, ids)
             shadows = await load(session, types, for_update=True)
+            reported: dict[str, Shadow] = {}
             for device_type, device_id, patch in reports:
                 if types.get(device_id) != device_type:
                     self.metrics.messages.labels("reported", "unknown_device").inc()
@@ -767,6 +778,7 @@ class ShadowService:
                 if shadow is None:
                     shadow = shadows[device_id] = Shadow(device_id, device_type)
                 shadow.set_reported(patch, at=at)
+                reported[device_id] = shadow
                 self.metrics.messages.labels("reported", "ok").inc()
             for request in requests:
                 if types.get(request.device_id) != request.device_type:
@@ -787,6 +799,9 @@ class ShadowService:
                     continue
                 self.metrics.messages.labels("request", "ok").inc()
             await save(session, shadows.values())
+            if reported:
+                for hook in self.report_hooks:
+                    await hook(session, reported)
         return shadows
 
     # --- the API's entry points ----------------------------------------------------------------
@@ -804,7 +819,7 @@ class ShadowService:
                 changed = shadow.set_desired(patch, source=source, at=utcnow())
                 await save(session, [shadow])
             if changed:
-                self._send_committed([shadow])
+                self.send_committed([shadow])
         return shadow
 
     async def set_desired_many(
@@ -814,7 +829,7 @@ class ShadowService:
         async with self.lock:
             async with self.sessions() as session, session.begin():
                 result = await set_desired_many(session, device_ids, patch, source=source)
-            self._send_committed(result.outbox)
+            self.send_committed(result.outbox)
         return result
 
 

@@ -302,6 +302,10 @@ class JobRunner:
         return min(allowance, int(rate) - int(recent or 0))
 
     async def _release(self, job: JobRow, kind: ActionKind, limit: int) -> int:
+        async with kind.guard():
+            return await self._release_guarded(job, kind, limit)
+
+    async def _release_guarded(self, job: JobRow, kind: ActionKind, limit: int) -> int:
         at = now()
         async with self.sessions() as session, session.begin():
             # Still running? (Also takes the job's row lock first: a concurrent cancel waits for this batch.)
@@ -333,6 +337,17 @@ class JobRunner:
                     "released_at": at,
                 }
                 for device_id, command_id in released.command_ids.items()
+                if device_id not in released.finished
+            ]
+            changes += [
+                {
+                    "job_id": job.id,
+                    "device_id": device_id,
+                    "status": outcome.value,
+                    "released_at": at,
+                    "detail": detail,
+                }
+                for device_id, (outcome, detail) in released.finished.items()
             ]
             changes += [
                 {

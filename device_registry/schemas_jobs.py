@@ -1,8 +1,9 @@
 """API shapes of jobs: ``JobCreate`` (input), ``JobRead`` / ``JobExecutionRead`` (output).
 
 A job's ``action`` is a discriminated union keyed by its one property
-(``{"command": {...}}`` today); ``job_actions`` maps each key to the code that
-validates and releases it, so a new kind is one model here plus one class there.
+(``{"command": {...}}`` or ``{"desired_state": {"set": {...}}}``); ``job_actions`` maps
+each key to the code that validates and releases it, so a new kind is one model here plus
+one class there.
 """
 
 from __future__ import annotations
@@ -37,6 +38,31 @@ class CommandAction(_Input):
     command: CommandSpec
 
 
+class DesiredStateSpec(_Input):
+    set: dict[str, Any] = Field(
+        min_length=1,
+        max_length=64,
+        description="Fields of the device type's state model and their values, merged into each device's"
+        " desired state (checked against the model at creation: 422 naming the field). Values may not be"
+        " null (a job sets fields; it does not remove them)",
+        examples=[{"mode": "eco"}],
+    )
+
+
+class DesiredStateAction(_Input):
+    """Set fields of every targeted device's desired state (device shadow).
+
+    An execution succeeds when the device REPORTS every field with the value set (at
+    once if its reported state already holds them); it fails when the device's type
+    refuses the state or the device is gone, or when ``timeout_s`` passes after its
+    release while the device is online without reporting it; it expires at the
+    deadline. Cancel stops releasing: desired states already set stay set (and their
+    devices may still converge) — cancel does not roll anything back.
+    """
+
+    desired_state: DesiredStateSpec
+
+
 def _action_kind(value: Any) -> str | None:
     # The kind is the object's single key; anything else fails as "no matching kind".
     if isinstance(value, dict) and len(value) == 1:
@@ -46,13 +72,14 @@ def _action_kind(value: Any) -> str | None:
     return None
 
 
-# Add a kind: `| Annotated[DesiredStateAction, Tag("desired_state")]` (and a class in job_actions).
+# Add a kind: one more `| Annotated[XAction, Tag("x")]` member (and a class in job_actions).
 JobAction = Annotated[
-    Annotated[CommandAction, Tag("command")],
+    Annotated[CommandAction, Tag("command")] | Annotated[DesiredStateAction, Tag("desired_state")],
     Discriminator(
         _action_kind,
         custom_error_type="action_kind",
-        custom_error_message="action must be an object with exactly one key naming its kind: command",
+        custom_error_message="action must be an object with exactly one key naming its kind:"
+        " command or desired_state",
     ),
 ]
 
@@ -121,7 +148,16 @@ class AbortRule(_Input):
 
 class JobCreate(_Input):
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
-    action: JobAction
+    action: JobAction = Field(
+        description="What each device gets, an object with one key naming its kind:"
+        ' `{"command": {"name": "set_mode", "args": {"mode": "eco"}}}` (a tracked command per device) or'
+        ' `{"desired_state": {"set": {"mode": "eco"}}}` (fields merged into each device\'s desired state;'
+        " an execution succeeds when the device reports them)",
+        examples=[
+            {"command": {"name": "set_mode", "args": {"mode": "eco"}}},
+            {"desired_state": {"set": {"mode": "eco", "setpoint_c": 19.5}}},
+        ],
+    )
     target: JobTarget
     rollout: Rollout = Field(default_factory=Rollout)
     abort: AbortRule | None = Field(
@@ -133,13 +169,15 @@ class JobCreate(_Input):
         ge=1,
         le=30 * 86_400,
         description="Per device: a device that said `delivered`/`received` and gives no result within"
-        " this is failed (timed out). Devices offline or silent are bounded by the deadline",
+        " this is failed (timed out); for desired_state, a device online for this long since its release"
+        " (or since it came back) that has not reported the state. Devices offline are bounded by the deadline",
     )
     start_at: datetime | None = Field(None, description="Schedule: release nothing before (default: now)")
     deadline: datetime | None = Field(
         None,
         description="Nothing is released after it; unfinished executions expire then; devices offline until"
-        " then never get the command (MQTT message expiry). Default: start + IOTFLEET_JOBS__DEFAULT_DEADLINE_S",
+        " then never get the command (MQTT message expiry; a desired state set stays desired)."
+        " Default: start + IOTFLEET_JOBS__DEFAULT_DEADLINE_S",
     )
 
     @model_validator(mode="after")
@@ -158,7 +196,11 @@ class JobCounts(BaseModel):
     """Executions per state (command lifecycle, plus `canceled`)."""
 
     queued: int = Field(0, description="Not yet released, or released and not yet accepted by the broker")
-    sent: int = 0
+    sent: int = Field(
+        0,
+        description="Commands the broker accepted; desired-state executions released and waiting for the"
+        " device to report the state",
+    )
     delivered: int = 0
     succeeded: int = 0
     failed: int = 0

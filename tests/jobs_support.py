@@ -71,3 +71,54 @@ class JobDevice:
     def disconnect(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class StateDevice:
+    """A device that converges: applies each retained ``state/delta`` it gets and reports the result.
+
+    Clean session: a device that was offline gets its retained delta when it subscribes again.
+    ``versions`` holds the desired version of every delta received (a repeat of the same version
+    is a republish, harmless; another version would be a second change).
+    """
+
+    def __init__(self, broker: Broker, device_id: str, password: str) -> None:
+        self.device_id = device_id
+        self.obey = True  # False: takes deltas and never reports
+        self.state: dict[str, Any] = {}
+        self.versions: list[int] = []
+        self.lock = threading.Lock()
+        self.host, self.port = broker.host, broker.port
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id, protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(device_id, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_a: self.subscribed.set()
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if not reason.is_failure:
+            client.subscribe(topics.device_topic("thermostat", self.device_id, Channel.STATE_DELTA), qos=1)
+
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return  # the retained delta was cleared: in sync
+        body = orjson.loads(msg.payload)
+        with self.lock:
+            self.versions.append(int(body["version"]))
+            self.state.update(body["state"])
+        if not self.obey:
+            return
+        topic = topics.device_topic("thermostat", self.device_id, Channel.STATE_REPORTED)
+        client.publish(topic, orjson.dumps(body["state"]), qos=1)
+
+    def connect(self) -> StateDevice:
+        self.subscribed.clear()
+        self.client.connect(self.host, self.port, keepalive=30, clean_start=True)
+        self.client.loop_start()
+        if not self.subscribed.wait(10):
+            raise TimeoutError(f"{self.device_id}: no SUBACK")
+        return self
+
+    def disconnect(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

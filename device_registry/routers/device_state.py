@@ -102,7 +102,11 @@ async def patch_desired(  # noqa: PLR0917  (FastAPI injects each dependency)
     if_match: Annotated[
         str | None,
         Header(
-            alias="If-Match", max_length=64, description='The desired version you read, e.g. "3" (its ETag)'
+            alias="If-Match",
+            max_length=64,
+            description='The desired version you read, e.g. "3" (its ETag); anything else is 400',
+            # Documented, not enforced here: a malformed value is a 400 problem (parse_if_match).
+            json_schema_extra={"pattern": '^(\\*|(W/)?"?[0-9]{1,12}"?)$'},
         ),
     ] = None,
 ) -> DeviceStateRead:

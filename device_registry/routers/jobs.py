@@ -1,11 +1,12 @@
-"""Jobs: one action (a command today) to many devices, rolled out at a bounded rate, abortable, cancelable.
+"""Jobs: one action (a command, or a desired state) to many devices, rolled out at a bounded rate.
 
 ``POST /api/v1/jobs`` validates the action against the device type (the same
-check as a single command), resolves the target with the device-list filters and
+check as a single command, or the type's state model), resolves the target with the device-list filters and
 records one ``queued`` execution per matching enabled device, in one statement
 (INSERT … SELECT: no per-device work in the request). The rollout
 (``device_registry.job_runner``) releases them; each released execution of a
-command job is a command with the usual lifecycle (``GET /api/v1/commands/{id}``).
+command job is a command with the usual lifecycle (``GET /api/v1/commands/{id}``);
+one of a desired-state job succeeds when the device reports the state.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from fastapi import APIRouter, FastAPI, Path, Query, Request, status
 from sqlalchemy import Select, String, and_, func, insert, literal, or_, select
 
 from device_registry.deps import CurrentOperator, CurrentViewer, SessionDep, SettingsDep
-from device_registry.job_actions import action_kinds
+from device_registry.job_actions import action_kinds, record_reports
 from device_registry.job_runner import JobRunner, Tally, close_job, execution_state, progress
 from device_registry.models import Device
 from device_registry.models_jobs import ExecutionStatus, JobExecution, JobRow, JobStatus
 from device_registry.models_rules import CommandRow
 from device_registry.problems import PROBLEM_RESPONSES, Conflict, NotFound, Problem
+from device_registry.routers.device_state import STATE_ATTR as SHADOW_ATTR
 from device_registry.routers.devices import filter_devices
 from device_registry.rules_runtime import STATE_ATTR as TRACKER_ATTR
 from device_registry.schemas_jobs import (
@@ -51,8 +53,13 @@ async def runner_lifespan(app: FastAPI) -> AsyncIterator[None]:
     tracker = getattr(app.state, TRACKER_ATTR, None)
     if tracker is None:
         raise RuntimeError("the job runner needs the command tracker (commands router) started first")
+    # The shadow (device_state router) is up too: desired-state jobs write through it, and its report
+    # consumer tells them which devices reported the state.
+    shadow = getattr(app.state, SHADOW_ATTR, None)
+    if shadow is not None:
+        shadow.report_hooks.append(record_reports)
     state = app.state.registry
-    runner = JobRunner(state.settings.jobs, state.sessions, action_kinds(tracker), state.registry)
+    runner = JobRunner(state.settings.jobs, state.sessions, action_kinds(tracker, shadow), state.registry)
     await runner.start()
     setattr(app.state, RUNNER_ATTR, runner)
     try:
@@ -60,6 +67,8 @@ async def runner_lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         setattr(app.state, RUNNER_ATTR, None)
         await runner.stop()
+        if shadow is not None:
+            shadow.report_hooks.remove(record_reports)
 
 
 router = APIRouter(

@@ -1,4 +1,5 @@
-// iotfleet dashboard: the jobs page (list with progress, failures, cancel; a new-job form per device type).
+// iotfleet dashboard: the jobs page (list with progress, failures, cancel; a new-job form per device type:
+// a command, or a desired-state change for a type with a state model).
 //
 // Loaded by app.js for the jobs page (PAGES.jobs): `initJobs(kit)` gets app.js's one copy of the
 // API client and helpers (see `kit` in app.js).
@@ -58,8 +59,43 @@ async function showFailures(job) {
   );
 }
 
+// The JSON schema of a state field: its non-null alternative (state models make every field optional).
+function stateField(prop) {
+  const choices = prop.anyOf ? prop.anyOf.filter((p) => p.type !== "null") : [prop];
+  return { ...choices[0], description: prop.description };
+}
+
+function stateInput(name, prop) {
+  const schema = stateField(prop);
+  const id = `job-state-${name}`;
+  let input;
+  if (schema.enum || schema.type === "boolean") {
+    input = el("select", { id, name }, el("option", { value: "", text: "(unchanged)" }));
+    for (const v of schema.enum || [true, false]) input.append(el("option", { value: JSON.stringify(v), text: String(v) }));
+  } else {
+    input = el("input", { id, name, type: "number", min: schema.minimum, max: schema.maximum, step: schema.type === "integer" ? "1" : "any", placeholder: "(unchanged)" });
+  }
+  if (schema.description) input.setAttribute("title", schema.description);
+  return el("div", {}, el("label", { for: id, text: `Desired ${name}` }), input);
+}
+
+function readStateFields(box, schema) {
+  const set = {};
+  for (const input of box.querySelectorAll("input, select")) {
+    if (input.value === "") continue;
+    if (input.tagName === "SELECT") set[input.name] = JSON.parse(input.value);
+    else set[input.name] = stateField(schema.properties[input.name]).type === "integer" ? parseInt(input.value, 10) : Number(input.value);
+  }
+  return set;
+}
+
+function actionText(action) {
+  if (action.command) return `${action.command.name} ${JSON.stringify(action.command.args)}`;
+  if (action.desired_state) return `desired state ${JSON.stringify(action.desired_state.set)}`;
+  return Object.keys(action)[0];
+}
+
 function jobRow(job, refresh) {
-  const command = job.action.command;
   const cancel = el("button", {
     type: "button",
     class: "danger",
@@ -82,7 +118,7 @@ function jobRow(job, refresh) {
     { dataset: { jobId: job.id, status: job.status } },
     el("td", { text: fmtTime(job.created_at) }),
     el("td", { text: job.name || "–" }),
-    el("td", { class: "mono", text: command ? `${command.name} ${JSON.stringify(command.args)}` : Object.keys(job.action)[0] }),
+    el("td", { class: "mono", text: actionText(job.action) }),
     el("td", { text: targetText(job.target) }),
     el("td", {}, badge(job.status.replace("_", " "), STATE_BADGE[job.status] || "neutral"), job.detail ? el("div", { class: "muted", text: job.detail }) : null),
     el("td", {}, progressBar(job)),
@@ -99,8 +135,24 @@ async function setupForm(onCreated) {
   if (wanted && types.some((t) => t.name === wanted)) typeSelect.value = wanted;
   const nameSelect = $("#command-name");
   const argsBox = $("#command-args");
+  const kindSelect = $("#job-kind");
+  const stateBox = $("#state-fields");
   let schemas = {};
+  let stateSchema = null;
+  const stateOption = kindSelect.querySelector("option[value=desired_state]");
+  // Only the chosen action's inputs are in the form (labels stay unique for assistive technology).
+  const renderKind = () => {
+    const desired = kindSelect.value === "desired_state" && stateSchema !== null;
+    if (!desired) kindSelect.value = "command";
+    $("#command-box").hidden = desired;
+    stateBox.hidden = !desired;
+    const props = desired ? Object.entries(stateSchema.properties || {}) : [];
+    stateBox.replaceChildren(stateBox.querySelector("legend"), ...props.map(([n, p]) => stateInput(n, p)));
+    if (desired) argsBox.replaceChildren(el("legend", { text: "Arguments" }));
+    else renderArgs();
+  };
   const renderArgs = () => {
+    if (kindSelect.value === "desired_state") return;
     const schema = schemas[nameSelect.value] || {};
     const required = new Set(schema.required || []);
     const props = Object.entries(schema.properties || {});
@@ -110,12 +162,17 @@ async function setupForm(onCreated) {
     );
   };
   const loadType = async () => {
-    schemas = (await api(`/api/v1/device-types/${encodeURIComponent(typeSelect.value)}`)).command_schemas || {};
+    const type = await api(`/api/v1/device-types/${encodeURIComponent(typeSelect.value)}`);
+    schemas = type.command_schemas || {};
+    stateSchema = type.state_schema || null;
+    stateOption.disabled = stateSchema === null;
+    stateOption.textContent = stateSchema === null ? "Set desired state (this type has none)" : "Set desired state";
     nameSelect.replaceChildren(...Object.keys(schemas).map((n) => el("option", { value: n, text: n })));
-    renderArgs();
+    renderKind();
   };
   typeSelect.addEventListener("change", loadType);
   nameSelect.addEventListener("change", renderArgs);
+  kindSelect.addEventListener("change", renderKind);
   await loadType();
   const form = $("#job-form");
   form.addEventListener("submit", async (event) => {
@@ -129,7 +186,16 @@ async function setupForm(onCreated) {
       args[input.name] = kind === "integer" || kind === "number" ? Number(input.value) : kind === "boolean" ? input.value === "true" : input.value;
     }
     const value = (id) => $(id).value.trim();
-    const body = { action: { command: { name: nameSelect.value, args } }, target: { device_type: typeSelect.value } };
+    let action = { command: { name: nameSelect.value, args } };
+    if (kindSelect.value === "desired_state") {
+      const set = readStateFields(stateBox, stateSchema);
+      if (!Object.keys(set).length) {
+        error.textContent = "Set at least one field of the desired state.";
+        return;
+      }
+      action = { desired_state: { set } };
+    }
+    const body = { action, target: { device_type: typeSelect.value } };
     try {
       const tags = parseTags(value("#job-tags"));
       if (Object.keys(tags).length) body.target.tags = tags;
