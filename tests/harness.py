@@ -115,6 +115,8 @@ class Broker(_Restartable):
     agent_port: int = field(default_factory=probes.free_port)
     agent_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     agent: ServerProcess | None = None
+    # Runs the broker and its agent elsewhere, e.g. ``["ip", "netns", "exec", NS]`` (tests/netns_hosts.py).
+    exec_prefix: list[str] = field(default_factory=list)
 
     def start(self) -> Broker:
         files = configs.write_mosquitto_config(
@@ -123,7 +125,7 @@ class Broker(_Restartable):
         if self.process is None:
             self.process = ServerProcess(
                 "mosquitto",
-                [_require("mosquitto"), "-c", str(files.config)],
+                [*self.exec_prefix, _require("mosquitto"), "-c", str(files.config)],
                 self.state_dir / "mosquitto.log",
             )
         admin = dynsec.ADMIN_USER
@@ -138,7 +140,7 @@ class Broker(_Restartable):
         if self.agent is None:
             self.agent = ServerProcess(
                 "broker-agent",
-                [sys.executable, "-m", "broker_agent.main"],
+                [*self.exec_prefix, sys.executable, "-m", "broker_agent.main"],
                 self.state_dir / "broker-agent.log",
             )
         if self.agent.alive():
@@ -199,6 +201,7 @@ class Influxd(_Restartable):
     port: int = field(default_factory=probes.free_port)
     rpc_port: int = field(default_factory=probes.free_port)
     process: ServerProcess | None = None
+    exec_prefix: list[str] = field(default_factory=list)  # as Broker's
 
     @property
     def url(self) -> str:
@@ -210,7 +213,9 @@ class Influxd(_Restartable):
         )
         if self.process is None:
             self.process = ServerProcess(
-                "influxd", [_require("influxd"), "-config", str(config)], self.state_dir / "influxd.log"
+                "influxd",
+                [*self.exec_prefix, _require("influxd"), "-config", str(config)],
+                self.state_dir / "influxd.log",
             )
         self.process.spawn_and_wait(
             lambda: probes.http_ok(f"{self.url}/ping"), f"influxd on port {self.port}"

@@ -54,6 +54,9 @@ class Postgres:
 
     root: Path
     port: int
+    host: str = "127.0.0.1"
+    # Runs the server elsewhere, e.g. ``["ip", "netns", "exec", NS]`` (tests/netns_hosts.py).
+    exec_prefix: tuple[str, ...] = ()
 
     @property
     def data(self) -> Path:
@@ -65,7 +68,9 @@ class Postgres:
 
     def _as_postgres(self, *argv: str) -> subprocess.CompletedProcess[str]:
         prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        return subprocess.run([*prefix, *argv], check=True, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [*self.exec_prefix, *prefix, *argv], check=True, capture_output=True, text=True, timeout=60
+        )
 
     def start(self) -> Postgres:
         if not (PG_BIN / "initdb").exists():
@@ -86,8 +91,11 @@ class Postgres:
             "-E",
             "UTF8",
         )
+        if self.host != "127.0.0.1":  # initdb's pg_hba.conf trusts loopback only
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all 0.0.0.0/0 trust\n")
         options = (
-            f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1"
+            f"-p {self.port} -k {self.sockets} -c listen_addresses={self.host}"
             " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         self._as_postgres(
@@ -115,7 +123,7 @@ class Postgres:
             str(PG_BIN / "psql"), "-h", str(self.sockets), "-p", str(self.port), "-U", "postgres",
             "-q", "-c", f"CREATE DATABASE {name}",
         )  # fmt: skip
-        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/{name}"
+        return f"postgresql+asyncpg://postgres@{self.host}:{self.port}/{name}"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,224 @@
+"""Issue #19's acceptance: a service host lost mid-stream, on five hosts (network namespaces).
+
+Hosts: ``core`` (mosquitto + broker agent + influxd), ``db`` (PostgreSQL), ``svc1``
+and ``svc2`` (each a registry, an ingest replica and a rules engine), ``fleet``
+(1,000 simulated smart plugs, ``python -m simulators``). A rule fires on mains
+over-voltage and clears below a lower threshold (commands ``set_relay`` off / on,
+an alert on firing): the plugs' voltage noise crosses it a few times a minute.
+
+Mid-stream every process on ``svc2`` is killed with SIGKILL at once (a host
+dying; the kernel still closes its sockets). While it is down the API is polled
+through ``svc1``; then ``svc2`` is started again on its own disk (a reboot:
+its ingest journal and its sessions are where it left them — the broker keeps
+its ingest share queued in its session meanwhile, Mosquitto 2.0 cannot hand a
+shared-subscription member's queue to another member).
+
+Checked at the end:
+- every reading the broker acknowledged is stored exactly once (the simulator's
+  ``--verify`` against InfluxDB, and the stored seqs counted here);
+- for each transition the stored readings call for (the rule's semantics
+  replayed over them), exactly one command id was sent (off on firing, on on
+  clearing, in order) and one alert raised at the reading's time — none lost,
+  none twice with different ids;
+- the API answered through ``svc1`` throughout (longest gap bounded);
+- work resumed: reading → command latency of transitions whose reading came
+  after the kill, the takeover time, is within TAKEOVER_BOUND_S (measured and
+  printed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from iotfleet.settings import RulesSettings
+from tests.multihost_checks import (
+    RULE,
+    ApiPoller,
+    BrokerWatcher,
+    check_transitions,
+    expected_transitions,
+    percentile,
+    stored_seq_counts,
+    stored_voltages,
+)
+from tests.multihost_stack import INFLUX_DATABASE, MultiHostPlatform
+from tests.netns_hosts import HostNetwork, require_netns
+from tests.registry_harness import ADMIN_KEY
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DEVICES = 1_000
+INTERVAL_S = 2.0  # 500 readings/s from the fleet: leaves CPU for two full service hosts on 2 cores
+STREAM_S = 45.0
+KILL_AFTER_S = 12.0  # of streaming
+DOWN_FOR_S = 12.0
+# Documented bound (docs/deployment.md, "Losing a host"): a rule transition of a reading taken
+# after the kill is acted on within this (lease TTL + re-subscribe + backlog), measured ~? s here.
+TAKEOVER_BOUND_S = 15.0
+API_GAP_BOUND_S = 2.0
+
+
+def _stats(path: Path) -> dict[str, Any]:
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return {}
+    return json.loads(lines[-1]) if lines else {}
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[MultiHostPlatform]:
+    require_netns()
+    with HostNetwork(["core", "db", "svc1", "svc2", "fleet"]) as network:
+        stack = MultiHostPlatform(network, tmp_path, ["smart_plug"])
+        try:
+            yield stack
+        finally:
+            stack.close()
+
+
+def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transition_once(
+    platform: MultiHostPlatform, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    platform.start_servers()
+    svc1 = platform.add_service_host("svc1")
+    svc2 = platform.add_service_host("svc2")
+    assert platform.broker is not None and platform.influxd is not None
+    http = httpx.Client(base_url=svc1.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    created = http.post("/api/v1/rules", json=RULE)
+    assert created.status_code == 201, created.text
+    devices = platform.provision({"smart_plug": DEVICES}, tmp_path / "credentials.json", via="svc1")
+    device_ids = [d.id for d in devices]
+    # Both hosts' API see the same fleet (one database).
+    with httpx.Client(base_url=svc2.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as other:
+        assert other.get(f"/api/v1/devices/{device_ids[-1]}").status_code == 200
+    print(f"\nsetup: {time.monotonic() - started:.1f} s (servers, 2 service hosts, {DEVICES} devices)")
+
+    watcher = BrokerWatcher(platform.broker).start()
+    poller = ApiPoller(svc1.api_url, ADMIN_KEY).start()
+    stats_file, report_file = tmp_path / "fleet-stats.jsonl", tmp_path / "fleet-report.json"
+    fleet = platform.start_fleet(
+        "fleet",
+        [
+            "--state-dir", str(tmp_path / "fleet"),
+            "--credentials", str(tmp_path / "credentials.json"),
+            "--no-observer", "--quiet",
+            "--report", str(report_file),
+            "--stats-file", str(stats_file),
+            "--type", f"smart_plug={DEVICES}",
+            "--interval", f"{INTERVAL_S}s",
+            "--duration", f"{STREAM_S}s",
+            "--ramp-up", "1000",
+            "--seed", "19",
+            "--verify", "--verify-source", "influx", "--verify-timeout", "60s",
+        ],
+        tmp_path / "fleet.log",
+    )  # fmt: skip
+    try:
+        _wait(lambda: _stats(stats_file).get("connected") == DEVICES, "the fleet connected", 30, fleet)
+        time.sleep(KILL_AFTER_S)  # pacing: let the stream run on both hosts before the kill
+        killed_at_ms, killed_at = int(time.time() * 1000), time.monotonic()
+        killed = svc2.host.kill_all()
+        print(f"killed {killed} processes on svc2")
+        time.sleep(DOWN_FOR_S)  # pacing: svc1 alone carries the platform
+        down_until = time.monotonic()
+        svc2.processes.clear()
+        platform.start_service_host("svc2")  # a reboot: same disk, same replica names
+        print(f"svc2 back after {time.monotonic() - killed_at:.1f} s")
+        _wait(lambda: fleet.proc.poll() is not None, "the fleet's run and --verify", STREAM_S + 120, None)
+    finally:
+        poller.stop()
+        watcher_commands, watcher_alerts = _settled(watcher)
+        watcher.stop()
+    report = json.loads(report_file.read_text())
+    print(json.dumps({k: report[k] for k in ("published", "commands", "verify") if k in report}, indent=1))
+
+    # 1. every acknowledged reading stored exactly once
+    published, verify = report["published"], report["verify"]
+    assert published["broker_acked"] == published["readings"], published
+    assert verify["missing"] == 0 and verify["duplicates"] == 0, verify
+    stored = stored_seq_counts(platform.influxd.url, INFLUX_DATABASE)
+    assert sum(n for n, _ in stored.values()) == verify["expected"]
+    assert all(points == distinct for points, distinct in stored.values())
+    assert fleet.proc.returncode == 0, fleet.log_tail()
+
+    # 2. every rule transition fired exactly once, no command lost or sent twice with different ids
+    if "partitions" not in RulesSettings.model_fields:  # TEMPORARY until helper B's branch is merged
+        pytest.xfail("needs partitioned rules engines (IOTFLEET_RULES__PARTITIONS): each engine fires all")
+    expected = expected_transitions(stored_voltages(platform.influxd.url, INFLUX_DATABASE))
+    check = check_transitions(expected, watcher_commands, watcher_alerts, device_ids)
+    print(
+        f"transitions: {check.expected} expected, {check.distinct_commands} command ids"
+        f" ({check.commands_seen} deliveries), devices wrong: {len(check.devices_wrong)},"
+        f" alerts wrong: {len(check.alerts_raised_wrong)}"
+    )
+    assert check.expected > DEVICES // 4, "the rule must fire often enough to mean something"
+    assert not check.devices_wrong, list(check.devices_wrong.items())[:5]
+    assert not check.alerts_raised_wrong, list(check.alerts_raised_wrong.items())[:5]
+    registry_commands = _registry_rule_commands(http, device_ids)
+    assert registry_commands == {c.id for c in watcher_commands}
+
+    # 3. the API answered through svc1 while svc2 was down
+    gap = poller.longest_gap_s(killed_at - 1.0, down_until)
+    print(f"API through svc1: longest gap {gap:.2f} s while svc2 was down ({poller.failures} failures)")
+    assert gap < API_GAP_BOUND_S
+
+    # 4. work resumed within the bound: the latency of transitions read after the kill
+    after = [latency for ts, latency in check.latencies_ms if ts >= killed_at_ms]
+    before = [latency for ts, latency in check.latencies_ms if ts < killed_at_ms]
+    takeover_s = max(after) / 1000
+    print(
+        f"reading → command: before the kill p50 {percentile(before, 0.5):.0f} ms"
+        f" p99 {percentile(before, 0.99):.0f} ms; after it max {takeover_s:.2f} s (takeover)"
+    )
+    assert takeover_s < TAKEOVER_BOUND_S
+    print(f"test took {time.monotonic() - started:.1f} s")
+
+
+def _wait(check: Any, what: str, timeout: float, process: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if process is not None and not process.alive():
+            raise AssertionError(f"{what}: the fleet exited:\n{process.log_tail()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not after {timeout} s")
+        time.sleep(0.1)
+
+
+def _settled(watcher: BrokerWatcher, quiet_s: float = 3.0, within_s: float = 30.0) -> tuple[Any, Any]:
+    """The watcher's records once no command or alert came for ``quiet_s``."""
+    deadline = time.monotonic() + within_s
+    last, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        commands, alerts = watcher.snapshot()
+        if len(commands) + len(alerts) != last:
+            last, last_change = len(commands) + len(alerts), time.monotonic()
+        elif time.monotonic() - last_change > quiet_s:
+            break
+        time.sleep(0.2)
+    return watcher.snapshot()
+
+
+def _registry_rule_commands(http: httpx.Client, device_ids: list[str]) -> set[str]:
+    """The ids of every command the registry recorded for the fleet (all rule commands here)."""
+    wanted, ids = set(device_ids), set()
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000}
+        if cursor:
+            params["cursor"] = cursor
+        page = http.get("/api/v1/commands", params=params)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        ids.update(c["id"] for c in body["items"] if c["device_id"] in wanted)
+        cursor = body.get("next_cursor")
+        if not cursor:
+            return ids

@@ -1,0 +1,225 @@
+"""The platform laid out over hosts (network namespaces, tests/netns_hosts.py), for tests and benchmarks.
+
+Host ``core``: mosquitto + its broker agent + influxd. Host ``db``: PostgreSQL.
+Each service host (``svc1``, ``svc2``, …): one registry, one ingest replica per
+device type (one shared subscription group across hosts) and one rules engine,
+all on the registry database in PostgreSQL. Host ``fleet``: the simulator
+(``python -m simulators``), a separate process tree like a real fleet.
+
+Every server binds its host's address; the test process (root namespace) sees
+all of them through the bridge. Service processes are started with the settings
+that ``iotfleet up`` would give them (``service_env``), so a host can be killed
+with everything on it and started again on the same state dir (its disk
+survived: the ingest's journal, the rules engine's files).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from iotfleet.stack import probes
+from simulators.fleet import DeviceCredentials
+from simulators.provisioning import RegistryProvisioner, save_credentials
+from tests.harness import Broker, Influxd
+from tests.netns_hosts import Host, HostNetwork, HostProcess
+from tests.registry_harness import ADMIN_KEY, Postgres
+
+INFLUX_DATABASE = "iotfleet"
+READY_TIMEOUT_S = 60.0
+# Fixed ports are safe here: every host is a namespace of the test's own, with its own port space.
+REGISTRY_PORT = 8000
+RULES_HEALTH_PORT = 9100
+INGEST_HEALTH_PORT = 9101
+POSTGRES_PORT = 5432
+LEASE_TTL_S = 5.0  # registry and rules leases: the defaults on PostgreSQL
+RULES_PARTITIONS = 16  # per device type, spread over the live engines
+
+
+@dataclass
+class ServiceHost:
+    """One service host: what runs on it and with which settings (to start it again after a kill)."""
+
+    host: Host
+    state_dir: Path
+    device_types: list[str]
+    extra_env: dict[str, str]
+    processes: dict[str, HostProcess] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host.address}:{REGISTRY_PORT}"
+
+    def health_urls(self) -> dict[str, str]:
+        urls = {"registry": f"{self.api_url}/healthz", "rules": self._health(RULES_HEALTH_PORT)}
+        for offset, device_type in enumerate(self.device_types):
+            urls[f"ingest-{device_type}"] = self._health(INGEST_HEALTH_PORT + offset)
+        return urls
+
+    def _health(self, port: int) -> str:
+        return f"http://{self.host.address}:{port}/healthz"
+
+    def log_tails(self) -> str:
+        return "\n".join(f"--- {self.host.name}/{n} ---\n{p.log_tail()}" for n, p in self.processes.items())
+
+
+@dataclass
+class MultiHostPlatform:
+    """Servers and service hosts on a HostNetwork; ``close()`` stops what it started."""
+
+    network: HostNetwork
+    root: Path
+    device_types: list[str]
+    broker: Broker | None = None
+    influxd: Influxd | None = None
+    postgres: Postgres | None = None
+    database_url: str = ""
+    rules_store_url: str = ""  # the partitioned rules engines' leases and firing state
+    services: dict[str, ServiceHost] = field(default_factory=dict)
+
+    # --- servers ---------------------------------------------------------------------------------
+
+    def start_servers(self, core: str = "core", db: str = "db") -> None:
+        core_host, db_host = self.network[core], self.network[db]
+        self.broker = Broker(
+            self.root / "mosquitto", host=core_host.address, exec_prefix=core_host.exec_prefix()
+        ).start()
+        self.influxd = Influxd(
+            self.root / "influxd", host=core_host.address, exec_prefix=core_host.exec_prefix()
+        ).start()
+        # Not under pytest's tmp dir: that is 0700 root, which user postgres cannot enter.
+        pg_root = Path(tempfile.mkdtemp(prefix="iotfleet-pg-hosts-"))
+        self.postgres = Postgres(
+            pg_root, POSTGRES_PORT, host=db_host.address, exec_prefix=tuple(db_host.exec_prefix())
+        ).start()
+        self.database_url = self.postgres.create_database()
+        self.rules_store_url = self.postgres.create_database().replace(
+            "postgresql+asyncpg://", "postgresql://"
+        )
+
+    # --- service hosts ---------------------------------------------------------------------------
+
+    def service_env(self, service: ServiceHost, account: str) -> dict[str, str]:
+        """What ``iotfleet up`` gives a service, pointed at the servers on the other hosts."""
+        assert self.broker is not None and self.influxd is not None
+        address = service.host.address
+        return {
+            **os.environ,
+            "IOTFLEET_STATE_DIR": str(service.state_dir),
+            "IOTFLEET_MQTT__HOST": self.broker.host,
+            "IOTFLEET_MQTT__PORT": str(self.broker.port),
+            "IOTFLEET_MQTT__USERNAME": account,
+            "IOTFLEET_MQTT__PASSWORD": self.broker.passwords[account],
+            "IOTFLEET_INFLUX__URL": self.influxd.url,
+            "IOTFLEET_INFLUX__DATABASE": INFLUX_DATABASE,
+            "IOTFLEET_REGISTRY__HOST": address,
+            "IOTFLEET_REGISTRY__PORT": str(REGISTRY_PORT),
+            "IOTFLEET_REGISTRY__DATABASE_URL": self.database_url,
+            "IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY": ADMIN_KEY,
+            "IOTFLEET_BROKER_AGENT__HOST": self.broker.host,
+            "IOTFLEET_BROKER_AGENT__PORT": str(self.broker.agent_port),
+            "IOTFLEET_BROKER_AGENT__TOKEN": self.broker.agent_token,
+            "IOTFLEET_HEALTH__HOST": address,
+            "IOTFLEET_RULES__API_KEY": ADMIN_KEY,
+            # Replicas: the registry's once-only work under a DB lease, the rules engines' partitions
+            # under leases in their shared store; names stable across a host's restart.
+            "IOTFLEET_REGISTRY__REPLICA": service.host.name,
+            "IOTFLEET_REGISTRY__LEASE_TTL_S": str(LEASE_TTL_S),
+            "IOTFLEET_RULES__PARTITIONS": str(RULES_PARTITIONS),
+            "IOTFLEET_RULES__SHARED_STORE_URL": self.rules_store_url,
+            "IOTFLEET_RULES__REPLICA": service.host.name,
+            "IOTFLEET_RULES__LEASE_TTL_S": str(LEASE_TTL_S),
+            **service.extra_env,
+        }
+
+    def add_service_host(self, name: str, extra_env: dict[str, str] | None = None) -> ServiceHost:
+        service = ServiceHost(self.network[name], self.root / name, list(self.device_types), extra_env or {})
+        self.services[name] = service
+        self.start_service_host(name)
+        return service
+
+    def start_service_host(self, name: str) -> None:
+        """Start (or start again, on the same state dir) the registry, the ingest replicas and the rules engine."""
+        service = self.services[name]
+        host, logs = service.host, service.state_dir / "logs"
+        python = sys.executable
+        registry_env = self.service_env(service, "iotfleet-registry")
+        service.processes["registry"] = host.spawn(
+            "registry", [python, "-m", "device_registry.main"], logs / "registry.log", registry_env
+        )
+        # Migrations run at the registry's start: the next host's registry waits for this one.
+        self._wait_healthy(service, "registry")
+        for offset, device_type in enumerate(service.device_types):
+            env = self.service_env(service, "iotfleet-ingest")
+            env.update(
+                {
+                    "IOTFLEET_INGEST__DEVICE_TYPE": device_type,
+                    "IOTFLEET_INGEST__REPLICA": name,
+                    "IOTFLEET_HEALTH__PORT": str(INGEST_HEALTH_PORT + offset),
+                }
+            )
+            part = f"ingest-{device_type}"
+            service.processes[part] = host.spawn(
+                part, [python, "-m", "telemetry_ingest.runner"], logs / f"{part}.log", env
+            )
+        rules_env = self.service_env(service, "iotfleet-rules")
+        rules_env.update(
+            {
+                "IOTFLEET_HEALTH__PORT": str(RULES_HEALTH_PORT),
+                "IOTFLEET_RULES__CLIENT_ID": f"iotfleet-rules-{name}",
+                "IOTFLEET_MQTT__SESSION_EXPIRY_S": "3600",
+            }
+        )
+        service.processes["rules"] = host.spawn(
+            "rules", [python, "-m", "rules_engine.main"], logs / "rules.log", rules_env
+        )
+        for part in service.health_urls():
+            self._wait_healthy(service, part)
+
+    def _wait_healthy(self, service: ServiceHost, part: str) -> None:
+        url = service.health_urls()[part]
+
+        def ready() -> bool:
+            process = service.processes[part]
+            if not process.alive():
+                raise RuntimeError(f"{service.host.name}/{part} exited:\n{process.log_tail()}")
+            return probes.http_ok(url)
+
+        probes.wait_until(ready, timeout=READY_TIMEOUT_S, what=f"{service.host.name}/{part} healthy")
+
+    # --- the fleet -------------------------------------------------------------------------------
+
+    def provision(self, counts: dict[str, int], path: Path, via: str) -> list[DeviceCredentials]:
+        """Devices through the bulk API of one registry; credentials saved for the simulator."""
+        devices = RegistryProvisioner(self.services[via].api_url, ADMIN_KEY).provision(counts)
+        save_credentials(path, devices)
+        return devices
+
+    def start_fleet(self, host: str, args: list[str], log_path: Path) -> HostProcess:
+        """``python -m simulators`` on the fleet host, against the broker (and InfluxDB for --verify)."""
+        assert self.broker is not None and self.influxd is not None
+        env = {
+            **os.environ,
+            "IOTFLEET_MQTT__HOST": self.broker.host,
+            "IOTFLEET_INFLUX__URL": self.influxd.url,
+            "IOTFLEET_INFLUX__DATABASE": INFLUX_DATABASE,
+        }
+        argv = [sys.executable, "-m", "simulators", "--mqtt-port", str(self.broker.port), *args]
+        return self.network[host].spawn("fleet", argv, log_path, env)
+
+    # --- teardown --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the servers by pid; the namespaces' close() kills whatever is left in them."""
+        for service in self.services.values():
+            for process in service.processes.values():
+                process.stop(timeout=10)
+        if self.broker is not None:
+            self.broker.stop()
+        if self.influxd is not None:
+            self.influxd.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
