@@ -35,8 +35,12 @@ class ImportResult:
 def export_secrets(stack: Stack) -> dict[str, Any]:
     """The shared secrets of this state dir (made now if this is the broker host's first use)."""
     s = stack.settings
-    hosts = [s.stack.listen]
-    platform_pki = pki.ensure_platform_pki(s.tls, stack.layout.root, hosts)
+    paths = pki.platform_pki_paths(s.tls, stack.layout.root)
+    if paths.ca_cert_path.exists():
+        # The CA of a stack that ran (or runs): read, never re-issued under a running broker.
+        platform_pki = paths
+    else:
+        platform_pki = pki.ensure_platform_pki(s.tls, stack.layout.root, [s.stack.listen])
     # A bring-your-own CA without its key: None (the other hosts bring their certificates too).
     key_path = platform_pki.ca_key_path
     ca_key = key_path.read_text() if key_path is not None else None

@@ -125,8 +125,10 @@ def test_secrets_round_trip_makes_a_service_host_startable(
 ) -> None:
     broker_state, service_state, exported = tmp_path / "h1", tmp_path / "h2", tmp_path / "s.json"
     main_exit(
-        ["secrets", "export", "--state-dir", str(broker_state), "--roles", "broker,influxdb"]
-        + ["--listen", BROKER_HOST, "--out", str(exported)]
+        [
+            *("secrets", "export", "--state-dir", str(broker_state), "--roles", "broker,influxdb"),
+            *("--listen", BROKER_HOST, "--out", str(exported)),
+        ]
     )
     assert mode(exported) == 0o600
     data = json.loads(exported.read_text())
@@ -191,8 +193,10 @@ def test_replica_names_differ_between_state_dirs(tmp_path: Path) -> None:
 def test_systemd_units_of_the_broker_host(tmp_path: Path) -> None:
     state, out = tmp_path / "state", tmp_path / "units"
     main_exit(
-        ["systemd", "--state-dir", str(state), "--roles", "broker,influxdb"]
-        + ["--listen", BROKER_HOST, "--out", str(out)]
+        [
+            *("systemd", "--state-dir", str(state), "--roles", "broker,influxdb"),
+            *("--listen", BROKER_HOST, "--out", str(out)),
+        ]
     )
     names = sorted(p.name for p in out.iterdir())
     assert names == [
@@ -203,9 +207,13 @@ def test_systemd_units_of_the_broker_host(tmp_path: Path) -> None:
         "iotfleet.target",
     ]
     mosquitto = (out / "iotfleet-mosquitto.service").read_text()
-    assert f'ExecStart={Path("/usr/sbin/mosquitto")}' in mosquitto or "mosquitto -c" in mosquitto.replace('"', "")
+    assert f"ExecStart={Path('/usr/sbin/mosquitto')}" in mosquitto or "mosquitto -c" in mosquitto.replace(
+        '"', ""
+    )
     assert str(state / "mosquitto" / "mosquitto.conf") in mosquitto
-    assert (state / "mosquitto" / "mosquitto.conf").exists() and (state / "influxdb" / "influxdb.conf").exists()
+    assert (state / "mosquitto" / "mosquitto.conf").exists() and (
+        state / "influxdb" / "influxdb.conf"
+    ).exists()
     agent = (out / "iotfleet-broker-agent.service").read_text()
     for line in (
         "Restart=always",
