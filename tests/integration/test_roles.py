@@ -263,8 +263,7 @@ def run_device_round_trip(host1: Host, host2: Host, mqtts_port: int) -> None:
     creds = on(host2, setup)["credentials"]
     device = Device(
         host2,
-        host1.address,
-        mqtts_port,
+        (host1.address, mqtts_port),
         host2.state / "tls" / "ca.crt",
         creds,
         f"devices/thermostat/{device_id}",
