@@ -447,7 +447,14 @@ class Stack:
             json.dumps(
                 {
                     "parts": [
-                        {"name": p.name, "kind": p.kind, "port": p.port, "host": p.host} for p in parts
+                        {
+                            "name": p.name,
+                            "kind": p.kind,
+                            "port": p.port,
+                            "host": p.host,
+                            "url": self._part_url(p),
+                        }
+                        for p in parts
                     ],
                     "roles": s.stack.roles,
                     "api": f"http://{s.registry.host}:{s.registry.port}",
@@ -599,19 +606,28 @@ class Stack:
             return []
         return parts
 
-    def health(self, kind: str, port: int) -> tuple[bool, str]:
+    def _part_url(self, part: Part) -> str | None:
+        """Where a part's HTTP health is probed (InfluxDB, the broker agent: HTTPS on an opened host)."""
+        if part.kind == "influxdb":
+            return self.influx_url()
+        if part.kind == "agent":
+            return self.agent_url()
+        return None
+
+    def health(self, kind: str, port: int, url: str | None = None) -> tuple[bool, str]:
+        """A live probe of one part; ``url`` (from the stack file) says where InfluxDB / the agent listen."""
         host = self.settings.mqtt.host
         if kind == "broker":
             passwords = self._passwords()
             ok = probes.mqtt_ok(host, port, dynsec.ADMIN_USER, passwords[dynsec.ADMIN_USER], timeout=1.0)
             return ok, "MQTT CONNECT accepted" if ok else "MQTT CONNECT failed"
         if kind == "influxdb":
-            url = self.influx_url()
+            url = url or self.influx_url()
             base = f"{url.split('://', 1)[0]}://{_bracketed(_url_host(url))}:{port}"
             ok = probes.http_ok(f"{base}/ping", verify=self._verify(base))
             return ok, "/ping 204" if ok else "/ping failed"
         if kind == "agent":
-            base = self.agent_url() if "broker" in self.roles() else f"http://127.0.0.1:{port}"
+            base = url or self.agent_url()
             ok = probes.http_ok(f"{base}/healthz", verify=self._verify(base))
             return ok, "/healthz ok" if ok else "/healthz not ok"
         health_host = {"registry": self.settings.registry.host}.get(kind, self.settings.health.host)
@@ -634,7 +650,9 @@ class Stack:
             state = info.get("statename", "UNKNOWN")
             pid = info.get("pid") or None
             healthy, detail = (
-                self.health(part["kind"], part["port"]) if state == "RUNNING" else (False, state)
+                self.health(part["kind"], part["port"], part.get("url"))
+                if state == "RUNNING"
+                else (False, state)
             )
             result.append(PartStatus(part["name"], part["kind"], pid, part["port"], state, healthy, detail))
         return result
@@ -761,7 +779,10 @@ class Stack:
                     info = self._rpc().supervisor.getProcessInfo(part.name)
                     if info["statename"] in ("FATAL", "BACKOFF") and time.monotonic() > deadline - 1:
                         break
-                    if info["statename"] == "RUNNING" and self.health(part.kind, part.port)[0]:
+                    if (
+                        info["statename"] == "RUNNING"
+                        and self.health(part.kind, part.port, self._part_url(part))[0]
+                    ):
                         on_progress(f"{part.name} healthy (port {part.port}, pid {info['pid']})")
                         return
                 if time.monotonic() >= deadline:

@@ -11,13 +11,16 @@ PKI) are written into the state dir, as ``iotfleet up`` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from iotfleet.settings import ENV_PREFIX
 from iotfleet.stack.supervisor import FLEET_FDS, INFRA, Part, Stack, write_private
 
 TARGET = "iotfleet.target"
-SECRET_SUFFIXES = ("PASSWORD", "TOKEN", "ADMIN_KEY", "API_KEY")
+# Setting names whose values are secret (a database URL carries its password).
+SECRET_SUFFIXES = ("PASSWORD", "TOKEN", "ADMIN_KEY", "API_KEY", "DATABASE_URL", "STORE_URL")
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,12 @@ def write_units(stack: Stack, out: Path) -> UnitFiles:
     out.mkdir(parents=True, exist_ok=True)
     infra_units = [unit_name(p) for p in parts if p.name in INFRA and p.name != "broker-agent"]
     units, env_files = [], []
-    for part in parts:
+    inherited = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIX)}
+    for generated in parts:
+        # The IOTFLEET_* settings of this shell (a PostgreSQL URL, replica names, limits…) reach
+        # the services as they would under `iotfleet up` (supervisord inherits them); the stack's
+        # own values win. mosquitto and influxd read only their config files.
+        part = replace(generated, env={**inherited, **generated.env}) if generated.env else generated
         env_file: Path | None = None
         env_text = render_env_file(part)
         if env_text is not None:

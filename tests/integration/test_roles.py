@@ -223,6 +223,13 @@ def test_broker_and_influxdb_on_one_host_services_on_another_over_tls(tmp_path: 
             kinds = {part["kind"] for part in json.loads(status.stdout)["parts"]}
             assert kinds == {"registry", "rules", "ingest"}
 
+            # `status` needs no flags: the stack file says where the agent and InfluxDB listen (HTTPS).
+            status = host1.run("status", "--json", env=env)
+            assert status.returncode == 0, status.stdout + status.stderr
+            parts = {part["name"]: part for part in json.loads(status.stdout)["parts"]}
+            assert set(parts) == {"mosquitto", "broker-agent", "influxd"}
+            assert all(part["healthy"] for part in parts.values()), parts
+
             run_device_round_trip(host1, host2, int(remote["IOTFLEET_MQTT__PORT"]))
         finally:
             for host in reversed(up):

@@ -275,3 +275,26 @@ def test_mqtt_tls_context_from_settings(tmp_path: Path) -> None:
 def test_influxdb_config_without_tls_is_plain(tmp_path: Path) -> None:
     conf = write_influxdb_config(tmp_path, host="127.0.0.1", port=8086, rpc_port=8088).read_text()
     assert "https-enabled = false" in conf and 'bind-address = "127.0.0.1:8086"' in conf
+
+
+def test_systemd_units_carry_this_shells_settings_secrets_in_the_env_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, out = tmp_path / "state", tmp_path / "units"
+    main_exit(["secrets", "export", "--state-dir", str(tmp_path / "h1"), "--out", str(tmp_path / "s.json")])
+    main_exit(["secrets", "import", "--state-dir", str(state), str(tmp_path / "s.json")])
+    for key, value in REMOTE_ENV.items():
+        monkeypatch.setenv(key, value)
+    database_url = "postgresql+asyncpg://registry:s3cret@db-host/registry"
+    monkeypatch.setenv("IOTFLEET_REGISTRY__DATABASE_URL", database_url)
+    monkeypatch.setenv("IOTFLEET_INGEST__BATCH_MAX_READINGS", "1234")
+    main_exit(["systemd", "--state-dir", str(state), "--roles", "registry,ingest", "--out", str(out)])
+    registry = (out / "iotfleet-registry.service").read_text()
+    assert "s3cret" not in registry and "IOTFLEET_MQTT__TLS=true" in registry
+    assert f'IOTFLEET_REGISTRY__DATABASE_URL="{database_url}"' in (out / "iotfleet-registry.env").read_text()
+    # no local broker or InfluxDB: started after the network only
+    after = next(line for line in registry.splitlines() if line.startswith("After="))
+    assert after == "After=network-online.target"
+    ingest = next(out.glob("iotfleet-ingest-*.service")).read_text()
+    assert 'Environment="IOTFLEET_INGEST__BATCH_MAX_READINGS=1234"' in ingest
+    assert not list(out.glob("iotfleet-rules*")) and not list(out.glob("iotfleet-mosquitto*"))
