@@ -14,6 +14,7 @@ A host without the broker (or InfluxDB, …) reaches the remote one through the 
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from iotfleet.errors import StackError
@@ -82,6 +83,36 @@ def check_remote_endpoints(
             problems.append(f"rules without the registry role needs the admin API key: {import_hint}")
     if problems:
         raise StackError(f"cannot start roles {settings.stack.roles}: " + "; ".join(problems))
+
+
+def cleartext_warnings(settings: Settings, influx_url: str, agent_url: str) -> list[str]:
+    """One line per connection of this host's services that leaves the host without TLS."""
+    roles = settings.stack.role_set()
+    warnings = []
+    mqtt_remote = roles & MQTT_CLIENT_ROLES and "broker" not in roles
+    if mqtt_remote and not settings.mqtt.tls and not _loopback(settings.mqtt.host):
+        warnings.append(
+            f"warning: MQTT to {settings.mqtt.host} without TLS (set IOTFLEET_MQTT__TLS=true and the broker's"
+            " TLS port)"
+        )
+    influx_remote = roles & INFLUX_CLIENT_ROLES and "influxdb" not in roles
+    if influx_remote and influx_url.startswith("http://") and not _loopback(_host_of(influx_url)):
+        warnings.append(f"warning: InfluxDB at {influx_url} without TLS (an https:// IOTFLEET_INFLUX__URL)")
+    agent_remote = "registry" in roles and "broker" not in roles
+    if agent_remote and agent_url.startswith("http://") and not _loopback(_host_of(agent_url)):
+        warnings.append(f"warning: the broker agent at {agent_url} without TLS (its token crosses in clear)")
+    return warnings
+
+
+def _host_of(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _names(roles: frozenset[str]) -> str:

@@ -221,7 +221,12 @@ class Stack:
         s, local = self.settings, self.roles()
         env: dict[str, str] = {}
         if "broker" in local:
-            env |= {"IOTFLEET_MQTT__HOST": s.mqtt.host, "IOTFLEET_MQTT__PORT": str(s.mqtt.port)}
+            # The broker of this host: its plain listener on loopback.
+            env |= {
+                "IOTFLEET_MQTT__HOST": s.mqtt.host,
+                "IOTFLEET_MQTT__PORT": str(s.mqtt.port),
+                "IOTFLEET_MQTT__TLS": "false",
+            }
         else:
             env |= {
                 "IOTFLEET_MQTT__HOST": s.mqtt.host,
@@ -741,6 +746,8 @@ class Stack:
         self.check_remote_endpoints()
         parts = self.parts()
         self.check_can_start(parts)
+        for warning in roles.cleartext_warnings(self.settings, self.influx_url(), self.agent_url()):
+            on_progress(warning)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self._write_configs(parts)
         on_progress(f"state dir {self.layout.root}; logs in {self.layout.logs}")

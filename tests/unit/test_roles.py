@@ -298,3 +298,14 @@ def test_systemd_units_carry_this_shells_settings_secrets_in_the_env_file(
     ingest = next(out.glob("iotfleet-ingest-*.service")).read_text()
     assert 'Environment="IOTFLEET_INGEST__BATCH_MAX_READINGS=1234"' in ingest
     assert not list(out.glob("iotfleet-rules*")) and not list(out.glob("iotfleet-mosquitto*"))
+
+
+def test_cleartext_across_hosts_is_warned_about() -> None:
+    from iotfleet.stack.roles import cleartext_warnings
+
+    split = load_settings(stack={"roles": "registry,ingest"}, mqtt={"host": "10.0.0.1"})
+    warnings = cleartext_warnings(split, "http://10.0.0.1:8086", "http://10.0.0.1:9105")
+    assert len(warnings) == 3 and "IOTFLEET_MQTT__TLS=true" in warnings[0]
+    secured = load_settings(stack={"roles": "registry,ingest"}, mqtt={"host": "10.0.0.1", "tls": True})
+    assert cleartext_warnings(secured, "https://10.0.0.1:8086", "https://10.0.0.1:9105") == []
+    assert cleartext_warnings(load_settings(), "http://127.0.0.1:8086", "http://127.0.0.1:9105") == []
