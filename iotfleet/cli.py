@@ -140,13 +140,19 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out = Console()
     out.print(_status_table(stack, parts))
     info = status_as_json(stack, parts)
-    out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
-    out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
-    out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
-    if info.get("https_dashboard"):
+    if info["roles"] != "all":
+        out.print(escape(f"Roles on this host: {info['roles']} (docs/deployment.md)"), soft_wrap=True)
+    kinds = {p.kind for p in parts} or {"registry", "broker"}
+    if "registry" in kinds:
+        out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
+        out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
+        out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
+    if info.get("https_dashboard") and "registry" in kinds:
         out.print(
             escape(f"HTTPS: dashboard {info['https_dashboard']}   API {info['https_api']}"), soft_wrap=True
         )
+    if "broker" not in kinds:
+        return
     tls = info["tls"]
     out.print(
         escape(

@@ -970,6 +970,7 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
     return {
         "running": bool(parts),
         "state_dir": str(stack.layout.root),
+        "roles": stored.get("roles", stack.settings.stack.roles) if stored else stack.settings.stack.roles,
         "admin_api_key_file": str(stack.layout.admin_key),
         "dashboard": f"{base}/",
         "api": f"{base}/api/v1",
