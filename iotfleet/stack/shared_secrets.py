@@ -59,16 +59,27 @@ def export_secrets(stack: Stack) -> dict[str, Any]:
 
 
 def _endpoints(stack: Stack, platform_pki: pki.PlatformPki) -> dict[str, Any]:
+    """Where this host's broker, agent and InfluxDB listen: from the stack file of the last `up`
+    (so `export` needs no flags after it), else from the settings and flags given now."""
     s = stack.settings
-    tls = tls_endpoints(s, platform_pki)
-    local = stack.roles()
+    try:
+        stored = json.loads(stack.layout.stack_file.read_text())
+        kinds = {part["kind"] for part in stored["parts"]}
+        urls = {part["kind"]: part.get("url") for part in stored["parts"]}
+        listen, tls_port = stored["tls"]["listen"], int(stored["tls"]["mqtts_password"].rsplit(":", 1)[1])
+    except (FileNotFoundError, KeyError, ValueError, IndexError):
+        local = stack.roles()
+        kinds = ({"broker", "agent"} if "broker" in local else set()) | ({"influxdb"} & local)
+        urls = {"agent": stack.agent_url(), "influxdb": stack.influx_url()}
+        listen, tls_port = tls_endpoints(s, platform_pki)["listen"], s.tls.port
     endpoints: dict[str, Any] = {}
-    if "broker" in local:
-        endpoints["mqtt_host"] = tls["listen"]
-        endpoints["mqtt_tls_port"] = s.tls.port
-        endpoints["broker_agent_url"] = stack.agent_url()
-    if "influxdb" in local:
-        endpoints["influx_url"] = stack.influx_url()
+    if "broker" in kinds:
+        endpoints["mqtt_host"] = listen
+        endpoints["mqtt_tls_port"] = tls_port
+    if "agent" in kinds and urls.get("agent"):
+        endpoints["broker_agent_url"] = urls["agent"]
+    if "influxdb" in kinds and urls.get("influxdb"):
+        endpoints["influx_url"] = urls["influxdb"]
     return endpoints
 
 
