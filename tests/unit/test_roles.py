@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -236,6 +238,21 @@ def test_systemd_units_of_the_broker_host(tmp_path: Path) -> None:
     assert mode(env_file) == 0o600 and f'IOTFLEET_BROKER_AGENT__TOKEN="{token}"' in env_file.read_text()
     target = (out / "iotfleet.target").read_text()
     assert "Wants=iotfleet-mosquitto.service iotfleet-broker-agent.service iotfleet-influxd.service" in target
+    assert_systemd_accepts(out)
+
+
+def assert_systemd_accepts(out: Path) -> None:
+    """systemd's own parser on the units (syntax, absolute executables that exist), where installed.
+
+    Only the files are checked: nothing runs under systemd here (no systemd as PID 1)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        return
+    units = sorted(str(p) for p in out.iterdir() if p.suffix in (".service", ".target"))
+    done = subprocess.run(
+        [analyze, "verify", *units], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_systemd_units_quote_what_systemd_would_expand() -> None:
@@ -298,6 +315,7 @@ def test_systemd_units_carry_this_shells_settings_secrets_in_the_env_file(
     ingest = next(out.glob("iotfleet-ingest-*.service")).read_text()
     assert 'Environment="IOTFLEET_INGEST__BATCH_MAX_READINGS=1234"' in ingest
     assert not list(out.glob("iotfleet-rules*")) and not list(out.glob("iotfleet-mosquitto*"))
+    assert_systemd_accepts(out)
 
 
 def test_cleartext_across_hosts_is_warned_about() -> None:
