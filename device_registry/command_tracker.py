@@ -49,7 +49,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from device_registry import notifications
 from device_registry.models_notifications import Transition
 from device_registry.models_rules import AlertRow, AlertStatus, CommandRow, CommandStatus
-from iotfleet import topics
+from iotfleet import tls_clients, topics
 from iotfleet.errors import TopicError
 from iotfleet.settings import Settings
 from iotfleet.topics import Channel
@@ -118,6 +118,7 @@ class CommandTracker:
         if mqtt_settings.username:
             password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
             self.client.username_pw_set(mqtt_settings.username, password)
+        tls_clients.apply_to_paho(self.client, mqtt_settings)  # the broker on another host
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(500)

@@ -58,7 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from device_registry.models import Device
 from device_registry.models_state import DeviceStateRow
-from iotfleet import topics
+from iotfleet import tls_clients, topics
 from iotfleet.admission import Limits, Rejected, StateAdmission, device_error
 from iotfleet.catalogue import DEVICE_TYPES, State, get_device_type
 from iotfleet.errors import TopicError
@@ -470,6 +470,7 @@ class ShadowService:
         if mqtt_settings.username:
             password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
             self.client.username_pw_set(mqtt_settings.username, password)
+        tls_clients.apply_to_paho(self.client, mqtt_settings)  # the broker on another host
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(1_000)
