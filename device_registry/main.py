@@ -9,6 +9,7 @@ broker with the DB each time the admin link connects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -25,6 +26,7 @@ from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
 from device_registry.broker_admin import BrokerAdmin, BrokerError
 from device_registry.dashboard import mount_dashboard
+from device_registry.lease import REGISTRY_LEASE, Lease, LeaseStore, SingletonWork
 from device_registry.listeners import https_listener, serve
 from device_registry.metrics import RegistryMetrics
 from device_registry.openapi import install_openapi
@@ -70,7 +72,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.monotonic()
         lifecycle.starting(
-            database=_redact(database_url), broker=f"{settings.mqtt.host}:{settings.mqtt.port}"
+            database=_redact(database_url),
+            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+            replica=settings.registry.replica,
         )
         engine = db.create_engine(database_url, sqlite_synchronous=settings.registry.sqlite_synchronous)
         try:
@@ -112,6 +116,17 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics.reconcile_drift.set(report.drift_count)
 
         reconciler = Reconciler(agent, sessions, broker=broker, on_report=reported)
+        work = SingletonWork()
+        lease = Lease(
+            LeaseStore(
+                sessions,
+                name=REGISTRY_LEASE,
+                replica=settings.registry.replica,
+                ttl_s=settings.registry.lease_ttl(database_url),
+            ),
+            work,
+            registry,
+        )
         state = RegistryState(
             settings=settings,
             engine=engine,
@@ -122,6 +137,8 @@ def create_app(settings: Settings) -> FastAPI:
             reconciler=reconciler,
             metrics=metrics,
             registry=registry,
+            lease=lease,
+            work=work,
             pki=pki.platform_pki_paths(settings.tls, settings.state_dir),
         )
         app.state.registry = state
@@ -130,11 +147,31 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
         metrics.agent_reachable.set_function(lambda: float(agent.reachable))
-        watcher = asyncio.create_task(
-            _watch_agent(agent, reconciler, settings.broker_agent.poll_s, lifecycle), name="agent-watch"
-        )
+        watcher: asyncio.Task[None] | None = None
+
+        async def start_watcher() -> None:
+            nonlocal watcher
+            watcher = asyncio.create_task(
+                _watch_agent(agent, reconciler, settings.broker_agent.poll_s, lifecycle), name="agent-watch"
+            )
+
+        async def stop_watcher(_lost: bool) -> None:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
+
+        async def start_presence() -> None:
+            presence.start()
+
+        async def stop_presence(lost: bool) -> None:
+            await presence.stop(final_flush=not lost)
+
+        # Once-only work, run by the lease holder (lease_lifespan, entered after every router's
+        # lifespan registered its own part): presence, then the reconcile watcher, then the routers'.
+        work.register("presence", start_presence, stop_presence)
+        work.register("broker agent watcher", start_watcher, stop_watcher)
         broker.start()
-        presence.start()
         if await broker.wait_connected(within_s=2.0):
             lifecycle.ready(
                 port=settings.registry.port,
@@ -151,8 +188,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             lifecycle.log.info("stopping")
             broker.stop()
-            await presence.stop()
-            watcher.cancel()
+            if presence.running:
+                await presence.stop()
             await agent.close()
             await engine.dispose()
             lifecycle.stopped()
@@ -169,6 +206,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     for router in discover_routers():
         app.include_router(router)
+    # Last: its lifespan is entered after every router's (they registered their singleton work).
+    app.include_router(APIRouter(lifespan=lease_lifespan))
     mount_api_docs(app)  # /docs and /redoc with their assets served here, offline
     mount_dashboard(app)  # the operator web dashboard at / (pages) and /static
     _install_request_metrics(app)
@@ -176,6 +215,18 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimits, max_bytes=settings.registry.max_body_bytes)
     install_openapi(app)
     return app
+
+
+@asynccontextmanager
+async def lease_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Take the registry lease (at once when free: a lone replica starts its work before it serves,
+    as it always did) or wait for it as a standby; the work stops first on the way out."""
+    state: RegistryState = app.state.registry
+    await state.lease.start()
+    try:
+        yield
+    finally:
+        await state.lease.stop()
 
 
 async def _watch_agent(

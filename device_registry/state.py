@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from device_registry.agent_client import AgentClient
 from device_registry.broker_admin import BrokerAdmin
 from device_registry.certificates import PendingRevocations
+from device_registry.lease import Lease, SingletonWork
 from device_registry.metrics import RegistryMetrics
 from device_registry.presence import Presence
 from device_registry.reconcile import Reconciler
@@ -28,6 +29,9 @@ class RegistryState:
     reconciler: Reconciler
     metrics: RegistryMetrics
     registry: CollectorRegistry
+    lease: Lease
+    """The registry lease: this replica runs ``work`` while it holds it."""
+    work: SingletonWork
     db_ok: bool = field(default=True)
     pki: PlatformPki | None = None
     """The platform CA that issues device certificates (None: certificate devices refused)."""
