@@ -147,19 +147,21 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
         metrics.agent_reachable.set_function(lambda: float(agent.reachable))
-        watcher: asyncio.Task[None] | None = None
+        # Every replica polls the agent (its health says whether the agent answers); only the
+        # lease holder reconciles.
+        took_lease = asyncio.Event()
+        watcher = asyncio.create_task(
+            _watch_agent(
+                agent, reconciler, lease, took_lease, poll_s=settings.broker_agent.poll_s, lifecycle=lifecycle
+            ),
+            name="agent-watch",
+        )
 
-        async def start_watcher() -> None:
-            nonlocal watcher
-            watcher = asyncio.create_task(
-                _watch_agent(agent, reconciler, settings.broker_agent.poll_s, lifecycle), name="agent-watch"
-            )
+        async def reconcile_now() -> None:
+            took_lease.set()
 
-        async def stop_watcher(_lost: bool) -> None:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+        async def nothing_to_stop(_lost: bool) -> None:
+            return None
 
         async def start_presence() -> None:
             presence.start()
@@ -168,9 +170,9 @@ def create_app(settings: Settings) -> FastAPI:
             await presence.stop(final_flush=not lost)
 
         # Once-only work, run by the lease holder (lease_lifespan, entered after every router's
-        # lifespan registered its own part): presence, then the reconcile watcher, then the routers'.
+        # lifespan registered its own part): presence, then the routers' parts.
         work.register("presence", start_presence, stop_presence)
-        work.register("broker agent watcher", start_watcher, stop_watcher)
+        work.register("reconcile on taking the lease", reconcile_now, nothing_to_stop)
         broker.start()
         if await broker.wait_connected(within_s=2.0):
             lifecycle.ready(
@@ -190,6 +192,9 @@ def create_app(settings: Settings) -> FastAPI:
             broker.stop()
             if presence.running:
                 await presence.stop()
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await agent.close()
             await engine.dispose()
             lifecycle.stopped()
@@ -230,20 +235,29 @@ async def lease_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def _watch_agent(
-    agent: AgentClient, reconciler: Reconciler, poll_s: float, lifecycle: ServiceLifecycle
+    agent: AgentClient,
+    reconciler: Reconciler,
+    lease: Lease,
+    took_lease: asyncio.Event,
+    *,
+    poll_s: float,
+    lifecycle: ServiceLifecycle,
 ) -> None:
-    """Poll the agent's health; reconcile when it is first reached and after it restarted."""
+    """Poll the agent's health; the lease holder reconciles when it is first reached, after it
+    restarted, and when this replica took the lease (a new epoch: what the former holder did last
+    is unknown)."""
     reconciled_boot: str | None = None
+    reconciled_epoch = 0
     warned = False
     while True:
         try:
             boot_id = str((await agent.health()).get("boot_id"))
-            if boot_id != reconciled_boot:
-                if reconciled_boot is not None:
+            if lease.holding and (boot_id != reconciled_boot or lease.epoch != reconciled_epoch):
+                if reconciled_boot is not None and boot_id != reconciled_boot:
                     lifecycle.log.info("broker agent restarted: reconciling its device file")
                 report = await reconciler.run()
                 if report.ok:
-                    reconciled_boot = boot_id
+                    reconciled_boot, reconciled_epoch = boot_id, lease.epoch
             warned = False
         except BrokerError as exc:
             if not warned:  # once per outage, not once per poll
@@ -251,7 +265,9 @@ async def _watch_agent(
                 warned = True
         except Exception:  # the watcher must outlive any surprise
             lifecycle.log.exception("broker agent watch failed; retrying")
-        await asyncio.sleep(poll_s if reconciled_boot else min(poll_s, 1.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(took_lease.wait(), poll_s if reconciled_boot else min(poll_s, 1.0))
+        took_lease.clear()
 
 
 def _install_request_metrics(app: FastAPI) -> None:
