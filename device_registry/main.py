@@ -174,17 +174,24 @@ def create_app(settings: Settings) -> FastAPI:
         work.register("presence", start_presence, stop_presence)
         work.register("reconcile on taking the lease", reconcile_now, nothing_to_stop)
         broker.start()
-        if await broker.wait_connected(within_s=2.0):
-            lifecycle.ready(
-                port=settings.registry.port,
-                startup_s=round(time.monotonic() - started, 2),
-                broker="connected",
-            )
-        else:
-            lifecycle.degraded(
-                f"broker not reachable yet ({broker.link.last_error}); retrying in the background"
-            )
-            lifecycle.ready(port=settings.registry.port, broker="connecting")
+
+        async def announce_ready() -> None:
+            # After the routers' start-up and the lease (lease_lifespan): the holder's links
+            # (presence, tracker, …) connect alongside the admin link, as before replicas.
+            if await broker.wait_connected(within_s=2.0):
+                lifecycle.ready(
+                    port=settings.registry.port,
+                    startup_s=round(time.monotonic() - started, 2),
+                    broker="connected",
+                    lease="held" if lease.holding else "standby",
+                )
+            else:
+                lifecycle.degraded(
+                    f"broker not reachable yet ({broker.link.last_error}); retrying in the background"
+                )
+                lifecycle.ready(port=settings.registry.port, broker="connecting")
+
+        state.announce_ready = announce_ready
         try:
             yield
         finally:
@@ -228,6 +235,8 @@ async def lease_lifespan(app: FastAPI) -> AsyncIterator[None]:
     as it always did) or wait for it as a standby; the work stops first on the way out."""
     state: RegistryState = app.state.registry
     await state.lease.start()
+    if state.announce_ready is not None:
+        await state.announce_ready()
     try:
         yield
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -33,6 +34,8 @@ class RegistryState:
     """The registry lease: this replica runs ``work`` while it holds it."""
     work: SingletonWork
     db_ok: bool = field(default=True)
+    announce_ready: Callable[[], Awaitable[None]] | None = None
+    """Logs "ready" once every lifespan ran (waits up to 2 s for the broker first)."""
     pki: PlatformPki | None = None
     """The platform CA that issues device certificates (None: certificate devices refused)."""
     crl_pending: PendingRevocations = field(default_factory=PendingRevocations)

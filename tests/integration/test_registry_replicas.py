@@ -108,9 +108,9 @@ def _wait_status(http: httpx.Client, command_id: str, status: str, within: float
 @pytest.fixture
 def replicas(
     fresh_broker: Broker,
-    postgres: Postgres,
+    postgres: Postgres,  # noqa: F811
     tmp_path: Path,
-    request: pytest.FixtureRequest,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> Iterator[tuple[RegistryProcess, RegistryProcess]]:
     url = postgres.create_database()
 
