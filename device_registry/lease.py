@@ -67,7 +67,7 @@ REGISTRY_LEASE = "registry"
 RELEASED = datetime(1970, 1, 1, tzinfo=UTC)
 """``expires_at`` of a lease its holder gave back (a standby takes it at once)."""
 STOP_TIMEOUT_S = 5.0
-"""A singleton component that has not stopped within this is abandoned (logged)."""
+"""After losing the lease, a singleton component that has not stopped within this is abandoned (logged)."""
 
 
 class Deposed(RuntimeError):
@@ -240,7 +240,10 @@ class SingletonWork:
         self.running = False
         for name, _start, stop in reversed(self._parts):
             try:
-                await asyncio.wait_for(stop(lost), STOP_TIMEOUT_S)
+                if lost:  # hurry: another replica may take over once our term ends
+                    await asyncio.wait_for(stop(lost), STOP_TIMEOUT_S)
+                else:  # a clean stop finishes its final writes, however long they take
+                    await stop(lost)
             except TimeoutError:
                 log.error("singleton work %r did not stop within %.0f s; abandoned", name, STOP_TIMEOUT_S)
             except Exception:
