@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +20,25 @@ import httpx
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from fastapi import FastAPI
+from sqlalchemy import update
 
+from device_registry.main import create_app
+from device_registry.models_lease import LeaseRow
 from iotfleet import topics
+from iotfleet.settings import Settings
 from iotfleet.stack import probes
 from iotfleet.topics import Channel
 from tests.harness import Broker
 from tests.registry_harness import (  # noqa: F401  (fixtures)
+    ADMIN_KEY,
     DeviceClient,
     Postgres,
     RegistryProcess,
     connect_device,
     postgres,
+    registry_settings,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -225,3 +235,71 @@ def test_two_replicas_one_lease_and_a_takeover(
         assert sorted(r["id"] for r in rows) == sorted(ids.values())
         assert {r["status"] for r in rows} == {"succeeded"}
         assert set(device.received) == set(ids.values())
+
+
+@asynccontextmanager
+async def _in_process(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The registry app with its real lifespan, served through httpx's ASGI transport."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://r", headers=headers) as http:
+            yield app, http
+
+
+async def test_a_deposed_replica_stops_and_works_again_when_the_lease_comes_back(
+    fresh_broker: Broker,
+    postgres: Postgres,  # noqa: F811
+    tmp_path: Path,
+    uid: Callable[[str], str],
+) -> None:
+    """The singleton work is restartable: lost (the holder paused past its term), then regained."""
+    url = postgres.create_database()
+
+    def settings(name: str) -> Settings:
+        base = registry_settings(fresh_broker, tmp_path / name, url)
+        base.registry = base.registry.model_copy(update={"replica": name, "lease_ttl_s": 1.0})
+        return base
+
+    async with _in_process(settings("a")) as (app_a, http_a):
+        state_a = app_a.state.registry
+        assert state_a.lease.holding
+        tracker_a = app_a.state.command_tracker
+        await wait_for(tracker_a.connected.is_set, what="a's tracker", within=10)
+        async with _in_process(settings("b")) as (app_b, _http_b):
+            state_b = app_b.state.registry
+            assert not state_b.lease.holding
+            # a stalls past its term (as after a long GC or VM pause): its lease expires in the DB.
+            async with state_a.sessions() as session, session.begin():
+                await session.execute(
+                    update(LeaseRow)
+                    .where(LeaseRow.name == "registry")
+                    .values(expires_at=datetime(2000, 1, 1, tzinfo=UTC))
+                )
+            await wait_for(lambda: state_b.lease.holding, what="b takes the expired lease", within=3)
+            await wait_for(lambda: not tracker_a.running, what="a stops its work", within=3)
+            assert not state_a.lease.holding and not state_a.presence.running
+            await wait_for(app_b.state.command_tracker.connected.is_set, what="b's tracker", within=10)
+        # b stopped cleanly (released): a takes the lease back at its next try and works again.
+        await wait_for(lambda: state_a.lease.holding, what="a takes the lease back", within=3)
+        assert state_a.lease.epoch == 3 and state_a.lease.takeovers == 2
+        await wait_for(tracker_a.connected.is_set, what="a's tracker again", within=10)
+        assert state_a.presence.running
+        device_id = uid("plug")
+        created = await http_a.post("/api/v1/devices", json={"id": device_id, "type": TYPE})
+        assert created.status_code == 201, created.text
+        creds = created.json()["credentials"]
+        device = AckingDevice(connect_device(fresh_broker, creds["username"], creds["password"]), device_id)
+        try:
+            resp = await http_a.post(f"/api/v1/devices/{device_id}/commands", json={"name": "reboot"})
+            assert resp.status_code == 202, resp.text
+            command_id = resp.json()["id"]
+
+            async def succeeded() -> bool:
+                got = await http_a.get(f"/api/v1/commands/{command_id}")
+                return bool(got.json()["status"] == "succeeded")
+
+            await wait_for(succeeded, what="command acked through the restarted tracker", within=15)
+        finally:
+            device.device.close()
