@@ -28,16 +28,19 @@ Fencing — a deposed holder must not apply the writes that matter:
    (a hung DB call is abandoned: ``asyncio.wait_for``). A standby only takes an EXPIRED lease,
    so the two never work at once unless a stop takes longer than ``ttl/6``.
 2. *Epoch checked in the transaction* (``Lease.fence``) of the writes where a late write would
-   do harm: the tracker's batches (command transitions, alerts; then the MQTT acks), and its
-   expiry sweep. On PostgreSQL the check reads the lease row ``FOR SHARE``: a takeover's UPDATE
+   do harm: the tracker's batches (command transitions, alerts; then the MQTT acks), its
+   expiry sweep, and each job release batch (whose commands are published after its commit). On PostgreSQL the check reads the lease row ``FOR SHARE``: a takeover's UPDATE
    waits for that transaction, and a transaction after the takeover finds another epoch and
    rolls back. On SQLite writers are serialised by the database lock.
 3. *The broker fences the MQTT sessions*: the tracker's and the shadow's client ids are per
    deployment, so the new holder's CONNECT takes the session over and the broker disconnects the
    old holder's; what it had not acknowledged is redelivered to the new one.
 
-Job steps and notification claims rely on 1 (the runner stops with the lease; a delivery
-claimed twice would be sent twice, at least once, as the outbox already allows after a crash).
+The other job steps (start, close, expire), presence batches, shadow batches and
+notification claims rely on 1 and 3: each is idempotent or monotonic (a job closed twice stays
+closed; a delivery claimed twice would be sent twice, at least once, as the outbox already
+allows after a crash; the shadow's messages are acked only after its commit, and its session
+is fenced by the broker).
 """
 
 from __future__ import annotations

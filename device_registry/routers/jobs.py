@@ -60,6 +60,7 @@ async def runner_lifespan(app: FastAPI) -> AsyncIterator[None]:
         shadow.report_hooks.append(record_reports)
     state = app.state.registry
     runner = JobRunner(state.settings.jobs, state.sessions, action_kinds(tracker, shadow), state.registry)
+    runner.fence = state.lease.fence
 
     async def stop(_lost: bool) -> None:
         await runner.stop()
