@@ -324,7 +324,7 @@ class Lease:
 
     async def _try_acquire(self) -> None:
         sent = time.monotonic()
-        won = await self.store.acquire()
+        won = await asyncio.wait_for(self.store.acquire(), self.ttl_s)  # a hung DB call is abandoned
         if won is None:
             return
         self.holding, self.epoch = True, won.epoch
@@ -354,7 +354,7 @@ class Lease:
             else:
                 await asyncio.sleep(self.every_s)
                 try:
-                    await asyncio.wait_for(self._try_acquire(), self.ttl_s)
+                    await self._try_acquire()
                 except Exception as exc:  # the DB is away: stay standby, try again
                     log.debug("lease acquisition failed: %s", exc)
 
