@@ -174,7 +174,8 @@ class CommandTracker:
     async def stop(self) -> None:
         self.running = False
         self.client.disconnect()
-        self.client.loop_stop()
+        # Joins paho's thread, which may be mid-connect to an unreachable broker: not on the loop.
+        await asyncio.to_thread(self.client.loop_stop)
         self.connected.clear()
         self.m_connected.set(0)
         for task in self._tasks:

@@ -512,7 +512,7 @@ class ShadowService:
     async def stop(self) -> None:
         self.running = False
         self.client.disconnect()
-        self.client.loop_stop()
+        await asyncio.to_thread(self.client.loop_stop)  # joins paho's thread: not on the loop
         self.connected.clear()
         self.metrics.connected.set(0)
         for task in self._tasks:

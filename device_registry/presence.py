@@ -221,7 +221,7 @@ class Presence:
         writes from now on: what this replica saw and did not write, the new one sees again as
         a registry restart)."""
         self.running = False
-        self.link.stop()
+        await asyncio.to_thread(self.link.stop)  # joins paho's thread: not on the loop
         # Let a flush in progress finish (cancelling it mid-transaction would leave
         # SQLite locked for the final flush), then write what is left.
         self._stop.set()
