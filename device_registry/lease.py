@@ -58,6 +58,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from sqlalchemy import and_, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import func
 
@@ -135,9 +136,10 @@ class LeaseStore:
 
     async def ensure(self) -> None:
         """Create the lease row if missing (the migration creates ``registry``; other names here)."""
-        async with self.sessions() as session, session.begin():
-            if await session.get(LeaseRow, self.name) is None:
-                session.add(LeaseRow(name=self.name, holder="", epoch=0, expires_at=RELEASED))
+        with contextlib.suppress(IntegrityError):  # another replica created it meanwhile
+            async with self.sessions() as session, session.begin():
+                if await session.get(LeaseRow, self.name) is None:
+                    session.add(LeaseRow(name=self.name, holder="", epoch=0, expires_at=RELEASED))
 
     async def acquire(self) -> Acquired | None:
         """Take the lease if it is free, expired, or its holder is provably dead; None otherwise."""
