@@ -35,6 +35,7 @@ from tests.registry_harness import (  # noqa: F401  (fixtures)
     DeviceClient,
     Postgres,
     RegistryProcess,
+    admin_listener,
     connect_device,
     postgres,
     registry_settings,
@@ -180,6 +181,27 @@ def test_two_replicas_one_lease_and_a_takeover(
                 headers={"Idempotency-Key": "via-standby"},
             )
             assert again.status_code == 200 and again.json()["id"] == ids["via-standby"]
+
+            # A rule created through the standby is announced to the rules engines all the same.
+            listener = admin_listener(fresh_broker, topics.RULES_CHANGED)
+            try:
+                rule = {
+                    "name": uid("hot"),
+                    "scope": {"device_type": "thermostat"},
+                    "when": {"field": "temperature_c", "op": ">", "value": 30},
+                    "then": [{"alert": {"severity": "major", "message": "hot"}}],
+                }
+                made = h2.post("/api/v1/rules", json=rule)
+                assert made.status_code == 201, made.text
+                probes.wait_until(
+                    lambda: any(
+                        orjson.loads(m.payload)["rule_id"] == made.json()["id"] for m in listener.messages
+                    ),
+                    timeout=10,
+                    what="rules/changed from the standby",
+                )
+            finally:
+                listener.close()
 
             # The device holds its next ack; then the holder dies.
             device.hold.set()
