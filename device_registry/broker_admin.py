@@ -106,6 +106,7 @@ class MqttLink:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
+        self._stopping = False  # restartable (presence runs again when the lease comes back)
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
         self.client.loop_start()
 
@@ -190,6 +191,11 @@ class BrokerAdmin:
 
     def stop(self) -> None:
         self.link.stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """A platform notice (QoS 1) on this replica's admin link, e.g. ``iotfleet/rules/changed``
+        from a standby replica, whose command tracker is not running."""
+        self.link.client.publish(topic, payload, qos=1)
 
     def _on_state(self, up: bool) -> None:
         if up and self.on_connected:

@@ -7,6 +7,8 @@ module reads the environment at import time. Example:
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -107,6 +109,29 @@ class RegistrySettings(BaseModel):
         description="Server certificate chain (PEM) of the HTTPS listener; the stack's: <state_dir>/tls/",
     )
     tls_keyfile: Path | None = Field(None, description="Its private key (PEM)")
+    # Replicas (device_registry/lease.py): every replica serves the API; the once-only work
+    # (command tracker, job rollout, shadow, presence, reconcile watcher, notification sender)
+    # runs in the one holding the DB lease.
+    replica: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=200,
+        description="This replica's name in the lease table (default: <hostname>-<pid>, unique per process)",
+    )
+    lease_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        description="How long the lease holds without renewal (renewed every third of it); a standby takes"
+        " over within about this after the holder dies. Default: 5 s on PostgreSQL, 30 s on SQLite",
+    )
+
+    def lease_ttl(self, database_url: str) -> float:
+        """The lease TTL in seconds: the setting, else 5 s on PostgreSQL, 30 s on SQLite (one host:
+        a restarted replica reclaims a dead holder's lease at once, see lease.py)."""
+        if self.lease_ttl_s is not None:
+            return self.lease_ttl_s
+        return 5.0 if database_url.startswith("postgresql") else 30.0
 
 
 class JournalSettings(BaseModel):
