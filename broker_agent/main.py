@@ -19,6 +19,10 @@ def main() -> None:
         settings = load_settings()
         if settings.broker_agent.token is None:
             raise ConfigError("IOTFLEET_BROKER_AGENT__TOKEN: required (the registry presents it)")
+        if (settings.broker_agent.tls_certfile is None) != (settings.broker_agent.tls_keyfile is None):
+            raise ConfigError(
+                "IOTFLEET_BROKER_AGENT__TLS_CERTFILE and IOTFLEET_BROKER_AGENT__TLS_KEYFILE go together"
+            )
         app = create_app(settings)
     except ConfigError as error:
         fail_fast(error, SERVICE)
@@ -28,9 +32,21 @@ def main() -> None:
     lifecycle = ServiceLifecycle(SERVICE)
     devices_file, pid_file = settings.agent_files()
     lifecycle.starting(
-        port=settings.broker_agent.port, devices_file=str(devices_file), broker_pid_file=str(pid_file)
+        url=settings.broker_agent.base_url(),
+        port=settings.broker_agent.port,
+        devices_file=str(devices_file),
+        broker_pid_file=str(pid_file),
     )
-    uvicorn.run(app, host=settings.broker_agent.host, port=settings.broker_agent.port, log_level="warning")
+    agent = settings.broker_agent
+    # HTTPS when the registry is on another host (iotfleet up --roles broker --listen ADDRESS).
+    uvicorn.run(
+        app,
+        host=agent.host,
+        port=agent.port,
+        log_level="warning",
+        ssl_certfile=str(agent.tls_certfile) if agent.tls_certfile else None,
+        ssl_keyfile=str(agent.tls_keyfile) if agent.tls_keyfile else None,
+    )
     lifecycle.stopped()
 
 

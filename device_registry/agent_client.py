@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from device_registry.broker_admin import BrokerError
-from iotfleet import broker_files
+from iotfleet import broker_files, tls_clients
 from iotfleet.settings import BrokerAgentSettings
 
 log = logging.getLogger("registry.agent")
@@ -35,6 +35,7 @@ class AgentClient:
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=settings.timeout_s,
+            verify=tls_clients.http_verify(self.base_url, settings.ca_file, "IOTFLEET_BROKER_AGENT__CA_FILE"),
             transport=transport,
         )
         self.boot_id: str | None = None

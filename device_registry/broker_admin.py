@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from iotfleet import dynsec
+from iotfleet import dynsec, tls_clients
 from iotfleet.reserved_names import is_reserved
 from iotfleet.settings import MqttSettings
 
@@ -97,6 +97,7 @@ class MqttLink:
         if self.settings.username:
             password = self.settings.password.get_secret_value() if self.settings.password else None
             self.client.username_pw_set(self.settings.username, password)
+        tls_clients.apply_to_paho(self.client, self.settings)  # the broker on another host
         self.client.reconnect_delay_set(min_delay=1, max_delay=10)
         self.client.max_inflight_messages_set(100)
         self.client.on_connect = self._on_connect
@@ -105,6 +106,7 @@ class MqttLink:
         self.client.on_message = self._on_message
 
     def start(self) -> None:
+        self._stopping = False  # restartable (presence runs again when the lease comes back)
         self.client.connect_async(self.settings.host, self.settings.port, keepalive=self.settings.keepalive_s)
         self.client.loop_start()
 
@@ -189,6 +191,11 @@ class BrokerAdmin:
 
     def stop(self) -> None:
         self.link.stop()
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """A platform notice (QoS 1) on this replica's admin link, e.g. ``iotfleet/rules/changed``
+        from a standby replica, whose command tracker is not running."""
+        self.link.client.publish(topic, payload, qos=1)
 
     def _on_state(self, up: bool) -> None:
         if up and self.on_connected:

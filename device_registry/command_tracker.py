@@ -15,7 +15,13 @@ command backwards. A sweep marks ``queued``/``sent`` commands past their TTL
 operator commands still ``queued`` (unexpired) — at least once; devices
 deduplicate by command id.
 
-One tracker per registry deployment: replicas would share the client id.
+One tracker per registry deployment: it runs in the replica holding the registry
+lease (``device_registry.lease``), started and stopped with it; the client id is per
+deployment, so a new holder's session takes the old one's over at the broker. A standby
+replica records the commands its API creates as ``queued`` and does not publish them: the
+holder finds them within ``OUTBOX_POLL_S`` (``_outbox``; a command is published again only
+with its own id) and publishes them; one created during a takeover is published by the new
+holder when its link connects (``resend_queued``).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import socket
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,9 +53,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from device_registry import notifications
+from device_registry.lease import Deposed
 from device_registry.models_notifications import Transition
 from device_registry.models_rules import AlertRow, AlertStatus, CommandRow, CommandStatus
-from iotfleet import topics
+from iotfleet import tls_clients, topics
 from iotfleet.errors import TopicError
 from iotfleet.settings import Settings
 from iotfleet.topics import Channel
@@ -58,6 +65,9 @@ from rules_engine import wire
 log = logging.getLogger("registry.commands")
 
 BATCH = 500
+OUTBOX_POLL_S = 1.0
+"""How often the holder looks for queued operator commands it has not published (a standby's)."""
+OUTBOX_PAGE = 5_000
 
 
 def utc_ms(ms: int) -> datetime:
@@ -102,6 +112,13 @@ class CommandTracker:
         self.notified = False  # the batch being recorded enqueued notifications
         self.on_notifications: Callable[[], None] | None = None
         """Called after a commit that enqueued notifications (the sender's ``wake``)."""
+        self.fence: Callable[[AsyncSession], Awaitable[None]] | None = None
+        """Raises ``lease.Deposed`` in a transaction if this replica no longer holds the lease."""
+        self.standby_publish: Callable[[str, bytes], None] | None = None
+        """Publishes a notice while the tracker is not running (a standby: the admin link)."""
+        self.running = False
+        self._in_flight: set[str] = set()
+        """Ids published on the current connection and not yet PUBACKed (not republished by _outbox)."""
         self.m_events = Counter(
             "registry_command_events", "Command/alert/ack messages recorded", ["kind"], registry=registry
         )
@@ -118,6 +135,7 @@ class CommandTracker:
         if mqtt_settings.username:
             password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
             self.client.username_pw_set(mqtt_settings.username, password)
+        tls_clients.apply_to_paho(self.client, mqtt_settings)  # the broker on another host
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(500)
@@ -129,10 +147,18 @@ class CommandTracker:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
+        # Restartable (the lease may come back): nothing from a former run carries over.
         self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        with self._mid_lock:
+            self._pending.clear()
+            self._early.clear()
+        self._in_flight.clear()
+        self.running = True
         self._tasks = [
             asyncio.create_task(self._worker(), name="command-tracker"),
             asyncio.create_task(self._sweeper(), name="command-expiry"),
+            asyncio.create_task(self._outbox(), name="command-outbox"),
         ]
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.mqtt.session_expiry_s
@@ -147,8 +173,12 @@ class CommandTracker:
         self.client.loop_start()
 
     async def stop(self) -> None:
+        self.running = False
         self.client.disconnect()
-        self.client.loop_stop()
+        # Joins paho's thread, which may be mid-connect to an unreachable broker: not on the loop.
+        await asyncio.to_thread(self.client.loop_stop)
+        self.connected.clear()
+        self.m_connected.set(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -174,6 +204,7 @@ class CommandTracker:
         self.m_connected.set(1)
         log.info("tracker link connected to %s:%s", self.settings.mqtt.host, self.settings.mqtt.port)
         if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._in_flight.clear)  # resend_queued sends them all
             asyncio.run_coroutine_threadsafe(self.resend_queued(), self._loop)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: ReasonCode, _p: Any) -> None:
@@ -208,7 +239,12 @@ class CommandTracker:
 
     # --- publishing ------------------------------------------------------------------------
     def publish_command(self, row: CommandRow) -> None:
-        """Publish a recorded command (its remaining TTL as message expiry); queued in paho if offline."""
+        """Publish a recorded command (its remaining TTL as message expiry); queued in paho if offline.
+
+        Not running (a standby replica): nothing is published here; the holder's ``_outbox``
+        publishes the queued row."""
+        if not self.running:
+            return
         remaining = int((row.expires_at - now()).total_seconds())
         if remaining <= 0:
             return
@@ -226,12 +262,50 @@ class CommandTracker:
             early = self._early.pop(info.mid, None)
             if early is None:
                 self._pending[info.mid] = row.id
+        self._in_flight.add(row.id)
         if early is not None:
             self._sent(row.id, early)
 
     def rules_changed(self, rule_id: str, version: int, change: str) -> None:
         payload = orjson.dumps({"rule_id": rule_id, "version": version, "change": change})
+        if not self.running and self.standby_publish is not None:
+            self.standby_publish(topics.RULES_CHANGED, payload)
+            return
         self.client.publish(topics.RULES_CHANGED, payload, qos=1)
+
+    async def publish_outbox(self) -> int:
+        """Publish the queued operator commands not published on this connection (recorded by a
+        standby replica, or before a takeover); return how many."""
+        async with self.sessions() as session:
+            ids = (
+                await session.scalars(
+                    select(CommandRow.id)
+                    .where(
+                        CommandRow.status == CommandStatus.queued,
+                        CommandRow.expires_at > now(),
+                        CommandRow.rule_id.is_(None),
+                    )
+                    .limit(OUTBOX_PAGE)
+                )
+            ).all()
+            new = [i for i in ids if i not in self._in_flight]
+            if not new:
+                return 0
+            rows = (await session.scalars(select(CommandRow).where(CommandRow.id.in_(new)))).all()
+        for row in rows:
+            if row.id not in self._in_flight and row.status == CommandStatus.queued:
+                self.publish_command(row)
+        return len(rows)
+
+    async def _outbox(self) -> None:
+        while True:
+            await asyncio.sleep(OUTBOX_POLL_S)
+            if not self.connected.is_set():
+                continue  # resend_queued sends them all on connect
+            try:
+                await self.publish_outbox()
+            except Exception:
+                log.exception("publishing recorded commands failed; retrying")
 
     async def resend_queued(self) -> None:
         """Operator commands recorded but not yet accepted by the broker (e.g. before a restart)."""
@@ -262,6 +336,13 @@ class CommandTracker:
                     await _prefetch(session, batch)
                     for item in batch:
                         await self._apply(session, item)
+                    if self.fence is not None:
+                        await self.fence(session)
+            except Deposed as exc:
+                # Another replica holds the lease: nothing recorded, nothing acked (the broker
+                # redelivers to the new holder's session); this tracker is being stopped.
+                log.warning("command events not recorded: %s", exc)
+                return
             except Exception:
                 # The DB is down or locked: the messages stay unacknowledged and the broker
                 # redelivers them after a reconnect; retry this batch in a moment meanwhile.
@@ -273,6 +354,8 @@ class CommandTracker:
             for item in batch:
                 if isinstance(item, _Incoming) and item.qos > 0:
                     self.client.ack(item.mid, item.qos)
+                elif isinstance(item, _Sent):
+                    self._in_flight.discard(item.command_id)
             if self.notified and self.on_notifications is not None:
                 self.on_notifications()
 
@@ -473,6 +556,8 @@ class CommandTracker:
                     status=CommandStatus.expired.value, completed_at=at, detail="no answer before the TTL"
                 )
             )
+            if self.fence is not None:
+                await self.fence(session)
         count = int(getattr(result, "rowcount", 0) or 0)
         if count:
             self.m_status.labels("expired").inc(count)

@@ -27,7 +27,8 @@ current delta as a RETAINED QoS 1 message on ``devices/{type}/{id}/state/delta``
 clears the flag when the broker acknowledged that version. A device that was
 offline gets the retained delta when it subscribes; a registry that crashed
 before publishing publishes at start. One publisher per deployment (fixed
-client id, like the command tracker).
+client id, like the command tracker): it runs in the replica holding the registry
+lease (``device_registry.lease``); a standby's writes wait in the outbox for it.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from device_registry.models import Device
 from device_registry.models_state import DeviceStateRow
-from iotfleet import topics
+from iotfleet import tls_clients, topics
 from iotfleet.admission import Limits, Rejected, StateAdmission, device_error
 from iotfleet.catalogue import DEVICE_TYPES, State, get_device_type
 from iotfleet.errors import TopicError
@@ -450,6 +451,8 @@ class ShadowService:
         deployment = hashlib.sha256(settings.registry_database_url().encode()).hexdigest()[:8]
         self.client_id = f"{settings.rules.client_id}-shadow-{deployment}"
         self.connected = threading.Event()
+        self.running = False
+        """Its session and publisher run (in the registry lease holder only)."""
         self.metrics = ShadowMetrics(registry)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: asyncio.Queue[_Incoming] = asyncio.Queue()
@@ -470,6 +473,7 @@ class ShadowService:
         if mqtt_settings.username:
             password = mqtt_settings.password.get_secret_value() if mqtt_settings.password else None
             self.client.username_pw_set(mqtt_settings.username, password)
+        tls_clients.apply_to_paho(self.client, mqtt_settings)  # the broker on another host
         self.client.reconnect_delay_set(min_delay=1, max_delay=5)
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(1_000)
@@ -480,7 +484,16 @@ class ShadowService:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        # Restartable (it runs while this replica holds the registry lease): a fresh run.
         self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        with self._mid_lock:
+            self._pending.clear()
+            self._early.clear()
+        self._inflight.clear()
+        self._acked.clear()
+        self._scan = True
+        self.running = True
         self._tasks = [
             asyncio.create_task(self._consume(), name="state-consumer"),
             asyncio.create_task(self._publisher(), name="state-publisher"),
@@ -498,8 +511,11 @@ class ShadowService:
         self.client.loop_start()
 
     async def stop(self) -> None:
+        self.running = False
         self.client.disconnect()
-        self.client.loop_stop()
+        await asyncio.to_thread(self.client.loop_stop)  # joins paho's thread: not on the loop
+        self.connected.clear()
+        self.metrics.connected.set(0)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -650,7 +666,10 @@ class ShadowService:
 
     def send_committed(self, shadows: Iterable[Shadow]) -> None:
         """Publish the deltas a transaction just committed (called under the lock: commit order is
-        publish order, so the retained message is always the newest delta)."""
+        publish order, so the retained message is always the newest delta). Not running (a
+        standby replica): the rows stay ``delta_pending`` for the lease holder's publisher."""
+        if not self.running:
+            return
         for shadow in shadows:
             inflight = self._inflight.get(shadow.device_id)
             if inflight is not None and inflight[0] == shadow.delta_seq:

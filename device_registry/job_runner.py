@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -33,6 +33,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from device_registry.job_actions import ActionKind
+from device_registry.lease import Deposed
 from device_registry.models import Device
 from device_registry.models_jobs import ExecutionStatus, JobExecution, JobRow, JobStatus
 from device_registry.models_rules import CommandRow, CommandStatus
@@ -158,6 +159,8 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._buckets: dict[str, _Bucket] = {}
+        self.fence: Callable[[AsyncSession], Awaitable[None]] | None = None
+        """Raises ``lease.Deposed`` in a release transaction if this replica no longer holds the lease."""
         self.m_released = Counter(
             "registry_job_executions_released", "Job executions released to devices", registry=registry
         )
@@ -182,6 +185,9 @@ class JobRunner:
         while True:
             try:
                 busy = await self.step_all()
+            except Deposed as exc:
+                log.warning("job rollout stopped: %s", exc)  # the lease's stop follows
+                return
             except Exception:
                 # The DB is down or locked: the jobs are where the DB says; try again shortly.
                 log.exception("job rollout step failed; retrying")
@@ -316,6 +322,8 @@ class JobRunner:
             )
             if not _rowcount(still):
                 return 0
+            if self.fence is not None:  # a deposed lease holder releases nothing
+                await self.fence(session)
             rows = (
                 await session.execute(
                     select(JobExecution.device_id, Device.type, Device.enabled)

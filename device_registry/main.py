@@ -9,6 +9,7 @@ broker with the DB each time the admin link connects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import pkgutil
@@ -25,6 +26,7 @@ from device_registry.api_docs import mount_api_docs
 from device_registry.body_limits import BodyLimits
 from device_registry.broker_admin import BrokerAdmin, BrokerError
 from device_registry.dashboard import mount_dashboard
+from device_registry.lease import REGISTRY_LEASE, Lease, LeaseStore, SingletonWork
 from device_registry.listeners import https_listener, serve
 from device_registry.metrics import RegistryMetrics
 from device_registry.openapi import install_openapi
@@ -70,7 +72,9 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.monotonic()
         lifecycle.starting(
-            database=_redact(database_url), broker=f"{settings.mqtt.host}:{settings.mqtt.port}"
+            database=_redact(database_url),
+            broker=f"{settings.mqtt.host}:{settings.mqtt.port}",
+            replica=settings.registry.replica,
         )
         engine = db.create_engine(database_url, sqlite_synchronous=settings.registry.sqlite_synchronous)
         try:
@@ -112,6 +116,17 @@ def create_app(settings: Settings) -> FastAPI:
                 metrics.reconcile_drift.set(report.drift_count)
 
         reconciler = Reconciler(agent, sessions, broker=broker, on_report=reported)
+        work = SingletonWork()
+        lease = Lease(
+            LeaseStore(
+                sessions,
+                name=REGISTRY_LEASE,
+                replica=settings.registry.replica,
+                ttl_s=settings.registry.lease_ttl(database_url),
+            ),
+            work,
+            registry,
+        )
         state = RegistryState(
             settings=settings,
             engine=engine,
@@ -122,6 +137,8 @@ def create_app(settings: Settings) -> FastAPI:
             reconciler=reconciler,
             metrics=metrics,
             registry=registry,
+            lease=lease,
+            work=work,
             pki=pki.platform_pki_paths(settings.tls, settings.state_dir),
         )
         app.state.registry = state
@@ -130,29 +147,61 @@ def create_app(settings: Settings) -> FastAPI:
         metrics.broker_connected.labels("admin").set_function(lambda: float(broker.connected))
         metrics.broker_connected.labels("presence").set_function(lambda: float(presence.connected))
         metrics.agent_reachable.set_function(lambda: float(agent.reachable))
+        # Every replica polls the agent (its health says whether the agent answers); only the
+        # lease holder reconciles.
+        took_lease = asyncio.Event()
         watcher = asyncio.create_task(
-            _watch_agent(agent, reconciler, settings.broker_agent.poll_s, lifecycle), name="agent-watch"
+            _watch_agent(
+                agent, reconciler, lease, took_lease, poll_s=settings.broker_agent.poll_s, lifecycle=lifecycle
+            ),
+            name="agent-watch",
         )
+
+        async def reconcile_now() -> None:
+            took_lease.set()
+
+        async def nothing_to_stop(_lost: bool) -> None:
+            return None
+
+        async def start_presence() -> None:
+            presence.start()
+
+        async def stop_presence(lost: bool) -> None:
+            await presence.stop(final_flush=not lost)
+
+        # Once-only work, run by the lease holder (lease_lifespan, entered after every router's
+        # lifespan registered its own part): presence, then the routers' parts.
+        work.register("presence", start_presence, stop_presence)
+        work.register("reconcile on taking the lease", reconcile_now, nothing_to_stop)
         broker.start()
-        presence.start()
-        if await broker.wait_connected(within_s=2.0):
-            lifecycle.ready(
-                port=settings.registry.port,
-                startup_s=round(time.monotonic() - started, 2),
-                broker="connected",
-            )
-        else:
-            lifecycle.degraded(
-                f"broker not reachable yet ({broker.link.last_error}); retrying in the background"
-            )
-            lifecycle.ready(port=settings.registry.port, broker="connecting")
+
+        async def announce_ready() -> None:
+            # After the routers' start-up and the lease (lease_lifespan): the holder's links
+            # (presence, tracker, …) connect alongside the admin link, as before replicas.
+            if await broker.wait_connected(within_s=2.0):
+                lifecycle.ready(
+                    port=settings.registry.port,
+                    startup_s=round(time.monotonic() - started, 2),
+                    broker="connected",
+                    lease="held" if lease.holding else "standby",
+                )
+            else:
+                lifecycle.degraded(
+                    f"broker not reachable yet ({broker.link.last_error}); retrying in the background"
+                )
+                lifecycle.ready(port=settings.registry.port, broker="connecting")
+
+        state.announce_ready = announce_ready
         try:
             yield
         finally:
             lifecycle.log.info("stopping")
             broker.stop()
-            await presence.stop()
+            if presence.running:
+                await presence.stop()
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
             await agent.close()
             await engine.dispose()
             lifecycle.stopped()
@@ -169,6 +218,8 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     for router in discover_routers():
         app.include_router(router)
+    # Last: its lifespan is entered after every router's (they registered their singleton work).
+    app.include_router(APIRouter(lifespan=lease_lifespan))
     mount_api_docs(app)  # /docs and /redoc with their assets served here, offline
     mount_dashboard(app)  # the operator web dashboard at / (pages) and /static
     _install_request_metrics(app)
@@ -178,21 +229,44 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+@asynccontextmanager
+async def lease_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Take the registry lease (at once when free: a lone replica starts its work before it serves,
+    as it always did) or wait for it as a standby; the work stops first on the way out."""
+    state: RegistryState = app.state.registry
+    await state.lease.start()
+    if state.announce_ready is not None:
+        await state.announce_ready()
+    try:
+        yield
+    finally:
+        await state.lease.stop()
+
+
 async def _watch_agent(
-    agent: AgentClient, reconciler: Reconciler, poll_s: float, lifecycle: ServiceLifecycle
+    agent: AgentClient,
+    reconciler: Reconciler,
+    lease: Lease,
+    took_lease: asyncio.Event,
+    *,
+    poll_s: float,
+    lifecycle: ServiceLifecycle,
 ) -> None:
-    """Poll the agent's health; reconcile when it is first reached and after it restarted."""
+    """Poll the agent's health; the lease holder reconciles when it is first reached, after it
+    restarted, and when this replica took the lease (a new epoch: what the former holder did last
+    is unknown)."""
     reconciled_boot: str | None = None
+    reconciled_epoch = 0
     warned = False
     while True:
         try:
             boot_id = str((await agent.health()).get("boot_id"))
-            if boot_id != reconciled_boot:
-                if reconciled_boot is not None:
+            if lease.holding and (boot_id != reconciled_boot or lease.epoch != reconciled_epoch):
+                if reconciled_boot is not None and boot_id != reconciled_boot:
                     lifecycle.log.info("broker agent restarted: reconciling its device file")
                 report = await reconciler.run()
                 if report.ok:
-                    reconciled_boot = boot_id
+                    reconciled_boot, reconciled_epoch = boot_id, lease.epoch
             warned = False
         except BrokerError as exc:
             if not warned:  # once per outage, not once per poll
@@ -200,7 +274,9 @@ async def _watch_agent(
                 warned = True
         except Exception:  # the watcher must outlive any surprise
             lifecycle.log.exception("broker agent watch failed; retrying")
-        await asyncio.sleep(poll_s if reconciled_boot else min(poll_s, 1.0))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(took_lease.wait(), poll_s if reconciled_boot else min(poll_s, 1.0))
+        took_lease.clear()
 
 
 def _install_request_metrics(app: FastAPI) -> None:

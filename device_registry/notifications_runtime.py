@@ -28,7 +28,12 @@ async def sender_lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         return
     sender = NotificationSender(state.settings.notifications, state.sessions, state.registry)
-    await sender.start()
+
+    async def stop(_lost: bool) -> None:
+        await sender.stop()
+
+    # Sends in the lease holder only (one claimer of the outbox); waking it elsewhere is a no-op.
+    state.work.register("notification sender", sender.start, stop)
     setattr(app.state, STATE_ATTR, sender)
     try:
         yield

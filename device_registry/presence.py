@@ -140,6 +140,7 @@ class Presence:
         self._seen: dict[str, float] = {}
         self._ever_connected = False
         self._task: asyncio.Task[None] | None = None
+        self.running = False
         self._stop = asyncio.Event()
         self._last_prune = 0.0
         self.link = MqttLink(
@@ -208,17 +209,30 @@ class Presence:
         return self.link.connected.is_set()
 
     def start(self) -> None:
+        # Restartable: presence runs in the lease holder only, and the lease may come back.
+        self._stop.clear()
+        self._ever_connected = False  # events while another replica held the lease are unknown
+        self.running = True
         self.link.start()
         self._task = asyncio.create_task(self._flush_loop(), name="presence-flush")
 
-    async def stop(self) -> None:
-        self.link.stop()
+    async def stop(self, *, final_flush: bool = True) -> None:
+        """Stop following; ``final_flush=False`` when the lease was lost (the new holder owns the
+        writes from now on: what this replica saw and did not write, the new one sees again as
+        a registry restart)."""
+        self.running = False
+        await asyncio.to_thread(self.link.stop)  # joins paho's thread: not on the loop
         # Let a flush in progress finish (cancelling it mid-transaction would leave
         # SQLite locked for the final flush), then write what is left.
         self._stop.set()
         if self._task:
             await self._task
-        await self.flush()
+            self._task = None
+        if final_flush:
+            await self.flush()
+        else:
+            with self._lock:
+                self._events, self._seen = [], {}
 
     # --- paho's network thread: keep it to a parse and an append -----------------------------
 
@@ -359,6 +373,10 @@ class Presence:
         After the commit: what other services see is what the registry serves. paho queues
         them while the link is down (QoS 1, sent in order on reconnect).
         """
+        if not self.running:
+            # A standby replica: its link is down; the holder's presence sees the broker's
+            # disconnect of the device and publishes the transition.
+            return
         for device_type, device_id, event in published:
             try:
                 topic = topics.presence_topic(device_type, device_id)
@@ -379,7 +397,8 @@ class Presence:
             topic = topics.presence_topic(device_type, device_id)
         except ValueError:
             return
-        self.link.client.publish(topic, b"", qos=1, retain=True)
+        if self.running:
+            self.link.client.publish(topic, b"", qos=1, retain=True)
 
     async def _apply(
         self, session: AsyncSession, events: Sequence[_Event], published: list[tuple[str, str, PresenceEvent]]

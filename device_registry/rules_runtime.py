@@ -28,13 +28,22 @@ async def tracker_lifespan(app: FastAPI) -> AsyncIterator[None]:
     sender = running_sender(app)
     if sender is not None:
         tracker.on_notifications = sender.wake
-    await tracker.start()
+    tracker.fence = state.lease.fence
+    tracker.standby_publish = state.broker.publish
+    # The object serves every replica's API (a standby records commands, the holder publishes
+    # them); its MQTT session and loops run only while this replica holds the lease.
+
+    async def stop(_lost: bool) -> None:
+        await tracker.stop()
+
+    state.work.register("command tracker", tracker.start, stop)
     setattr(app.state, STATE_ATTR, tracker)
     try:
         yield
     finally:
         setattr(app.state, STATE_ATTR, None)
-        await tracker.stop()
+        if tracker.running:
+            await tracker.stop()
 
 
 def get_tracker(request: Request) -> CommandTracker:

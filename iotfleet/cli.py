@@ -1,8 +1,11 @@
 """The ``iotfleet`` command: run the local stack, inspect it, stop it, simulate devices.
 
 iotfleet up [--detach]     start broker, InfluxDB, registry, ingest services, rules engine
+           [--roles R,…]   … or only some of them on this host (docs/deployment.md)
 iotfleet status [--json]   each part with its pid, port and health
 iotfleet down              stop every process the stack started (and nothing else)
+iotfleet secrets export|import   the accounts, tokens and CA every host of a deployment shares
+iotfleet systemd --out DIR systemd units for this host's roles (instead of `up`)
 iotfleet simulate …        run a simulated device fleet against the stack
 iotfleet demo              up + a simulated fleet, in the foreground; Ctrl-C stops both
 """
@@ -25,8 +28,9 @@ from rich.table import Table
 
 from iotfleet.errors import ConfigError, StackError
 from iotfleet.settings import Settings, load_settings
-from iotfleet.stack import demo
+from iotfleet.stack import demo, shared_secrets, systemd_units
 from iotfleet.stack.supervisor import PartStatus, Stack, status_as_json
+from iotfleet.stack.systemd_units import TARGET
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -37,6 +41,27 @@ def _add_stack_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--influx-port", type=int, help="InfluxDB HTTP port (default 8086)")
     parser.add_argument(
         "--api-port", type=int, help="registry API port (IOTFLEET_REGISTRY__PORT, default 8000)"
+    )
+
+
+def _add_roles_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--roles",
+        metavar="ROLE,…",
+        help="what this host runs: a comma-separated subset of broker (mosquitto + broker agent), influxdb,"
+        " registry, ingest, rules; default all (IOTFLEET_STACK__ROLES). The others are reached through"
+        " IOTFLEET_MQTT__HOST, IOTFLEET_INFLUX__URL, IOTFLEET_BROKER_AGENT__URL, … (docs/deployment.md)",
+    )
+
+
+def _add_listen_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        metavar="ADDRESS",
+        help="address of the broker's device-facing TLS listeners (IOTFLEET_STACK__LISTEN, default 127.0.0.1;"
+        " the plain MQTT listener stays on loopback); given, the API and dashboard are served over HTTPS there"
+        " too (IOTFLEET_REGISTRY__HTTPS_PORT, default 8443; plain HTTP stays on loopback); on a host running"
+        " only some roles, the broker agent and InfluxDB listen there over HTTPS too",
     )
 
 
@@ -85,8 +110,13 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["influx"] = {"url": f"http://127.0.0.1:{args.influx_port}"}
     if getattr(args, "api_port", None):
         overrides["registry"] = {"port": args.api_port}
+    stack: dict[str, Any] = {}
     if getattr(args, "listen", None):
-        overrides["stack"] = {"listen": args.listen}
+        stack["listen"] = args.listen
+    if getattr(args, "roles", None):
+        stack["roles"] = args.roles
+    if stack:
+        overrides["stack"] = stack
     return overrides
 
 
@@ -110,13 +140,19 @@ def _print_status(stack: Stack, parts: list[PartStatus]) -> None:
     out = Console()
     out.print(_status_table(stack, parts))
     info = status_as_json(stack, parts)
-    out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
-    out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
-    out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
-    if info.get("https_dashboard"):
+    if info["roles"] != "all":
+        out.print(escape(f"Roles on this host: {info['roles']} (docs/deployment.md)"), soft_wrap=True)
+    kinds = {p.kind for p in parts} or {"registry", "broker"}
+    if "registry" in kinds:
+        out.print(escape(f"Dashboard: {info['dashboard']}"), soft_wrap=True)
+        out.print(escape(f"API: {info['api']}   OpenAPI docs: {info['docs']}"), soft_wrap=True)
+        out.print(escape(f"Admin API key: {info['admin_api_key_file']} (mode 0600)"), soft_wrap=True)
+    if info.get("https_dashboard") and "registry" in kinds:
         out.print(
             escape(f"HTTPS: dashboard {info['https_dashboard']}   API {info['https_api']}"), soft_wrap=True
         )
+    if "broker" not in kinds:
+        return
     tls = info["tls"]
     out.print(
         escape(
@@ -161,6 +197,44 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     Stack(build_settings(args)).down(on_progress=_progress)
+    return 0
+
+
+def cmd_secrets_export(args: argparse.Namespace) -> int:
+    stack = Stack(build_settings(args))
+    if args.stdout:
+        print(json.dumps(shared_secrets.export_secrets(stack), indent=2))
+        return 0
+    shared_secrets.write_export(stack, args.out)
+    _progress(
+        f"shared secrets written to {args.out} (mode 0600); copy it to the other hosts over a safe channel"
+    )
+    return 0
+
+
+def cmd_secrets_import(args: argparse.Namespace) -> int:
+    stack = Stack(build_settings(args))
+    result = shared_secrets.import_secrets(stack, args.file, force=args.force)
+    _progress(
+        f"imported into {stack.layout.root}: {len(result.written)} file(s) written,"
+        f" {len(result.unchanged)} already the same"
+    )
+    lines = shared_secrets.settings_for(result.endpoints)
+    if lines:
+        _progress("to reach the exporting host, set (e.g. in the environment or a systemd EnvironmentFile):")
+        for line in lines:
+            console.print(f"  {escape(line)}")
+    return 0
+
+
+def cmd_systemd(args: argparse.Namespace) -> int:
+    stack = Stack(build_settings(args))
+    written = systemd_units.write_units(stack, args.out)
+    _progress(
+        f"{len(written.units)} unit(s) and {TARGET} in {args.out} (secrets in {len(written.env_files)} 0600"
+        " EnvironmentFile(s)); install: cp them to /etc/systemd/system && systemctl daemon-reload &&"
+        f" systemctl enable --now {TARGET}"
+    )
     return 0
 
 
@@ -236,26 +310,57 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iotfleet", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start the whole stack")
+    up = sub.add_parser("up", help="start the whole stack (or this host's roles of it)")
     _add_stack_options(up)
+    _add_roles_option(up)
     up.add_argument("--detach", action="store_true", help="return once every part is healthy")
-    up.add_argument(
-        "--listen",
-        metavar="ADDRESS",
-        help="address of the broker's device-facing TLS listeners (IOTFLEET_STACK__LISTEN, default 127.0.0.1;"
-        " the plain MQTT listener stays on loopback); given, the API and dashboard are served over HTTPS there"
-        " too (IOTFLEET_REGISTRY__HTTPS_PORT, default 8443; plain HTTP stays on loopback)",
-    )
+    _add_listen_option(up)
     up.set_defaults(handler=cmd_up)
 
     status = sub.add_parser("status", help="each part, its pid, port and health")
     _add_stack_options(status)
+    _add_roles_option(status)
+    _add_listen_option(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=cmd_status)
 
     down = sub.add_parser("down", help="stop every process of the stack")
     _add_stack_options(down)
     down.set_defaults(handler=cmd_down)
+
+    secrets = sub.add_parser(
+        "secrets", help="export/import the accounts, tokens and CA every host of one deployment shares"
+    )
+    secrets_sub = secrets.add_subparsers(dest="secrets_command", required=True)
+    export = secrets_sub.add_parser(
+        "export", help="on the broker host: write the shared secrets to a file (mode 0600)"
+    )
+    _add_stack_options(export)
+    _add_roles_option(export)
+    _add_listen_option(export)
+    export.add_argument(
+        "--out", type=Path, default=Path("iotfleet-secrets.json"), help="file to write (default %(default)s)"
+    )
+    export.add_argument(
+        "--stdout", action="store_true", help="print the secrets to standard output instead (careful)"
+    )
+    export.set_defaults(handler=cmd_secrets_export)
+    imp = secrets_sub.add_parser(
+        "import", help="on the other hosts: take the shared secrets into the state dir"
+    )
+    _add_stack_options(imp)
+    imp.add_argument("file", type=Path, help="a file made by `iotfleet secrets export`")
+    imp.add_argument(
+        "--force", action="store_true", help="replace different secrets already in the state dir"
+    )
+    imp.set_defaults(handler=cmd_secrets_import)
+
+    systemd = sub.add_parser("systemd", help="write systemd unit files for this host's roles")
+    _add_stack_options(systemd)
+    _add_roles_option(systemd)
+    _add_listen_option(systemd)
+    systemd.add_argument("--out", type=Path, required=True, help="folder for the unit files")
+    systemd.set_defaults(handler=cmd_systemd)
 
     bench = sub.add_parser("bench", help="run every benchmark on a fresh stack; writes docs/benchmarks.md")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of bench/suite.py (see --help)")

@@ -16,6 +16,7 @@ import orjson
 
 from iotfleet.errors import IotfleetError
 from iotfleet.settings import InfluxSettings
+from iotfleet.tls_clients import http_verify
 
 
 class InfluxError(IotfleetError):
@@ -108,6 +109,7 @@ class InfluxClient:
             headers=headers,
             auth=auth,
             timeout=settings.timeout_s,
+            verify=http_verify(settings.url, settings.ca_file, "IOTFLEET_INFLUX__CA_FILE"),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
         )
 

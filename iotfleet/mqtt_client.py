@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from iotfleet import tls_clients
 from iotfleet.mqtt_wire import (
     CONNACK_REASONS,
     PROP_RECEIVE_MAXIMUM,
@@ -303,6 +304,7 @@ class MqttClient:
         on_state: StateCallback | None = None,
     ) -> None:
         self.settings = settings
+        self._ssl = tls_clients.mqtt_context(settings)  # once: every reconnect reuses it
         self.session = session
         self.sink = sink
         self.on_state = on_state or (lambda _up, _why: None)
@@ -443,7 +445,13 @@ class MqttClient:
         s = self.settings
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Connection(self, epoch), s.host, s.port),
+                loop.create_connection(
+                    lambda: _Connection(self, epoch),
+                    s.host,
+                    s.port,
+                    ssl=self._ssl,
+                    server_hostname=tls_clients.mqtt_server_hostname(s),
+                ),
                 CONNECT_TIMEOUT_S,
             )
         except (OSError, TimeoutError) as exc:

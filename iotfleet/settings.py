@@ -7,6 +7,8 @@ module reads the environment at import time. Example:
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +22,10 @@ ENV_NESTED = "__"
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
+ROLES = ("broker", "influxdb", "registry", "ingest", "rules")
+"""What one host may run (``iotfleet up --roles``): broker = mosquitto + the broker agent,
+influxdb = influxd, registry = the API, ingest = one ingest per device type, rules = the rules engine."""
+
 
 class MqttSettings(BaseModel):
     host: str = "127.0.0.1"
@@ -29,6 +35,15 @@ class MqttSettings(BaseModel):
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(
         86_400, ge=0, description="How long the broker keeps a service's session (and its backlog) offline"
+    )
+    # TLS for the platform's own MQTT clients when the broker is on another host (docs/deployment.md):
+    # the services then use the broker's TLS listener (IOTFLEET_TLS__PORT on IOTFLEET_STACK__LISTEN).
+    tls: bool = Field(False, description="Connect to the broker over TLS (verifying its certificate)")
+    ca_file: Path | None = Field(
+        None, description="CA certificate (PEM) the broker's certificate must chain to; default: system CAs"
+    )
+    tls_server_name: str | None = Field(
+        None, description="Name checked against the broker's certificate (and sent as SNI); default: host"
     )
 
 
@@ -43,6 +58,10 @@ class InfluxSettings(BaseModel):
     password: SecretStr | None = None
     token: SecretStr | None = Field(None, description="InfluxDB 2.x/3.x token (v1 compatibility API)")
     timeout_s: float = Field(10.0, gt=0)
+    ca_file: Path | None = Field(
+        None,
+        description="CA certificate (PEM) an https:// url's certificate must chain to; default: system CAs",
+    )
 
     @field_validator("url")
     @classmethod
@@ -90,6 +109,29 @@ class RegistrySettings(BaseModel):
         description="Server certificate chain (PEM) of the HTTPS listener; the stack's: <state_dir>/tls/",
     )
     tls_keyfile: Path | None = Field(None, description="Its private key (PEM)")
+    # Replicas (device_registry/lease.py): every replica serves the API; the once-only work
+    # (command tracker, job rollout, shadow, presence, reconcile watcher, notification sender)
+    # runs in the one holding the DB lease.
+    replica: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        min_length=1,
+        max_length=200,
+        description="This replica's name in the lease table (default: <hostname>-<pid>, unique per process)",
+    )
+    lease_ttl_s: float | None = Field(
+        None,
+        gt=0,
+        le=600,
+        description="How long the lease holds without renewal (renewed every third of it); a standby takes"
+        " over within about this after the holder dies. Default: 5 s on PostgreSQL, 30 s on SQLite",
+    )
+
+    def lease_ttl(self, database_url: str) -> float:
+        """The lease TTL in seconds: the setting, else 5 s on PostgreSQL, 30 s on SQLite (one host:
+        a restarted replica reclaims a dead holder's lease at once, see lease.py)."""
+        if self.lease_ttl_s is not None:
+            return self.lease_ttl_s
+        return 5.0 if database_url.startswith("postgresql") else 30.0
 
 
 class JournalSettings(BaseModel):
@@ -286,6 +328,13 @@ class BrokerAgentSettings(BaseModel):
         gt=0,
         description="Registry side: how often it checks the agent (a restarted agent is reconciled)",
     )
+    ca_file: Path | None = Field(
+        None, description="Registry side: CA certificate (PEM) of an https:// agent url; default: system CAs"
+    )
+    tls_certfile: Path | None = Field(
+        None, description="Agent side: serve HTTPS with this certificate chain (PEM); unset: plain HTTP"
+    )
+    tls_keyfile: Path | None = Field(None, description="Agent side: the private key of tls_certfile (PEM)")
 
     @field_validator("url")
     @classmethod
@@ -295,7 +344,8 @@ class BrokerAgentSettings(BaseModel):
         return value.rstrip("/") if value else value
 
     def base_url(self) -> str:
-        return self.url or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.tls_certfile is not None else "http"
+        return self.url or f"{scheme}://{self.host}:{self.port}"
 
 
 class HealthSettings(BaseModel):
@@ -341,6 +391,28 @@ class StackSettings(BaseModel):
         description="Address of the broker's device-facing TLS listeners (iotfleet up --listen); the plain"
         " MQTT listener stays on loopback for the platform's own services",
     )
+    roles: str = Field(
+        "all",
+        description="What this host runs (iotfleet up --roles): a comma-separated subset of broker, influxdb,"
+        " registry, ingest, rules, or all (docs/deployment.md)",
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in (*ROLES, "all")]
+        if unknown or not names:
+            raise ValueError(
+                f"unknown role(s) {', '.join(unknown) or '(none)'}: use {', '.join(ROLES)} or all"
+            )
+        if "all" in names:
+            return "all"
+        return ",".join(role for role in ROLES if role in names)
+
+    def role_set(self) -> frozenset[str]:
+        """The roles this host runs (all of them by default)."""
+        return frozenset(ROLES) if self.roles == "all" else frozenset(self.roles.split(","))
 
 
 class TlsSettings(BaseModel):

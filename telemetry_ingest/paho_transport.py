@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from iotfleet import tls_clients
 from iotfleet.mqtt_client import SessionConfig, Sink, StateCallback
 from iotfleet.settings import MqttSettings
 
@@ -53,6 +54,7 @@ class PahoClient:
         if settings.username:
             password = settings.password.get_secret_value() if settings.password else None
             self._client.username_pw_set(settings.username, password)
+        tls_clients.apply_to_paho(self._client, settings)  # the broker on another host
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

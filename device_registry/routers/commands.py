@@ -146,7 +146,9 @@ async def send_command(  # noqa: PLR0917  (FastAPI injects each dependency)
             raise
         return _replay(existing, body, response)
     # Recorded first, published second: a crash in between leaves it queued, and the
-    # tracker republishes queued commands when it (re)connects.
+    # tracker republishes queued commands when it (re)connects. On a standby replica (the
+    # tracker runs in the lease holder) this publishes nothing: the holder's tracker finds
+    # the queued row within a second (CommandTracker.publish_outbox) and publishes it.
     tracker.publish_command(row)
     return command_read(row)
 

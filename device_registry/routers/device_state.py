@@ -32,13 +32,20 @@ STATE_ATTR = "shadow"
 async def shadow_lifespan(app: FastAPI) -> AsyncIterator[None]:
     state = app.state.registry
     shadow = ShadowService(state.settings, state.sessions, state.registry)
-    await shadow.start()
+
+    async def stop(_lost: bool) -> None:
+        await shadow.stop()
+
+    # Its MQTT session and publisher run in the lease holder only; a standby's API writes the
+    # desired state (delta_pending), which the holder's publisher sends within RETRY_S.
+    state.work.register("device shadow", shadow.start, stop)
     setattr(app.state, STATE_ATTR, shadow)
     try:
         yield
     finally:
         setattr(app.state, STATE_ATTR, None)
-        await shadow.stop()
+        if shadow.running:
+            await shadow.stop()
 
 
 def get_shadow(request: Request) -> ShadowService:

@@ -17,7 +17,7 @@ router = APIRouter(tags=["health"])
 
 @router.get(
     "/healthz",
-    summary="Health: DB reachable, broker links up, last reconcile",
+    summary="Health: DB reachable, broker links up, last reconcile, whether this replica holds the lease",
     responses={503: {"description": "Degraded: the body says what is down"}},
 )
 async def healthz(state: StateDep) -> JSONResponse:
@@ -30,9 +30,12 @@ async def healthz(state: StateDep) -> JSONResponse:
         checks["database"] = f"down: {type(exc).__name__}: {exc}"
     checks["broker_admin"] = "ok" if state.broker.connected else f"down: {state.broker.link.last_error}"
     checks["broker_agent"] = "ok" if state.agent.reachable else f"down: {state.agent.last_error}"
-    checks["broker_presence"] = (
-        "ok" if state.presence.connected else f"down: {state.presence.link.last_error}"
-    )
+    if state.lease.holding:
+        checks["broker_presence"] = (
+            "ok" if state.presence.connected else f"down: {state.presence.link.last_error}"
+        )
+    # A standby replica serves the API; the holder's once-only work (presence, the tracker, …)
+    # is not its to run: ``lease`` says which one this is.
     last = state.reconciler.last
     reconcile: dict[str, Any] | None = None
     if last is not None:
@@ -44,7 +47,12 @@ async def healthz(state: StateDep) -> JSONResponse:
             "error": last.error,
         }
     healthy = all(v == "ok" for v in checks.values())
-    body = {"status": "ok" if healthy else "degraded", "checks": checks, "reconcile": reconcile}
+    body = {
+        "status": "ok" if healthy else "degraded",
+        "checks": checks,
+        "reconcile": reconcile,
+        "lease": state.lease.describe(),
+    }
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 

@@ -60,7 +60,14 @@ async def runner_lifespan(app: FastAPI) -> AsyncIterator[None]:
         shadow.report_hooks.append(record_reports)
     state = app.state.registry
     runner = JobRunner(state.settings.jobs, state.sessions, action_kinds(tracker, shadow), state.registry)
-    await runner.start()
+    runner.fence = state.lease.fence
+
+    async def stop(_lost: bool) -> None:
+        await runner.stop()
+
+    # The rollout runs in the lease holder only (registered after the tracker and the shadow: it
+    # starts after them and stops before them); any replica's API creates and cancels jobs.
+    state.work.register("job runner", runner.start, stop)
     setattr(app.state, RUNNER_ATTR, runner)
     try:
         yield

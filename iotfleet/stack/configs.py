@@ -53,6 +53,9 @@ bind-address = "$host:$rpc_port"
 [http]
   enabled = true
   bind-address = "$host:$port"
+  https-enabled = $https_enabled
+  https-certificate = "$https_certificate"
+  https-private-key = "$https_private_key"
   auth-enabled = false
   log-enabled = false
   write-tracing = false
@@ -262,8 +265,16 @@ def write_mosquitto_config(
 
 
 def write_influxdb_config(
-    state_dir: Path, *, host: str, port: int, rpc_port: int, log_level: str = "warn"
+    state_dir: Path,
+    *,
+    host: str,
+    port: int,
+    rpc_port: int,
+    log_level: str = "warn",
+    tls: tuple[Path, Path] | None = None,
 ) -> Path:
+    """Render influxdb.conf; with ``tls`` (certificate chain, key) its HTTP API is HTTPS only (a host
+    serving InfluxDB to other hosts: iotfleet up --roles influxdb --listen ADDRESS)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     config = state_dir / "influxdb.conf"
     config.write_text(
@@ -273,6 +284,9 @@ def write_influxdb_config(
             rpc_port=rpc_port,
             state_dir=str(state_dir.resolve()),
             log_level=log_level,
+            https_enabled="true" if tls else "false",
+            https_certificate=str(tls[0]) if tls else "",
+            https_private_key=str(tls[1]) if tls else "",
         )
     )
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -77,9 +78,9 @@ def free_ports(count: int, *, block: int = 0, host: str = "127.0.0.1") -> list[i
             sock.close()
 
 
-def http_ok(url: str, timeout: float = 1.0) -> bool:
+def http_ok(url: str, timeout: float = 1.0, verify: ssl.SSLContext | bool = True) -> bool:
     try:
-        response = httpx.get(url, timeout=timeout)
+        response = httpx.get(url, timeout=timeout, verify=verify)
     except httpx.HTTPError:
         return False
     return response.status_code < 300

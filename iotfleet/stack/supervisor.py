@@ -9,12 +9,15 @@ then the services) and asks it, over its XML-RPC socket, what runs.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import resource
 import secrets
 import shutil
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,12 +29,12 @@ from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
-from iotfleet import dynsec, pki
+from iotfleet import dynsec, pki, tls_clients
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import StackError
 from iotfleet.influx import InfluxClient
-from iotfleet.settings import Settings
-from iotfleet.stack import configs, probes
+from iotfleet.settings import InfluxSettings, Settings
+from iotfleet.stack import configs, probes, roles
 
 INFRA = ("mosquitto", "influxd", "broker-agent")
 ADMIN_KEY_FILE = "admin-api-key"
@@ -49,6 +52,7 @@ class Part:
     setting: str  # the env var that moves its port
     command: list[str]
     env: dict[str, str]
+    host: str = "127.0.0.1"  # where it listens (probes, port checks)
 
 
 @dataclass
@@ -79,7 +83,7 @@ class StackLayout:
         self.stack_file = self.root / "stack.json"
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write a file only its owner can read (secrets, keys)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -123,20 +127,30 @@ class Stack:
         if self.layout.secrets.exists():
             stored: dict[str, str] = json.loads(self.layout.secrets.read_text())
             return stored
+        if "broker" not in self.roles():
+            # The accounts are the broker's: made where it runs, imported everywhere else.
+            raise StackError(
+                f"no service account passwords in {self.layout.secrets}: run `iotfleet secrets import FILE`"
+                " (made on the broker host by `iotfleet secrets export`)"
+            )
         passwords = dynsec.new_passwords()
-        _write_private(self.layout.secrets, json.dumps(passwords, indent=2))
+        write_private(self.layout.secrets, json.dumps(passwords, indent=2))
         return passwords
+
+    def service_passwords(self) -> dict[str, str]:
+        """The platform's MQTT accounts (made 0600 on the broker host's first use; imported elsewhere)."""
+        return self._passwords()
 
     def admin_api_key(self) -> str:
         """The admin API key, created 0600 on the first `up`."""
         if not self.layout.admin_key.exists():
-            _write_private(self.layout.admin_key, f"ifk_{secrets.token_urlsafe(32)}\n")
+            write_private(self.layout.admin_key, f"ifk_{secrets.token_urlsafe(32)}\n")
         return self.layout.admin_key.read_text().strip()
 
     def agent_token(self) -> str:
         """The token the registry presents to the broker agent, created 0600 on the first `up`."""
         if not self.layout.agent_token.exists():
-            _write_private(self.layout.agent_token, secrets.token_urlsafe(32) + "\n")
+            write_private(self.layout.agent_token, secrets.token_urlsafe(32) + "\n")
         return self.layout.agent_token.read_text().strip()
 
     def agent_port(self) -> int:
@@ -146,9 +160,102 @@ class Stack:
             return agent.port
         return self.settings.stack.service_port_base + len(DEVICE_TYPES) + 1
 
-    def parts(self) -> list[Part]:
+    def replica_name(self) -> str:
+        """This host's replica name (IOTFLEET_INGEST__REPLICA, else the host name and a hash of the
+        state dir): stable across restarts, distinct between hosts and between state dirs."""
+        if "replica" in self.settings.ingest.model_fields_set:
+            return self.settings.ingest.replica
+        host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:24]
+        digest = hashlib.sha256(str(self.layout.root).encode()).hexdigest()[:7]
+        return f"{host or 'host'}-{digest}"
+
+    def roles(self) -> frozenset[str]:
+        """The roles this host runs (IOTFLEET_STACK__ROLES / --roles; all by default)."""
+        return self.settings.stack.role_set()
+
+    def opened(self) -> bool:
+        """True when a split host (a subset of the roles) was opened to a network with --listen:
+        its broker agent and InfluxDB then listen on that address over HTTPS, like the broker's TLS
+        listeners. A single-host stack keeps them on loopback, as before."""
+        return roles.is_split(self.settings) and "listen" in self.settings.stack.model_fields_set
+
+    def influx_url(self) -> str:
+        """Where InfluxDB is: IOTFLEET_INFLUX__URL, or on an opened influxdb host https://<listen>:<port>."""
         s = self.settings
-        passwords = self._passwords()
+        if "url" in s.influx.model_fields_set or not (self.opened() and "influxdb" in self.roles()):
+            return s.influx.url
+        return f"https://{_bracketed(s.stack.listen)}:{_url_port(s.influx.url)}"
+
+    def agent_host(self) -> str:
+        s = self.settings
+        if self.opened() and "host" not in s.broker_agent.model_fields_set:
+            return s.stack.listen
+        return s.broker_agent.host
+
+    def agent_tls(self) -> tuple[Path, Path] | None:
+        """The broker agent's HTTPS certificate and key (None: plain HTTP on loopback)."""
+        agent = self.settings.broker_agent
+        if agent.tls_certfile is not None and agent.tls_keyfile is not None:
+            return agent.tls_certfile, agent.tls_keyfile
+        if not self.opened():
+            return None
+        paths = self._pki_paths()
+        return paths.server_cert_path.resolve(), paths.server_key_path.resolve()
+
+    def agent_url(self) -> str:
+        """Where this host's services reach the broker agent."""
+        agent = self.settings.broker_agent
+        if agent.url is not None and "broker" not in self.roles():
+            return agent.url
+        scheme = "https" if self.agent_tls() is not None else "http"
+        return f"{scheme}://{_bracketed(self.agent_host())}:{self.agent_port()}"
+
+    def _pki_paths(self) -> pki.PlatformPki:
+        return pki.platform_pki_paths(self.settings.tls, self.layout.root)
+
+    def _platform_ca(self) -> str:
+        return str(self._pki_paths().ca_cert_path.resolve())
+
+    def remote_env(self) -> dict[str, str]:
+        """The settings of the services that say where the other roles' endpoints are, and how to trust them."""
+        s, local = self.settings, self.roles()
+        env: dict[str, str] = {}
+        if "broker" in local:
+            # The broker of this host: its plain listener on loopback.
+            env |= {
+                "IOTFLEET_MQTT__HOST": s.mqtt.host,
+                "IOTFLEET_MQTT__PORT": str(s.mqtt.port),
+                "IOTFLEET_MQTT__TLS": "false",
+            }
+        else:
+            env |= {
+                "IOTFLEET_MQTT__HOST": s.mqtt.host,
+                "IOTFLEET_MQTT__PORT": str(s.mqtt.port),
+                "IOTFLEET_MQTT__TLS": "true" if s.mqtt.tls else "false",
+            }
+            if s.mqtt.tls:
+                env["IOTFLEET_MQTT__CA_FILE"] = str(s.mqtt.ca_file or self._platform_ca())
+            if s.mqtt.tls_server_name:
+                env["IOTFLEET_MQTT__TLS_SERVER_NAME"] = s.mqtt.tls_server_name
+        influx_url = self.influx_url()
+        env["IOTFLEET_INFLUX__URL"] = influx_url
+        if influx_url.startswith("https://"):
+            env["IOTFLEET_INFLUX__CA_FILE"] = str(s.influx.ca_file or self._platform_ca())
+        agent_url = self.agent_url()
+        env["IOTFLEET_BROKER_AGENT__URL"] = agent_url
+        if agent_url.startswith("https://"):
+            env["IOTFLEET_BROKER_AGENT__CA_FILE"] = str(s.broker_agent.ca_file or self._platform_ca())
+        return env
+
+    def parts(self) -> list[Part]:
+        """The processes this host runs: those of its roles (every one by default)."""
+        local = self.roles()
+        return [p for p in self._all_parts() if roles.ROLE_OF_KIND[p.kind] in local]
+
+    def _all_parts(self) -> list[Part]:
+        s = self.settings
+        local = self.roles()
+        passwords = self._passwords() if local - {"influxdb"} else {}
         agent_port = self.agent_port()
         base_env = {
             "IOTFLEET_STATE_DIR": str(self.layout.root),
@@ -164,6 +271,14 @@ class Stack:
             "IOTFLEET_BROKER_AGENT__PORT": str(agent_port),
             "PYTHONUNBUFFERED": "1",
         }
+        if roles.is_split(s):
+            base_env |= self.remote_env()
+        if "broker" in local:
+            agent_token = self.agent_token()
+        else:
+            agent_token = s.broker_agent.token.get_secret_value() if s.broker_agent.token else ""
+            if not agent_token and self.layout.agent_token.exists():
+                agent_token = self.layout.agent_token.read_text().strip()
 
         def service_env(account: str, **extra: str) -> dict[str, str]:
             return {
@@ -173,62 +288,97 @@ class Stack:
                 **extra,
             }
 
-        parts = [
-            Part(
-                "mosquitto",
-                "broker",
-                s.mqtt.port,
-                "IOTFLEET_MQTT__PORT (or --mqtt-port)",
-                [_find_binary(s.stack.mosquitto_bin), "-c", str(self.layout.mosquitto / "mosquitto.conf")],
-                {},
-            ),
-            Part(
-                "broker-agent",
-                "agent",
-                agent_port,
-                "IOTFLEET_BROKER_AGENT__PORT (default IOTFLEET_STACK__SERVICE_PORT_BASE + 5)",
-                [_script("iotfleet-broker-agent")],
-                {
-                    **base_env,
-                    # The agent's files are the broker's: in the broker's folder of the state dir.
-                    "IOTFLEET_BROKER_AGENT__DEVICES_FILE": str(self.layout.mosquitto / "devices"),
-                    "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.layout.mosquitto / "mosquitto.pid"),
-                    "IOTFLEET_BROKER_AGENT__TOKEN": self.agent_token(),
-                },
-            ),
-            Part(
-                "influxd",
-                "influxdb",
-                _url_port(s.influx.url),
-                "IOTFLEET_INFLUX__URL (or --influx-port)",
-                [_find_binary(s.stack.influxd_bin), "-config", str(self.layout.influxdb / "influxdb.conf")],
-                {},
-            ),
-            Part(
-                "registry",
-                "registry",
-                s.registry.port,
-                "IOTFLEET_REGISTRY__PORT (or --api-port)",
-                [_script("iotfleet-registry")],
-                service_env(
-                    "iotfleet-registry",
-                    **self._registry_https_env(),
-                    IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key(),
-                    IOTFLEET_BROKER_AGENT__TOKEN=self.agent_token(),
+        agent_tls = self.agent_tls()
+        agent_env = {
+            **base_env,
+            # The agent probes its broker on this host: plain MQTT on loopback.
+            "IOTFLEET_MQTT__HOST": s.mqtt.host,
+            "IOTFLEET_MQTT__PORT": str(s.mqtt.port),
+            "IOTFLEET_BROKER_AGENT__HOST": self.agent_host(),
+            # The agent's files are the broker's: in the broker's folder of the state dir.
+            "IOTFLEET_BROKER_AGENT__DEVICES_FILE": str(self.layout.mosquitto / "devices"),
+            "IOTFLEET_BROKER_AGENT__BROKER_PID_FILE": str(self.layout.mosquitto / "mosquitto.pid"),
+            "IOTFLEET_BROKER_AGENT__TOKEN": agent_token,
+        }
+        agent_env.pop("IOTFLEET_MQTT__TLS", None)
+        agent_env.pop("IOTFLEET_MQTT__CA_FILE", None)
+        if agent_tls is not None:
+            agent_env["IOTFLEET_BROKER_AGENT__TLS_CERTFILE"] = str(agent_tls[0])
+            agent_env["IOTFLEET_BROKER_AGENT__TLS_KEYFILE"] = str(agent_tls[1])
+
+        parts: list[Part] = []
+        if "broker" in local:
+            parts += [
+                Part(
+                    "mosquitto",
+                    "broker",
+                    s.mqtt.port,
+                    "IOTFLEET_MQTT__PORT (or --mqtt-port)",
+                    [
+                        _find_binary(s.stack.mosquitto_bin),
+                        "-c",
+                        str(self.layout.mosquitto / "mosquitto.conf"),
+                    ],
+                    {},
+                    s.mqtt.host,
                 ),
-            ),
-        ]
-        port = s.stack.service_port_base
-        parts.append(
-            Part(
-                "rules-engine",
-                "rules",
-                port,
-                "IOTFLEET_STACK__SERVICE_PORT_BASE",
-                [_script("iotfleet-rules")],
-                service_env("iotfleet-rules", IOTFLEET_HEALTH__PORT=str(port)),
+                Part(
+                    "broker-agent",
+                    "agent",
+                    agent_port,
+                    "IOTFLEET_BROKER_AGENT__PORT (default IOTFLEET_STACK__SERVICE_PORT_BASE + 5)",
+                    [_script("iotfleet-broker-agent")],
+                    agent_env,
+                    self.agent_host(),
+                ),
+            ]
+        if "influxdb" in local:
+            parts.append(
+                Part(
+                    "influxd",
+                    "influxdb",
+                    _url_port(self.influx_url()),
+                    "IOTFLEET_INFLUX__URL (or --influx-port)",
+                    [
+                        _find_binary(s.stack.influxd_bin),
+                        "-config",
+                        str(self.layout.influxdb / "influxdb.conf"),
+                    ],
+                    {},
+                    _url_host(self.influx_url()),
+                )
             )
-        )
+        if "registry" in local:
+            parts.append(
+                Part(
+                    "registry",
+                    "registry",
+                    s.registry.port,
+                    "IOTFLEET_REGISTRY__PORT (or --api-port)",
+                    [_script("iotfleet-registry")],
+                    service_env(
+                        "iotfleet-registry",
+                        **self._registry_https_env(),
+                        IOTFLEET_REGISTRY__BOOTSTRAP_ADMIN_KEY=self.admin_api_key(),
+                        IOTFLEET_BROKER_AGENT__TOKEN=agent_token,
+                    ),
+                )
+            )
+        port = s.stack.service_port_base
+        if "rules" in local:
+            parts.append(
+                Part(
+                    "rules-engine",
+                    "rules",
+                    port,
+                    "IOTFLEET_STACK__SERVICE_PORT_BASE",
+                    [_script("iotfleet-rules")],
+                    service_env("iotfleet-rules", IOTFLEET_HEALTH__PORT=str(port)),
+                )
+            )
+        if "ingest" not in local:
+            return parts
+        split = roles.is_split(s)
         for offset, type_name in enumerate(DEVICE_TYPES, start=1):
             parts.append(
                 Part(
@@ -241,14 +391,15 @@ class Stack:
                         "iotfleet-ingest",
                         IOTFLEET_INGEST__DEVICE_TYPE=type_name,
                         IOTFLEET_HEALTH__PORT=str(port + offset),
-                        # One replica per type here: a plain subscription, which
-                        # Mosquitto 2.0 restores after a broker restart (shared ones
-                        # it does not, and readings published before the ingest
-                        # re-subscribes would find no subscriber). Set it true in
-                        # the environment to run several replicas.
+                        # One replica per type on a single host: a plain subscription, which
+                        # Mosquitto 2.0 restores after a broker restart (shared ones it does
+                        # not, and readings published before the ingest re-subscribes would
+                        # find no subscriber). Split hosts run replicas side by side: shared,
+                        # each under a replica name of its own (the MQTT client id).
                         IOTFLEET_INGEST__SHARED_SUBSCRIPTION=os.environ.get(
-                            "IOTFLEET_INGEST__SHARED_SUBSCRIPTION", "false"
+                            "IOTFLEET_INGEST__SHARED_SUBSCRIPTION", "true" if split else "false"
                         ),
+                        **({"IOTFLEET_INGEST__REPLICA": self.replica_name()} if split else {}),
                     ),
                 )
             )
@@ -293,11 +444,65 @@ class Stack:
     def _write_configs(self, parts: list[Part]) -> None:
         s = self.settings
         self.layout.logs.mkdir(parents=True, exist_ok=True)
+        platform_pki = self.write_part_configs()
+        influx_url = self.influx_url()
+        local = self.roles()
+        write_private(self.layout.supervisord_conf, self._supervisord_conf(parts))
+        self.layout.stack_file.write_text(
+            json.dumps(
+                {
+                    "parts": [
+                        {
+                            "name": p.name,
+                            "kind": p.kind,
+                            "port": p.port,
+                            "host": p.host,
+                            "url": self._part_url(p),
+                        }
+                        for p in parts
+                    ],
+                    "roles": s.stack.roles,
+                    "api": f"http://{s.registry.host}:{s.registry.port}",
+                    "dashboard": f"http://{s.registry.host}:{s.registry.port}/",
+                    "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
+                    "influx": influx_url,
+                    "broker_agent": self.agent_url() if "broker" in local or "registry" in local else None,
+                    "tls": tls_endpoints(s, platform_pki),
+                    "https_api": self.https_base(),
+                },
+                indent=2,
+            )
+        )
+
+    def write_part_configs(self) -> pki.PlatformPki:
+        """The PKI and the configs of this host's broker and InfluxDB (under supervisord or systemd)."""
+        s = self.settings
         # The platform CA and server certificate (made once; the server certificate is re-issued
         # when the --listen address or IOTFLEET_TLS__HOSTS change): the broker's device listeners.
         https_host = self.https_host()
         hosts = [s.stack.listen] + ([https_host] if https_host and https_host != s.stack.listen else [])
-        platform_pki = pki.ensure_platform_pki(s.tls, self.layout.root, hosts)
+        local = self.roles()
+        influx_url = self.influx_url()
+        influx_tls: tuple[Path, Path] | None = None
+        if "influxdb" in local and influx_url.startswith("https://"):
+            hosts.append(_url_host(influx_url))
+        platform_pki = pki.ensure_platform_pki(s.tls, self.layout.root, list(dict.fromkeys(hosts)))
+        if "influxdb" in local and influx_url.startswith("https://"):
+            influx_tls = (platform_pki.server_cert_path.resolve(), platform_pki.server_key_path.resolve())
+        if "broker" in local:
+            self._write_broker_config(platform_pki)
+        if "influxdb" in local:
+            configs.write_influxdb_config(
+                self.layout.influxdb,
+                host=_url_host(influx_url),
+                port=_url_port(influx_url),
+                rpc_port=s.stack.influx_rpc_port,
+                tls=influx_tls,
+            )
+        return platform_pki
+
+    def _write_broker_config(self, platform_pki: pki.PlatformPki) -> None:
+        s = self.settings
         configs.write_mosquitto_config(
             self.layout.mosquitto,
             host=s.mqtt.host,
@@ -308,27 +513,6 @@ class Stack:
             device_rate_bytes=s.stack.device_rate_bytes,
             device_burst_bytes=s.stack.device_burst_bytes,
             tls=configs.TlsListeners.from_settings(platform_pki, s.tls, s.stack.listen),
-        )
-        configs.write_influxdb_config(
-            self.layout.influxdb,
-            host=_url_host(s.influx.url),
-            port=_url_port(s.influx.url),
-            rpc_port=s.stack.influx_rpc_port,
-        )
-        _write_private(self.layout.supervisord_conf, self._supervisord_conf(parts))
-        self.layout.stack_file.write_text(
-            json.dumps(
-                {
-                    "parts": [{"name": p.name, "kind": p.kind, "port": p.port} for p in parts],
-                    "api": f"http://{s.registry.host}:{s.registry.port}",
-                    "dashboard": f"http://{s.registry.host}:{s.registry.port}/",
-                    "mqtt": f"{s.mqtt.host}:{s.mqtt.port}",
-                    "influx": s.influx.url,
-                    "tls": tls_endpoints(s, platform_pki),
-                    "https_api": self.https_base(),
-                },
-                indent=2,
-            )
         )
 
     def _supervisord_conf(self, parts: list[Part]) -> str:
@@ -427,20 +611,38 @@ class Stack:
             return []
         return parts
 
-    def health(self, kind: str, port: int) -> tuple[bool, str]:
+    def _part_url(self, part: Part) -> str | None:
+        """Where a part's HTTP health is probed (InfluxDB, the broker agent: HTTPS on an opened host)."""
+        if part.kind == "influxdb":
+            return self.influx_url()
+        if part.kind == "agent":
+            return self.agent_url()
+        return None
+
+    def health(self, kind: str, port: int, url: str | None = None) -> tuple[bool, str]:
+        """A live probe of one part; ``url`` (from the stack file) says where InfluxDB / the agent listen."""
         host = self.settings.mqtt.host
         if kind == "broker":
             passwords = self._passwords()
             ok = probes.mqtt_ok(host, port, dynsec.ADMIN_USER, passwords[dynsec.ADMIN_USER], timeout=1.0)
             return ok, "MQTT CONNECT accepted" if ok else "MQTT CONNECT failed"
         if kind == "influxdb":
-            ok = probes.http_ok(f"http://{_url_host(self.settings.influx.url)}:{port}/ping")
+            url = url or self.influx_url()
+            base = f"{url.split('://', 1)[0]}://{_bracketed(_url_host(url))}:{port}"
+            ok = probes.http_ok(f"{base}/ping", verify=self._verify(base))
             return ok, "/ping 204" if ok else "/ping failed"
-        health_host = {"registry": self.settings.registry.host, "agent": self.settings.broker_agent.host}.get(
-            kind, self.settings.health.host
-        )
+        if kind == "agent":
+            base = url or self.agent_url()
+            ok = probes.http_ok(f"{base}/healthz", verify=self._verify(base))
+            return ok, "/healthz ok" if ok else "/healthz not ok"
+        health_host = {"registry": self.settings.registry.host}.get(kind, self.settings.health.host)
         ok = probes.http_ok(f"http://{health_host}:{port}/healthz")
         return ok, "/healthz ok" if ok else "/healthz not ok"
+
+    def _verify(self, url: str) -> ssl.SSLContext | bool:
+        if not url.startswith("https://"):
+            return True
+        return tls_clients.verifying_context(Path(self._platform_ca()), "the platform CA (tls/ca.crt)")
 
     def status(self) -> list[PartStatus]:
         """Each part: supervisor state, pid, port, and a live health probe."""
@@ -453,12 +655,23 @@ class Stack:
             state = info.get("statename", "UNKNOWN")
             pid = info.get("pid") or None
             healthy, detail = (
-                self.health(part["kind"], part["port"]) if state == "RUNNING" else (False, state)
+                self.health(part["kind"], part["port"], part.get("url"))
+                if state == "RUNNING"
+                else (False, state)
             )
             result.append(PartStatus(part["name"], part["kind"], pid, part["port"], state, healthy, detail))
         return result
 
     # --- lifecycle ------------------------------------------------------------
+
+    def check_remote_endpoints(self) -> None:
+        """Fail fast, naming the setting, when a role here needs another host's endpoint or secret."""
+        roles.check_remote_endpoints(
+            self.settings,
+            passwords_file=self.layout.secrets,
+            agent_token_file=self.layout.agent_token,
+            admin_key_file=self.layout.admin_key,
+        )
 
     def check_can_start(self, parts: list[Part]) -> None:
         """Fail before starting anything: already running, or a port taken."""
@@ -469,17 +682,25 @@ class Stack:
                 "run `iotfleet down` first"
             )
         wanted: dict[int, tuple[str, str]] = {}
+        self.check_remote_endpoints()
+        local = self.roles()
         claims = [(p.port, p.name, p.setting) for p in parts]
-        claims.append((self.settings.stack.influx_rpc_port, "influxd RPC", "IOTFLEET_STACK__INFLUX_RPC_PORT"))
+        hosts = {p.name: p.host for p in parts}
+        if "influxdb" in local:
+            claims.append(
+                (self.settings.stack.influx_rpc_port, "influxd RPC", "IOTFLEET_STACK__INFLUX_RPC_PORT")
+            )
         for port, name, setting in claims:
             if port in wanted:
                 other = wanted[port][0]
                 raise StackError(f"port {port} is configured for both {other} and {name}: change {setting}")
             wanted[port] = (name, setting)
-        self._check_tls_ports(wanted)
-        self._check_https_port(wanted)
+        if "broker" in local:
+            self._check_tls_ports(wanted)
+        if "registry" in local:
+            self._check_https_port(wanted)
         for port, (name, setting) in wanted.items():
-            host = self.settings.mqtt.host if name == "mosquitto" else "127.0.0.1"
+            host = hosts.get(name, "127.0.0.1")
             if probes.port_in_use(host, port):
                 raise StackError(
                     f"port {port} ({name}) is already in use on {host}: set {setting} to a free port"
@@ -522,8 +743,11 @@ class Stack:
 
     def up(self, *, foreground: bool, on_progress: Callable[[str], None] = print) -> int | None:
         """Start everything; return the foreground supervisord's exit code, or None when detached."""
+        self.check_remote_endpoints()
         parts = self.parts()
         self.check_can_start(parts)
+        for warning in roles.cleartext_warnings(self.settings, self.influx_url(), self.agent_url()):
+            on_progress(warning)
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self._write_configs(parts)
         on_progress(f"state dir {self.layout.root}; logs in {self.layout.logs}")
@@ -562,7 +786,10 @@ class Stack:
                     info = self._rpc().supervisor.getProcessInfo(part.name)
                     if info["statename"] in ("FATAL", "BACKOFF") and time.monotonic() > deadline - 1:
                         break
-                    if info["statename"] == "RUNNING" and self.health(part.kind, part.port)[0]:
+                    if (
+                        info["statename"] == "RUNNING"
+                        and self.health(part.kind, part.port, self._part_url(part))[0]
+                    ):
                         on_progress(f"{part.name} healthy (port {part.port}, pid {info['pid']})")
                         return
                 if time.monotonic() >= deadline:
@@ -578,16 +805,24 @@ class Stack:
         services = [p for p in parts if p.name not in INFRA]
         for part in infra:
             wait(part)
-        asyncio.run(_ensure_database(self.settings))
-        on_progress(
-            f"InfluxDB database {self.settings.influx.database!r} with retention policy "
-            f"{self.settings.influx.retention_policy!r} ({self.settings.influx.retention}) ready"
-        )
+        if self.roles() & {"influxdb", "registry", "ingest"}:
+            asyncio.run(_ensure_database(self._influx_settings()))
+            on_progress(
+                f"InfluxDB database {self.settings.influx.database!r} with retention policy "
+                f"{self.settings.influx.retention_policy!r} ({self.settings.influx.retention}) ready"
+            )
         rpc = self._rpc()
         for part in services:
             rpc.supervisor.startProcess(part.name, False)
         for part in services:
             wait(part)
+
+    def _influx_settings(self) -> InfluxSettings:
+        """InfluxDB as this host's services reach it (an opened influxdb host: over HTTPS)."""
+        s = self.settings
+        url = self.influx_url()
+        ca_file = s.influx.ca_file or (Path(self._platform_ca()) if url.startswith("https://") else None)
+        return s.influx.model_copy(update={"url": url, "ca_file": ca_file})
 
     def _wait_foreground(self, process: subprocess.Popen[bytes], on_progress: Callable[[str], None]) -> int:
         on_progress("running in the foreground; Ctrl-C stops everything")
@@ -629,8 +864,8 @@ class Stack:
         return [*pids, pid]
 
 
-async def _ensure_database(settings: Settings) -> None:
-    async with InfluxClient(settings.influx) as client:
+async def _ensure_database(influx: InfluxSettings) -> None:
+    async with InfluxClient(influx) as client:
         await client.ensure_database()
 
 
@@ -695,6 +930,10 @@ def _url_port(url: str) -> int:
     return 443 if url.startswith("https") else 80
 
 
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _url_host(url: str) -> str:
     return url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
 
@@ -731,6 +970,7 @@ def status_as_json(stack: Stack, parts: list[PartStatus]) -> dict[str, Any]:
     return {
         "running": bool(parts),
         "state_dir": str(stack.layout.root),
+        "roles": stored.get("roles", stack.settings.stack.roles) if stored else stack.settings.stack.roles,
         "admin_api_key_file": str(stack.layout.admin_key),
         "dashboard": f"{base}/",
         "api": f"{base}/api/v1",

@@ -230,6 +230,8 @@ async def test_registry_starts_before_the_broker(tmp_path: Path) -> None:
                     what="reconcile",
                     within=10,
                 )
+                # Every link reconnects on its own backoff: healthy once the last one is up.
+                await wait_for(lambda: app.state.registry.presence.connected, what="presence link", within=15)
                 health = await http.get("/healthz")
                 assert health.status_code == 200, health.text
                 resp = await http.post("/api/v1/devices", json={"type": "thermostat"}, headers=auth)
