@@ -225,7 +225,10 @@ def check_transitions(
         want_shape = [not t.fired for t in want]
         got_shape = [c.on for c in got]
         if want_shape != got_shape:
-            result.devices_wrong[device_id] = f"expected relay on/off {want_shape}, sent {got_shape}"
+            result.devices_wrong[device_id] = (
+                f"expected relay on/off {want_shape} for readings at {[t.ts_ms for t in want]},"
+                f" sent {got_shape} at {[c.at_ms for c in got]}"
+            )
         else:
             result.latencies_ms.extend((t.ts_ms, c.at_ms - t.ts_ms) for t, c in zip(want, got, strict=True))
         want_fired = sorted(t.ts_ms for t in want if t.fired)

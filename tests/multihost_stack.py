@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from iotfleet.stack import probes
 from simulators.fleet import DeviceCredentials
 from simulators.provisioning import RegistryProvisioner, save_credentials
@@ -181,12 +183,15 @@ class MultiHostPlatform:
 
     def _wait_healthy(self, service: ServiceHost, part: str) -> None:
         url = service.health_urls()[part]
+        # A registry serves its API once its database answers; the rest of its /healthz (broker
+        # agent, presence link) belongs to the once-only work of the lease holder.
+        check = _registry_serves if part == "registry" else probes.http_ok
 
         def ready() -> bool:
             process = service.processes[part]
             if not process.alive():
                 raise RuntimeError(f"{service.host.name}/{part} exited:\n{process.log_tail()}")
-            return probes.http_ok(url)
+            return check(url)
 
         probes.wait_until(ready, timeout=READY_TIMEOUT_S, what=f"{service.host.name}/{part} healthy")
 
@@ -223,3 +228,11 @@ class MultiHostPlatform:
             self.influxd.stop()
         if self.postgres is not None:
             self.postgres.stop()
+
+
+def _registry_serves(healthz_url: str) -> bool:
+    try:
+        response = httpx.get(healthz_url, timeout=2)
+        return bool(response.json().get("checks", {}).get("database") == "ok")
+    except (httpx.HTTPError, ValueError):
+        return False
