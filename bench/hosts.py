@@ -59,7 +59,6 @@ from tests.multihost_checks import (  # noqa: E402
 )
 from tests.multihost_stack import INFLUX_DATABASE, MultiHostPlatform  # noqa: E402
 from tests.netns_hosts import HostNetwork  # noqa: E402
-from tests.registry_harness import ADMIN_KEY  # noqa: E402
 
 SECTION = "Hosts: 1 vs 2 service hosts, and a host lost"
 DEVICE_TYPE = "smart_plug"
@@ -118,7 +117,7 @@ def phase(
 ) -> Phase:
     """One simulator run; with ``cut`` ("kill" or "link"), svc2 is lost half-way through it."""
     print(f"[{name}] streaming {rate:,.0f} readings/s for {args.duration_s:.0f} s", flush=True)
-    poller = ApiPoller(stack.services["svc1"].api_url, ADMIN_KEY).start()
+    poller = ApiPoller(stack.services["svc1"].api_url, stack.endpoints()).start()
     started_ms = int(time.time() * 1000)
     process, report_path = run_fleet(
         stack, root, name, devices=args.devices, rate=rate, duration_s=args.duration_s
@@ -262,13 +261,15 @@ def main() -> None:
                 print("starting core, db and svc1", flush=True)
                 stack.start_servers()
                 stack.add_service_host("svc1")
+                endpoints = stack.endpoints()
                 http = httpx.Client(
-                    base_url=stack.services["svc1"].api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+                    base_url=stack.services["svc1"].api_url,
+                    headers={"Authorization": f"Bearer {endpoints.api_key}"},
+                    verify=endpoints.http_verify(),
                 )
                 assert http.post("/api/v1/rules", json=RULE).status_code == 201
                 devices = stack.provision({DEVICE_TYPE: args.devices}, root / "credentials.json", via="svc1")
-                assert stack.broker is not None and stack.influxd is not None
-                watcher = BrokerWatcher(stack.broker).start()
+                watcher = BrokerWatcher(endpoints).start()
                 phases = [phase(stack, root, "1 service host", args, rate=args.rate)]
                 stack.add_service_host("svc2")
                 wait_spread(stack, 2)
@@ -283,7 +284,7 @@ def main() -> None:
                 )
                 time.sleep(5)  # pacing: the last transitions reach the watcher
                 commands, alerts = watcher.snapshot()
-                expected = expected_transitions(stored_voltages(stack.influxd.url, INFLUX_DATABASE))
+                expected = expected_transitions(stored_voltages(endpoints, INFLUX_DATABASE))
                 check = check_transitions(expected, commands, alerts, [d.id for d in devices])
                 rows = summarize(phases, check.latencies_ms)
                 text = render(rows, args, len(check.devices_wrong))

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from iotfleet import dynsec, topics
 from iotfleet.influx import quote_identifier
-from tests.harness import Broker
+from tests.multihost_stack import Endpoints
 
 # The rule whose transitions are checked: mains-voltage noise in the simulated smart plugs
 # (an AR(1) process around 230 V, σ ≈ 1 V) crosses it a few times a minute per plug.
@@ -57,7 +57,7 @@ class SeenCommand:
 class BrokerWatcher:
     """Every command sent to a device and every alert event, with arrival times."""
 
-    broker: Broker
+    endpoints: Endpoints
     commands: list[SeenCommand] = field(default_factory=list)
     alert_events: list[dict[str, Any]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -67,12 +67,14 @@ class BrokerWatcher:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=f"hosts-watch-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5
         )
-        client.username_pw_set(dynsec.ADMIN_USER, self.broker.passwords[dynsec.ADMIN_USER])
+        client.username_pw_set(dynsec.ADMIN_USER, self.endpoints.admin_password)
+        if self.endpoints.ca_file is not None:
+            client.tls_set(ca_certs=str(self.endpoints.ca_file))
         subscribed = threading.Event()
         client.on_connect = lambda c, *_: c.subscribe([("devices/+/+/commands", 1), (topics.ALERT_EVENTS, 1)])
         client.on_subscribe = lambda *_: subscribed.set()
         client.on_message = self._on_message
-        client.connect(self.broker.host, self.broker.port, keepalive=30)
+        client.connect(self.endpoints.mqtt_host, self.endpoints.mqtt_port, keepalive=30)
         client.loop_start()
         if not subscribed.wait(10):
             raise RuntimeError("watcher: no SUBACK from the broker")
@@ -104,7 +106,7 @@ class ApiPoller:
     """Polls one registry's API (a DB-backed read) every ``interval_s``; records the gaps."""
 
     url: str
-    api_key: str
+    endpoints: Endpoints
     interval_s: float = 0.1
     ok_at: list[float] = field(default_factory=list)
     failures: int = 0
@@ -117,8 +119,9 @@ class ApiPoller:
         return self
 
     def _run(self) -> None:
-        headers = {"Authorization": f"Bearer {self.api_key}"}
-        with httpx.Client(base_url=self.url, headers=headers, timeout=2.0) as http:
+        headers = {"Authorization": f"Bearer {self.endpoints.api_key}"}
+        verify = self.endpoints.http_verify()
+        with httpx.Client(base_url=self.url, headers=headers, timeout=2.0, verify=verify) as http:
             while not self._stop.is_set():
                 try:
                     ok = http.get("/api/v1/devices", params={"limit": 1}).status_code == 200
@@ -148,11 +151,21 @@ class Transition:
     ts_ms: int  # the reading's time
 
 
-def stored_voltages(influx_url: str, database: str) -> dict[str, list[tuple[int, float]]]:
+def _influx_query(endpoints: Endpoints, database: str, query: str) -> httpx.Response:
+    response = httpx.post(
+        f"{endpoints.influx_url}/query",
+        data={"db": database, "q": query, "epoch": "ms"},
+        timeout=60,
+        verify=endpoints.http_verify(),
+    )
+    response.raise_for_status()
+    return response
+
+
+def stored_voltages(endpoints: Endpoints, database: str) -> dict[str, list[tuple[int, float]]]:
     """Every stored smart-plug reading, per device, in time order: (ts ms, voltage)."""
     query = f"SELECT voltage_v FROM {quote_identifier('smart_plug')} GROUP BY device_id"
-    response = httpx.post(f"{influx_url}/query", data={"db": database, "q": query, "epoch": "ms"}, timeout=60)
-    response.raise_for_status()
+    response = _influx_query(endpoints, database, query)
     out: dict[str, list[tuple[int, float]]] = {}
     for result in response.json().get("results", []):
         for series in result.get("series", []) or []:
@@ -161,11 +174,10 @@ def stored_voltages(influx_url: str, database: str) -> dict[str, list[tuple[int,
     return out
 
 
-def stored_seq_counts(influx_url: str, database: str) -> dict[str, tuple[int, int]]:
+def stored_seq_counts(endpoints: Endpoints, database: str) -> dict[str, tuple[int, int]]:
     """Per device: (points stored, distinct seqs stored)."""
     query = f"SELECT seq FROM {quote_identifier('smart_plug')} GROUP BY device_id"
-    response = httpx.post(f"{influx_url}/query", data={"db": database, "q": query}, timeout=60)
-    response.raise_for_status()
+    response = _influx_query(endpoints, database, query)
     out: dict[str, tuple[int, int]] = {}
     for result in response.json().get("results", []):
         for series in result.get("series", []) or []:

@@ -50,7 +50,6 @@ from tests.multihost_checks import (
 )
 from tests.multihost_stack import INFLUX_DATABASE, MultiHostPlatform
 from tests.netns_hosts import HostNetwork, require_netns
-from tests.registry_harness import ADMIN_KEY
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -77,7 +76,7 @@ def _stats(path: Path) -> dict[str, Any]:
 def platform(tmp_path: Path) -> Iterator[MultiHostPlatform]:
     require_netns()
     with HostNetwork(["core", "db", "svc1", "svc2", "fleet"]) as network:
-        stack = MultiHostPlatform(network, tmp_path, ["smart_plug"])
+        stack = MultiHostPlatform(network, tmp_path, ["smart_plug"], use_roles=True)
         try:
             yield stack
         finally:
@@ -91,19 +90,20 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     platform.start_servers()
     svc1 = platform.add_service_host("svc1")
     svc2 = platform.add_service_host("svc2")
-    assert platform.broker is not None and platform.influxd is not None
-    http = httpx.Client(base_url=svc1.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=30)
+    endpoints = platform.endpoints()
+    auth = {"Authorization": f"Bearer {endpoints.api_key}"}
+    http = httpx.Client(base_url=svc1.api_url, headers=auth, timeout=30, verify=endpoints.http_verify())
     created = http.post("/api/v1/rules", json=RULE)
     assert created.status_code == 201, created.text
     devices = platform.provision({"smart_plug": DEVICES}, tmp_path / "credentials.json", via="svc1")
     device_ids = [d.id for d in devices]
     # Both hosts' API see the same fleet (one database).
-    with httpx.Client(base_url=svc2.api_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as other:
+    with httpx.Client(base_url=svc2.api_url, headers=auth, verify=endpoints.http_verify()) as other:
         assert other.get(f"/api/v1/devices/{device_ids[-1]}").status_code == 200
     print(f"\nsetup: {time.monotonic() - started:.1f} s (servers, 2 service hosts, {DEVICES} devices)")
 
-    watcher = BrokerWatcher(platform.broker).start()
-    poller = ApiPoller(svc1.api_url, ADMIN_KEY).start()
+    watcher = BrokerWatcher(endpoints).start()
+    poller = ApiPoller(svc1.api_url, endpoints).start()
     stats_file, report_file = tmp_path / "fleet-stats.jsonl", tmp_path / "fleet-report.json"
     fleet = platform.start_fleet(
         "fleet",
@@ -146,7 +146,7 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     published, verify = report["published"], report["verify"]
     assert published["broker_acked"] == published["readings"], published
     assert verify["missing"] == 0 and verify["duplicates"] == 0, verify
-    stored = stored_seq_counts(platform.influxd.url, INFLUX_DATABASE)
+    stored = stored_seq_counts(endpoints, INFLUX_DATABASE)
     assert sum(n for n, _ in stored.values()) == verify["expected"]
     assert all(points == distinct for points, distinct in stored.values())
     assert fleet.proc.returncode == 0, fleet.log_tail()
@@ -154,7 +154,7 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     # 2. every rule transition fired exactly once, no command lost or sent twice with different ids
     if "partitions" not in RulesSettings.model_fields:  # TEMPORARY until helper B's branch is merged
         pytest.xfail("needs partitioned rules engines (IOTFLEET_RULES__PARTITIONS): each engine fires all")
-    expected = expected_transitions(stored_voltages(platform.influxd.url, INFLUX_DATABASE))
+    expected = expected_transitions(stored_voltages(endpoints, INFLUX_DATABASE))
     check = check_transitions(expected, watcher_commands, watcher_alerts, device_ids)
     print(
         f"transitions: {check.expected} expected, {check.distinct_commands} command ids"
