@@ -10,10 +10,11 @@ devices (their seqs continue):
 2. **2 service hosts**: svc2 is started, the rules partitions spread over both
    engines (waited for), then the same stream.
 3. **takeover, kill -9**: a stream at half the rate; mid-way every process on svc2
-   is killed with SIGKILL.
-4. **takeover, cable cut**: svc2 is started again, then, mid-stream, its link is
-   taken down (no FIN, no RST: its peers find out by timeouts) and it is killed
-   behind the cut so that it does not come back when the link does.
+   is killed with SIGKILL; svc2 is started again (same disk) when the stream ends,
+   while the simulator verifies (its ingest replica's share waits in its session).
+4. **takeover, cable cut**: the same, but svc2's link is taken down first (no FIN,
+   no RST: its peers find out by timeouts) and its processes killed behind the cut;
+   the link comes back up with the restart.
 
 Measured per phase: readings/s published and stored (stored = the phase's
 readings over its run + the wait until InfluxDB had all of them, read by the
@@ -122,7 +123,7 @@ def phase(
     process, report_path = run_fleet(
         stack, root, name, devices=args.devices, rate=rate, duration_s=args.duration_s
     )
-    cut_at_ms = cut_mono = None
+    cut_at_ms = cut_mono = back_mono = None
     if cut is not None:
         time.sleep(args.duration_s / 2)  # pacing: half the stream on both hosts
         svc2 = stack.services["svc2"]
@@ -132,6 +133,14 @@ def phase(
         svc2.host.kill_all()  # (behind a cut link: nobody hears of it; else every socket is closed)
         svc2.processes.clear()
         print(f"[{name}] svc2 lost ({cut})", flush=True)
+        time.sleep(args.duration_s / 2)  # pacing: the rest of the stream on svc1 alone
+        back_mono = time.monotonic()
+        # svc2 comes back while the fleet verifies: the readings the broker queued in its ingest
+        # replica's session (its share of the stream) are stored only by that replica.
+        if cut == "link":
+            svc2.host.reconnect()
+        stack.start_service_host("svc2")
+        print(f"[{name}] svc2 back after {time.monotonic() - cut_mono:.1f} s", flush=True)
     while process.alive():
         time.sleep(0.5)
     ended_ms = int(time.time() * 1000)
@@ -139,7 +148,7 @@ def phase(
     report = orjson.loads(report_path.read_bytes())
     if process.proc.returncode != 0:
         raise RuntimeError(f"[{name}] the fleet failed:\n{process.log_tail()}")
-    gap = poller.longest_gap_s(cut_mono - 1.0, time.monotonic()) if cut_mono is not None else None
+    gap = poller.longest_gap_s(cut_mono - 1.0, back_mono) if cut_mono is not None and back_mono else None
     result = Phase(name, started_ms, ended_ms, report, cut_at_ms, gap)
     print(
         f"[{name}] published {result.published_per_s:,.0f}/s, stored {result.stored_per_s:,.0f}/s,"
@@ -277,7 +286,6 @@ def main() -> None:
                 phases.append(
                     phase(stack, root, "2 hosts, svc2 kill -9", args, rate=args.rate / 2, cut="kill")
                 )
-                stack.start_service_host("svc2")
                 wait_spread(stack, 2)
                 phases.append(
                     phase(stack, root, "2 hosts, svc2 cable cut", args, rate=args.rate / 2, cut="link")
