@@ -28,6 +28,7 @@ import orjson
 
 from iotfleet.influx import InfluxClient, InfluxError, quote_identifier, series_rows
 from iotfleet.settings import InfluxSettings
+from iotfleet.tls_clients import http_verify
 
 
 class VerifyError(Exception):
@@ -303,8 +304,9 @@ class InfluxSource:
             password = settings.password.get_secret_value() if settings.password else ""
             auth = httpx.BasicAuth(settings.username, password)
         timeout = httpx.Timeout(settings.timeout_s, read=max(settings.timeout_s, 300.0))
+        verify = http_verify(settings.url, settings.ca_file, "IOTFLEET_INFLUX__CA_FILE")  # HTTPS: our CA
         async with httpx.AsyncClient(
-            base_url=settings.url, headers=headers, auth=auth, timeout=timeout
+            base_url=settings.url, headers=headers, auth=auth, timeout=timeout, verify=verify
         ) as http:
             for device_type in sorted({o["type"] for o in outcomes}):
                 statement = (
