@@ -174,15 +174,15 @@ def stored_voltages(endpoints: Endpoints, database: str) -> dict[str, list[tuple
     return out
 
 
-def stored_seq_counts(endpoints: Endpoints, database: str) -> dict[str, tuple[int, int]]:
-    """Per device: (points stored, distinct seqs stored)."""
+def stored_seq_counts(endpoints: Endpoints, database: str) -> dict[str, tuple[int, int, int]]:
+    """Per device: (points stored, distinct seqs stored, highest seq stored)."""
     query = f"SELECT seq FROM {quote_identifier('smart_plug')} GROUP BY device_id"
     response = _influx_query(endpoints, database, query)
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, tuple[int, int, int]] = {}
     for result in response.json().get("results", []):
         for series in result.get("series", []) or []:
             seqs = [int(v[1]) for v in series["values"]]
-            out[series["tags"]["device_id"]] = (len(seqs), len(set(seqs)))
+            out[series["tags"]["device_id"]] = (len(seqs), len(set(seqs)), max(seqs))
     return out
 
 

@@ -95,7 +95,8 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     http = httpx.Client(base_url=svc1.api_url, headers=auth, timeout=30, verify=endpoints.http_verify())
     created = http.post("/api/v1/rules", json=RULE)
     assert created.status_code == 201, created.text
-    devices = platform.provision({"smart_plug": DEVICES}, tmp_path / "credentials.json", via="svc1")
+    credentials = tmp_path / "credentials.json"
+    devices = platform.provision({"smart_plug": DEVICES}, credentials, via="svc1")
     device_ids = [d.id for d in devices]
     # Both hosts' API see the same fleet (one database).
     with httpx.Client(base_url=svc2.api_url, headers=auth, verify=endpoints.http_verify()) as other:
@@ -109,7 +110,7 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
         "fleet",
         [
             "--state-dir", str(tmp_path / "fleet"),
-            "--credentials", str(tmp_path / "credentials.json"),
+            "--credentials", str(credentials),
             "--no-observer", "--quiet",
             "--report", str(report_file),
             "--stats-file", str(stats_file),
@@ -146,9 +147,15 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     published, verify = report["published"], report["verify"]
     assert published["broker_acked"] == published["readings"], published
     assert verify["missing"] == 0 and verify["duplicates"] == 0, verify
+    # ... checked here too: each device took seqs 0 … next_seq-1 (the simulator records next_seq in the
+    # credentials file), all acked (above); stored: each of them once.
+    taken = {d["id"]: d["next_seq"] for d in json.loads(credentials.read_text())["devices"]}
     stored = stored_seq_counts(endpoints, INFLUX_DATABASE)
-    assert sum(n for n, _ in stored.values()) == verify["expected"]
-    assert all(points == distinct for points, distinct in stored.values())
+    wrong = {d: stored.get(d) for d, n in taken.items() if stored.get(d) != (n, n, n - 1)}
+    assert not wrong, (
+        f"{len(wrong)} devices (points, distinct seqs, last seq) != (n, n, n-1): {list(wrong.items())[:5]}"
+    )
+    assert sum(taken.values()) == verify["expected"] == published["readings"]
     assert fleet.proc.returncode == 0, fleet.log_tail()
 
     # 2. every rule transition fired exactly once, no command lost or sent twice with different ids
