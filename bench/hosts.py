@@ -163,14 +163,8 @@ def wait_spread(stack: MultiHostPlatform, engines: int, timeout_s: float = 90.0)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         held = []
-        for service in stack.services.values():
-            try:
-                text = httpx.get(
-                    service.health_urls()["rules"].replace("/healthz", "/metrics"), timeout=2
-                ).text
-            except httpx.HTTPError:
-                held.append(0.0)
-                continue
+        for name in stack.services:
+            text = stack.rules_metrics(name)
             held.append(
                 sum(
                     float(line.rsplit(" ", 1)[1])
@@ -213,9 +207,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
     one, two = rows[0], rows[1]
     lines = [
         "The platform over five network namespaces on this one machine (tests/netns_hosts.py, the layout",
-        "of tests/integration/test_hosts.py): `core` (mosquitto + broker agent + influxd), `db` (PostgreSQL",
-        "15), `svc1`/`svc2` (a registry, a smart-plug ingest replica and a partitioned rules engine each,",
-        "16 partitions per type, leases of 5 s), `fleet` (the simulator, 1 process). One run, phases in order,",
+        "of tests/integration/test_hosts.py), each host started as docs/deployment.md says: `core` (`iotfleet",
+        "up --roles broker,influxdb --listen`), `db` (PostgreSQL 15), `svc1`/`svc2` (`iotfleet up --roles",
+        "registry,ingest,rules`: a registry, a smart-plug ingest replica and a partitioned rules engine each,",
+        "16 partitions per type, leases of 5 s; MQTT, InfluxDB and the broker agent over TLS to `core`),",
+        "`fleet` (the simulator, 1 process, devices over TLS). One run, phases in order,",
         f"{args.devices:,} smart plugs; the over-voltage rule (`voltage_v > 231` → `set_relay off`, clear",
         "`< 229.5` → `set_relay on`) fires on the plugs' mains noise.",
         "",
@@ -264,7 +260,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="iotfleet-bench-hosts-") as tmp:
         root = Path(tmp)
         with HostNetwork(["core", "db", "svc1", "svc2", "fleet"]) as network:
-            stack = MultiHostPlatform(network, root, [DEVICE_TYPE])
+            stack = MultiHostPlatform(network, root, [DEVICE_TYPE], use_roles=True)
             watcher: BrokerWatcher | None = None
             try:
                 print("starting core, db and svc1", flush=True)

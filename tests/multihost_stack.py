@@ -321,6 +321,27 @@ class MultiHostPlatform:
 
         probes.wait_until(ready, timeout=READY_TIMEOUT_S, what=f"{service.host.name}/{part} healthy")
 
+    def rules_metrics(self, name: str) -> str:
+        """The rules engine's /metrics on a service host ('' if it does not answer). Under `iotfleet up`
+        its health endpoint is on the host's loopback: read from inside the namespace."""
+        service = self.services[name]
+        if not self.use_roles:
+            try:
+                return httpx.get(
+                    service.health_urls()["rules"].replace("/healthz", "/metrics"), timeout=2
+                ).text
+            except httpx.HTTPError:
+                return ""
+        url = f"http://127.0.0.1:{RULES_HEALTH_PORT}/metrics"
+        done = subprocess.run(
+            [*service.host.exec_prefix(), "curl", "-sf", "-m", "2", url],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return done.stdout if done.returncode == 0 else ""
+
     # --- the fleet -------------------------------------------------------------------------------
 
     def provision(self, counts: dict[str, int], path: Path, via: str) -> list[DeviceCredentials]:
