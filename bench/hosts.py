@@ -1,20 +1,24 @@
 """Benchmark: the platform over hosts (network namespaces), 1 vs 2 service hosts, and a host's takeover.
 
-The layout of tests/integration/test_hosts.py: ``core`` (mosquitto + broker agent +
-influxd), ``db`` (PostgreSQL), service hosts ``svc1``/``svc2`` (a registry, an
-ingest replica, a partitioned rules engine each) and ``fleet`` (the simulator, its
-own process). One run, phases in order, each a fresh simulator run of the same
-devices (their seqs continue):
+The layout of tests/integration/test_hosts.py, each host started with ``iotfleet
+up --roles`` (TLS between hosts): ``core`` (mosquitto + broker agent + influxd),
+``db`` (PostgreSQL), service hosts ``svc1``/``svc2`` (a registry, an ingest
+replica, a partitioned rules engine each) and ``fleet`` (the simulator, its own
+process). One run, phases in order, each a fresh simulator run of the same
+devices (their seqs continue); between phases the rules engines drain their
+sessions (no command for 10 s):
 
-1. **1 service host** (svc1 alone): the fleet streams at ``--rate`` readings/s.
+1. **1 service host** (svc1 alone): the fleet streams at ``--rate`` readings/s;
+   then **max**: ``--max-rate`` offered, above what the platform takes.
 2. **2 service hosts**: svc2 is started, the rules partitions spread over both
-   engines (waited for), then the same stream.
-3. **takeover, kill -9**: a stream at half the rate; mid-way every process on svc2
-   is killed with SIGKILL; svc2 is started again (same disk) when the stream ends,
-   while the simulator verifies (its ingest replica's share waits in its session).
-4. **takeover, cable cut**: the same, but svc2's link is taken down first (no FIN,
-   no RST: its peers find out by timeouts) and its processes killed behind the cut;
-   the link comes back up with the restart.
+   engines (waited for), then the stream at ``--rate``.
+3. **kill -9**: the same stream; mid-way every process on svc2 is killed with
+   SIGKILL; svc2 is started again (same disk) when the stream ends, while the
+   simulator verifies (its ingest replica's share waits in its session).
+4. **cable cut**: the same, but svc2's link is taken down first (no FIN, no RST:
+   its peers find out by timeouts) and its processes killed behind the cut; the
+   link comes back up with the restart.
+5. **2 service hosts, max**: ``--max-rate`` offered.
 
 Measured per phase: readings/s published and stored (stored = the phase's
 readings over its run + the wait until InfluxDB had all of them, read by the
@@ -24,7 +28,7 @@ broker by a watcher on the same clock), and for the takeover phases: the longest
 reading → command latency of readings taken after the cut (the takeover time),
 and the API's longest gap through svc1.
 
-    sudo .venv/bin/python -m bench.hosts --rate 2000 --write-docs
+    sudo .venv/bin/python -m bench.hosts --rate 500 --max-rate 2500 --write-docs
 
 Writes the "Hosts: 1 vs 2 service hosts, and a host lost" section of
 docs/benchmarks.md with ``--write-docs``.
@@ -114,18 +118,19 @@ def phase(
     args: argparse.Namespace,
     *,
     rate: float,
+    duration_s: float,
     cut: str | None = None,
 ) -> Phase:
     """One simulator run; with ``cut`` ("kill" or "link"), svc2 is lost half-way through it."""
-    print(f"[{name}] streaming {rate:,.0f} readings/s for {args.duration_s:.0f} s", flush=True)
+    print(f"[{name}] streaming {rate:,.0f} readings/s for {duration_s:.0f} s", flush=True)
     poller = ApiPoller(stack.services["svc1"].api_url, stack.endpoints()).start()
     started_ms = int(time.time() * 1000)
     process, report_path = run_fleet(
-        stack, root, name, devices=args.devices, rate=rate, duration_s=args.duration_s
+        stack, root, name, devices=args.devices, rate=rate, duration_s=duration_s
     )
     cut_at_ms = cut_mono = back_mono = None
     if cut is not None:
-        time.sleep(args.duration_s / 2)  # pacing: half the stream on both hosts
+        time.sleep(duration_s / 2)  # pacing: half the stream on both hosts
         svc2 = stack.services["svc2"]
         cut_at_ms, cut_mono = int(time.time() * 1000), time.monotonic()
         if cut == "link":
@@ -133,7 +138,7 @@ def phase(
         svc2.host.kill_all()  # (behind a cut link: nobody hears of it; else every socket is closed)
         svc2.processes.clear()
         print(f"[{name}] svc2 lost ({cut})", flush=True)
-        time.sleep(args.duration_s / 2)  # pacing: the rest of the stream on svc1 alone
+        time.sleep(duration_s / 2)  # pacing: the rest of the stream on svc1 alone
         back_mono = time.monotonic()
         # svc2 comes back while the fleet verifies: the readings the broker queued in its ingest
         # replica's session (its share of the stream) are stored only by that replica.
@@ -180,6 +185,21 @@ def wait_spread(stack: MultiHostPlatform, engines: int, timeout_s: float = 90.0)
     print("warning: partitions not spread evenly in time", flush=True)
 
 
+def drain(watcher: BrokerWatcher, what: str, quiet_s: float = 10.0, within_s: float = 300.0) -> None:
+    """Until no command has come for ``quiet_s``: the rules engines' sessions are drained."""
+    started = last_change = time.monotonic()
+    last = -1
+    while time.monotonic() - started < within_s:
+        count = len(watcher.snapshot()[0])
+        if count != last:
+            last, last_change = count, time.monotonic()
+        elif time.monotonic() - last_change > quiet_s:
+            print(f"[{what}] rules drained after {last_change - started:.0f} s", flush=True)
+            return
+        time.sleep(1.0)
+    print(f"[{what}] warning: commands still coming after {within_s:.0f} s", flush=True)
+
+
 def summarize(phases: list[Phase], latencies: list[tuple[int, int]]) -> list[dict[str, Any]]:
     rows = []
     for p in phases:
@@ -204,7 +224,9 @@ def summarize(phases: list[Phase], latencies: list[tuple[int, int]]) -> list[dic
 
 
 def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> str:
-    one, two = rows[0], rows[1]
+    by_phase = {r["phase"]: r for r in rows}
+    one, two = by_phase["1 service host"], by_phase["2 service hosts"]
+    one_max, two_max = by_phase["1 service host, max"], by_phase["2 service hosts, max"]
     lines = [
         "The platform over five network namespaces on this one machine (tests/netns_hosts.py, the layout",
         "of tests/integration/test_hosts.py), each host started as docs/deployment.md says: `core` (`iotfleet",
@@ -215,8 +237,9 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
         f"{args.devices:,} smart plugs; the over-voltage rule (`voltage_v > 231` → `set_relay off`, clear",
         "`< 229.5` → `set_relay on`) fires on the plugs' mains noise.",
         "",
-        f"    sudo .venv/bin/python -m bench.hosts --rate {args.rate:g} --devices {args.devices}"
-        f" --duration-s {args.duration_s:g} --write-docs",
+        f"    sudo .venv/bin/python -m bench.hosts --rate {args.rate:g} --max-rate {args.max_rate:g}"
+        f" --devices {args.devices} --duration-s {args.duration_s:g} --max-duration-s {args.max_duration_s:g}"
+        " --write-docs",
         "",
         "| phase | published/s | stored/s | transitions | reading → command p50 / p99 ms | takeover s"
         " | API gap via svc1 s | missing / duplicate readings |",
@@ -231,9 +254,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
         )
     lines += [
         "",
-        f"2 vs 1 service hosts: stored/s x{two['stored_per_s'] / one['stored_per_s']:.2f},"
-        f" p50 latency x{two['p50_ms'] / one['p50_ms']:.2f}, p99 x{two['p99_ms'] / one['p99_ms']:.2f}.",
-        f"Transitions checked against the stored readings (one command id each, in order): {wrong} devices wrong.",
+        f"2 vs 1 service hosts, same run: at {args.rate:g}/s reading → command p50 x{two['p50_ms'] / one['p50_ms']:.2f},"
+        f" p99 x{two['p99_ms'] / one['p99_ms']:.2f}; offered {args.max_rate:g}/s, stored/s"
+        f" x{two_max['stored_per_s'] / one_max['stored_per_s']:.2f}.",
+        f"Transitions checked against the stored readings (one command id each, in order, after the engines"
+        f" drained): {wrong} of {args.devices:,} devices wrong.",
         "",
         "Takeover = the longest reading → command latency of the readings taken after svc2 was lost: the",
         "rules partitions of the dead engine wait for its leases to expire (5 s) and are replayed from the",
@@ -250,7 +275,16 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=2000.0, help="readings/s of the fleet")
+    parser.add_argument(
+        "--rate", type=float, default=500.0, help="readings/s of the fleet (latency, takeover)"
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=2500.0,
+        help="readings/s offered in the 'max' phases (above capacity)",
+    )
+    parser.add_argument("--max-duration-s", type=float, default=20.0)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--duration-s", type=float, default=30.0)
     parser.add_argument("--write-docs", action="store_true")
@@ -275,18 +309,51 @@ def main() -> None:
                 assert http.post("/api/v1/rules", json=RULE).status_code == 201
                 devices = stack.provision({DEVICE_TYPE: args.devices}, root / "credentials.json", via="svc1")
                 watcher = BrokerWatcher(endpoints).start()
-                phases = [phase(stack, root, "1 service host", args, rate=args.rate)]
+                lat, burst = args.rate, args.max_rate
+                phases = [phase(stack, root, "1 service host", args, rate=lat, duration_s=args.duration_s)]
+                phases.append(
+                    phase(
+                        stack, root, "1 service host, max", args, rate=burst, duration_s=args.max_duration_s
+                    )
+                )
+                drain(watcher, "1 service host")
                 stack.add_service_host("svc2")
                 wait_spread(stack, 2)
-                phases.append(phase(stack, root, "2 service hosts", args, rate=args.rate))
                 phases.append(
-                    phase(stack, root, "2 hosts, svc2 kill -9", args, rate=args.rate / 2, cut="kill")
+                    phase(stack, root, "2 service hosts", args, rate=lat, duration_s=args.duration_s)
                 )
+                phases.append(
+                    phase(
+                        stack,
+                        root,
+                        "2 hosts, svc2 kill -9",
+                        args,
+                        rate=lat,
+                        duration_s=args.duration_s,
+                        cut="kill",
+                    )
+                )
+                drain(watcher, "svc2 back")
                 wait_spread(stack, 2)
                 phases.append(
-                    phase(stack, root, "2 hosts, svc2 cable cut", args, rate=args.rate / 2, cut="link")
+                    phase(
+                        stack,
+                        root,
+                        "2 hosts, svc2 cable cut",
+                        args,
+                        rate=lat,
+                        duration_s=args.duration_s,
+                        cut="link",
+                    )
                 )
-                time.sleep(5)  # pacing: the last transitions reach the watcher
+                drain(watcher, "svc2 back")
+                wait_spread(stack, 2)
+                phases.append(
+                    phase(
+                        stack, root, "2 service hosts, max", args, rate=burst, duration_s=args.max_duration_s
+                    )
+                )
+                drain(watcher, "the end")
                 commands, alerts = watcher.snapshot()
                 expected = expected_transitions(stored_voltages(endpoints, INFLUX_DATABASE))
                 check = check_transitions(expected, commands, alerts, [d.id for d in devices])
