@@ -358,6 +358,19 @@ def main() -> None:
                 expected = expected_transitions(stored_voltages(endpoints, INFLUX_DATABASE))
                 check = check_transitions(expected, commands, alerts, [d.id for d in devices])
                 rows = summarize(phases, check.latencies_ms)
+                for p in phases:  # where the transitions went wrong, if any did
+                    wrong_here = [
+                        (d, delta)
+                        for d, (ts, delta) in check.first_wrong.items()
+                        if p.started_ms <= ts < p.ended_ms
+                    ]
+                    lost = sum(1 for _, delta in wrong_here if delta < 0)
+                    extra = sum(1 for _, delta in wrong_here if delta > 0)
+                    print(
+                        f"[{p.name}] devices wrong: {len(wrong_here)} ({lost} fewer commands, {extra} more)"
+                    )
+                for device_id, why in list(check.devices_wrong.items())[:5]:
+                    print(f"  {device_id}: {why}")
                 text = render(rows, args, len(check.devices_wrong))
                 print(text)
                 if args.write_docs:

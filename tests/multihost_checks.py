@@ -209,6 +209,8 @@ class TransitionCheck:
     distinct_commands: int = 0
     commands_seen: int = 0  # deliveries, a redelivery of one id counted each time
     devices_wrong: dict[str, str] = field(default_factory=dict)
+    # per wrong device: (reading ts of the first transition that differs, commands sent - expected)
+    first_wrong: dict[str, tuple[int, int]] = field(default_factory=dict)
     latencies_ms: list[tuple[int, int]] = field(default_factory=list)  # (reading ts, latency)
     alerts_raised_wrong: dict[str, str] = field(default_factory=dict)
 
@@ -237,6 +239,12 @@ def check_transitions(
         want_shape = [not t.fired for t in want]
         got_shape = [c.on for c in got]
         if want_shape != got_shape:
+            index = next(
+                (i for i, (a, b) in enumerate(zip(want_shape, got_shape, strict=False)) if a != b),
+                min(len(want_shape), len(got_shape)),
+            )
+            at = want[index].ts_ms if index < len(want) else got[index].at_ms
+            result.first_wrong[device_id] = (at, len(got) - len(want))
             result.devices_wrong[device_id] = (
                 f"expected relay on/off {want_shape} for readings at {[t.ts_ms for t in want]},"
                 f" sent {got_shape} at {[c.at_ms for c in got]}"
