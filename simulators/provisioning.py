@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -126,9 +127,10 @@ class RegistryProvisioner:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.timeout_s = timeout_s
-        self.verify: str | bool = (
-            str(cafile) if cafile is not None else True
-        )  # an https:// API: the platform CA
+        # an https:// API: the platform CA (an SSLContext: httpx deprecates a path string)
+        self.verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(cafile)) if cafile is not None else True
+        )
 
     def provision(
         self,
