@@ -533,7 +533,9 @@ def compare_partitioned(args: argparse.Namespace, root: Path, broker: Broker) ->
                 if engines:
                     share, watched = PARTITIONS // engines, list(ports)
                     probes.wait_until(
-                        lambda: all(held_partitions(p) == share for p in watched),
+                        lambda share=share, watched=watched: all(
+                            held_partitions(p) == share for p in watched
+                        ),
                         timeout=60,
                         what="partitions spread",
                     )
