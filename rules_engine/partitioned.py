@@ -42,8 +42,7 @@ from rules_engine.partitioning import (
     plan_leases,
     replay_split,
 )
-from rules_engine.shared_store import Acquired, Fenced, PartitionState, SharedStore, StoredState
-from rules_engine.store import OutboxMessage
+from rules_engine.shared_store import Acquired, PartitionState, SharedStore, StateWrite, StoredState
 
 if TYPE_CHECKING:
     from rules_engine.engine import RulesEngine
@@ -51,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rules-engine")
 
 WRITE_RETRY_S = 0.5
+WRITE_BATCH = 256
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -193,35 +193,48 @@ class PartitionOwner:
 
     async def _writer(self) -> None:
         while True:
-            write = await self._writes.get()
+            batch = [await self._writes.get()]
+            # A burst of transitions shares one transaction (one commit, one round of fencing).
+            while len(batch) < WRITE_BATCH and not self._writes.empty():
+                batch.append(self._writes.get_nowait())
             try:
-                await self._write(write)
-            except Exception:  # a bug must cost this write, not every later one
+                await self._write(batch)
+            except Exception:  # a bug must cost these writes, not every later one
                 log.exception("shared store write failed")
             finally:
-                self._writes.task_done()
-                self.engine.release_hold(write.hold)
+                for write in batch:
+                    self._writes.task_done()
+                    self.engine.release_hold(write.hold)
 
-    async def _write(self, write: _Write) -> None:
-        messages: list[OutboxMessage] = [(t, p, props) for t, p, props, _ in write.outbox]
+    async def _write(self, batch: list[_Write]) -> None:
         while True:
-            if self.owned.get(write.key) != write.epoch:
-                return  # given up meanwhile: the new owner replays the reading
-            try:
-                ids = await self.store.save(write.key, write.epoch, write.states, messages, write.seen)
-                break
-            except Fenced as fenced:
-                self.metrics.fenced.inc()
-                self.lose(write.key, f"write refused, {fenced}", "fenced")
+            # Given up meanwhile: not stored; the new owner replays the reading from its buffer.
+            batch = [w for w in batch if self.owned.get(w.key) == w.epoch]
+            if not batch:
                 return
+            try:
+                results = await self.store.save_many(
+                    [
+                        StateWrite(
+                            w.key, w.epoch, w.states, [(t, p, props) for t, p, props, _ in w.outbox], w.seen
+                        )
+                        for w in batch
+                    ]
+                )
+                break
             except STORE_ERRORS as exc:
                 self.metrics.write_errors.inc()
                 log.warning("shared store write failed (%s); retrying", exc)
                 await asyncio.sleep(WRITE_RETRY_S)
-        for row_id, (topic, payload, properties, on_ack) in zip(ids, write.outbox, strict=True):
-            self.engine.publish_held(
-                write.hold, topic, payload, properties, self.engine.forget_when_acked(row_id, on_ack)
-            )
+        for write, ids in zip(batch, results, strict=True):
+            if ids is None:
+                self.metrics.fenced.inc()
+                self.lose(write.key, f"write refused, epoch {write.epoch} is stale", "fenced")
+                continue
+            for row_id, (topic, payload, properties, on_ack) in zip(ids, write.outbox, strict=True):
+                self.engine.publish_held(
+                    write.hold, topic, payload, properties, self.engine.forget_when_acked(row_id, on_ack)
+                )
 
     def save_seen(self, seen: dict[tuple[str, str], int]) -> None:
         rows = [

@@ -69,6 +69,18 @@ class Acquired:
 class StoredState:
     state: SavedState
     at_ts: int
+    """Reading time of the transition that wrote the state: a taker's replay fires only after it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateWrite:
+    """What one transition (or one tick's transitions) of one partition stores."""
+
+    key: PartitionKey
+    epoch: int
+    states: Sequence[StoredState]
+    outbox: Sequence[OutboxMessage]
+    seen: Sequence[tuple[str, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,51 +216,62 @@ class SharedStore:
         outbox: Sequence[OutboxMessage],
         seen: Sequence[tuple[str, int]],
     ) -> list[int]:
-        """Firing states, their messages and reading times of one partition, fenced, in one
-        transaction; the outbox row ids in order (raise :class:`Fenced` if the lease moved on)."""
-        device_type, part = key
+        """One partition's write (see :meth:`save_many`); raise :class:`Fenced` if refused."""
+        (ids,) = await self.save_many([StateWrite(key, epoch, states, outbox, seen)])
+        if ids is None:
+            raise Fenced(f"{key[0]}/{key[1]}: epoch {epoch} is stale")
+        return ids
+
+    async def save_many(self, writes: Sequence[StateWrite]) -> list[list[int] | None]:
+        """Firing states, their messages and reading times, fenced, in one transaction.
+
+        Per write: the outbox row ids in order, or None if this engine no longer holds the
+        partition at the write's epoch (nothing of that write is stored). The writes of a burst
+        share the transaction: one commit for many transitions.
+        """
+        keys = sorted({w.key for w in writes})
         async with self.pool.acquire() as conn, conn.transaction():
-            owner = await conn.fetchrow(
-                "SELECT owner, epoch FROM rules_leases WHERE device_type = $1 AND part = $2 FOR SHARE",
-                device_type,
-                part,
+            leases = await conn.fetch(
+                "SELECT device_type, part, owner, epoch FROM rules_leases"
+                " WHERE (device_type, part) IN (SELECT * FROM unnest($1::text[], $2::int[]))"
+                " ORDER BY device_type, part FOR SHARE",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
             )
-            if owner is None or owner[0] != self.replica or int(owner[1]) != epoch:
-                raise Fenced(f"{device_type}/{part}: epoch {epoch} is stale ({owner and tuple(owner)})")
-            if states:
+            current = {(r[0], int(r[1])): (r[2], int(r[3])) for r in leases}
+            out: list[list[int] | None] = []
+            state_rows: list[tuple[object, ...]] = []
+            seen_rows: list[tuple[object, ...]] = []
+            for write in writes:
+                device_type, part = write.key
+                if current.get(write.key) != (self.replica, write.epoch):
+                    out.append(None)
+                    continue
+                state_rows += [_state_row(write.key, s) for s in write.states]
+                seen_rows += [(device_type, d, part, ts) for d, ts in write.seen]
+                ids: list[int] = []
+                for topic, payload, properties in write.outbox:
+                    row_id = await conn.fetchval(
+                        "INSERT INTO rules_part_outbox (device_type, part, topic, payload, properties)"
+                        " VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                        device_type,
+                        part,
+                        topic,
+                        payload,
+                        properties,
+                    )
+                    ids.append(int(row_id))
+                out.append(ids)
+            if state_rows:
                 await conn.executemany(
                     "INSERT INTO rules_part_state VALUES ($1, $2, $3, $4, $5, $6, $7)"
                     " ON CONFLICT (rule_id, device_id) DO UPDATE SET active = excluded.active,"
                     " last_fired = excluded.last_fired, at_ts = excluded.at_ts, part = excluded.part",
-                    [
-                        (
-                            device_type,
-                            part,
-                            s.state.rule_id,
-                            s.state.device_id,
-                            *(s.state.active, s.state.last_fired, s.at_ts),
-                        )
-                        for s in states
-                    ],
+                    state_rows,
                 )
-            if seen:
-                await conn.executemany(SAVE_SEEN, [(device_type, d, part, ts) for d, ts in seen])
-            ids: list[int] = []
-            for topic, payload, properties in outbox:
-                ids.append(
-                    int(
-                        await conn.fetchval(
-                            "INSERT INTO rules_part_outbox (device_type, part, topic, payload, properties)"
-                            " VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                            device_type,
-                            part,
-                            topic,
-                            payload,
-                            properties,
-                        )
-                    )
-                )
-        return ids
+            if seen_rows:
+                await conn.executemany(SAVE_SEEN, seen_rows)
+        return out
 
     async def save_seen(self, rows: Sequence[tuple[str, str, int, int]]) -> None:
         """(type, device, partition, ts): newest reading times, for absence after a takeover."""
@@ -286,3 +309,8 @@ class SharedStore:
             {r[0]: int(r[1]) for r in seen},
             [(int(r[0]), (r[1], bytes(r[2]), bytes(r[3]))) for r in outbox],
         )
+
+
+def _state_row(key: PartitionKey, stored: StoredState) -> tuple[object, ...]:
+    state = stored.state
+    return (key[0], key[1], state.rule_id, state.device_id, state.active, state.last_fired, stored.at_ts)
