@@ -51,6 +51,7 @@ log = logging.getLogger("rules-engine")
 
 WRITE_RETRY_S = 0.5
 WRITE_BATCH = 256
+ROUND_MAX_S = 1.0
 STORE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -268,7 +269,9 @@ class PartitionOwner:
     # --- leases ---------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         """Open the store, then keep leases: heartbeat, renew, even out, take over expired ones."""
-        interval = self.ttl_s / 3
+        # Renewal needs TTL/3; the 1 s cap is for hand-overs: a lease released by a stopping or
+        # rebalancing peer is picked up within a second (a round is four small queries).
+        interval = min(self.ttl_s / 3, ROUND_MAX_S)
         writer = asyncio.create_task(self._writer())
         try:
             while not stop.is_set():

@@ -147,40 +147,8 @@ def test_kill_9_of_one_of_two_partitioned_engines_loses_and_repeats_no_transitio
     assert sum(1 for e in expected if e[0] == "humid") >= 20  # the windowed rule has work to do
 
     database = pg.create_database()
-    env = {
-        **os.environ,
-        "IOTFLEET_MQTT__HOST": broker.host,
-        "IOTFLEET_MQTT__PORT": str(broker.port),
-        "IOTFLEET_MQTT__USERNAME": "iotfleet-rules",
-        "IOTFLEET_MQTT__PASSWORD": broker.passwords["iotfleet-rules"],
-        "IOTFLEET_MQTT__SESSION_EXPIRY_S": "60",
-        "IOTFLEET_RULES__CLIENT_ID": uid("rules"),
-        "IOTFLEET_RULES__RULES_FILE": str(rules),
-        "IOTFLEET_RULES__PARTITIONS": str(PARTITIONS),
-        "IOTFLEET_RULES__SHARED_STORE_URL": database,
-        "IOTFLEET_RULES__LEASE_TTL_S": str(TTL_S),
-        "IOTFLEET_RULES__HANDOVER_BUFFER_S": "30",
-        "IOTFLEET_RULES__DEVICE_TYPES": '["thermostat"]',
-    }
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    ports: dict[str, int] = {}
-    logs: dict[str, Path] = {}
-
-    def start(replica: str) -> None:
-        ports[replica] = probes.free_port()
-        logs[replica] = tmp_path / f"{replica}.log"
-        procs[replica] = subprocess.Popen(
-            [sys.executable, "-m", "rules_engine.main"],
-            env={
-                **env,
-                "IOTFLEET_STATE_DIR": str(tmp_path / replica),
-                "IOTFLEET_RULES__REPLICA": replica,
-                "IOTFLEET_HEALTH__PORT": str(ports[replica]),
-            },
-            stdout=logs[replica].open("wb"),
-            stderr=subprocess.STDOUT,
-        )
-
+    engines = Engines(broker, tmp_path, rules, database, uid("rules"), TTL_S)
+    procs, ports, logs, start = engines.procs, engines.ports, engines.logs, engines.start
     listener = Listener(broker, topics.ALERT_EVENTS)
     commands = Commands(broker, dynsec.ADMIN_USER, broker.passwords[dynsec.ADMIN_USER])
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=uid("pub"), protocol=mqtt.MQTTv5)
@@ -268,10 +236,87 @@ def test_kill_9_of_one_of_two_partitioned_engines_loses_and_repeats_no_transitio
         print("\n".join(line for line in survivor_log.splitlines() if "partition" in line))
         assert "taken over from engine-b" in survivor_log, survivor_log[-3000:]
     finally:
-        for proc in procs.values():
-            proc.kill()
-            proc.wait(timeout=10)
+        engines.kill_all()
         publisher.loop_stop()
         publisher.disconnect()
         listener.close()
         commands.close()
+
+
+class Engines:
+    """Partitioned engine processes of one test (``python -m rules_engine.main``), by replica name."""
+
+    def __init__(  # noqa: PLR0917
+        self, broker: Broker, tmp_path: Path, rules: Path, database: str, client_id: str, ttl_s: float
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.env = {
+            **os.environ,
+            "IOTFLEET_MQTT__HOST": broker.host,
+            "IOTFLEET_MQTT__PORT": str(broker.port),
+            "IOTFLEET_MQTT__USERNAME": "iotfleet-rules",
+            "IOTFLEET_MQTT__PASSWORD": broker.passwords["iotfleet-rules"],
+            "IOTFLEET_MQTT__SESSION_EXPIRY_S": "60",
+            "IOTFLEET_RULES__CLIENT_ID": client_id,
+            "IOTFLEET_RULES__RULES_FILE": str(rules),
+            "IOTFLEET_RULES__PARTITIONS": str(PARTITIONS),
+            "IOTFLEET_RULES__SHARED_STORE_URL": database,
+            "IOTFLEET_RULES__LEASE_TTL_S": str(ttl_s),
+            "IOTFLEET_RULES__HANDOVER_BUFFER_S": str(max(30.0, 3 * ttl_s)),
+            "IOTFLEET_RULES__DEVICE_TYPES": '["thermostat"]',
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+        self.logs: dict[str, Path] = {}
+
+    def start(self, replica: str) -> None:
+        self.ports[replica] = probes.free_port()
+        self.logs[replica] = self.tmp_path / f"{replica}.log"
+        self.procs[replica] = subprocess.Popen(
+            [sys.executable, "-m", "rules_engine.main"],
+            env={
+                **self.env,
+                "IOTFLEET_STATE_DIR": str(self.tmp_path / replica),
+                "IOTFLEET_RULES__REPLICA": replica,
+                "IOTFLEET_HEALTH__PORT": str(self.ports[replica]),
+            },
+            stdout=self.logs[replica].open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def held(self, replica: str) -> int:
+        return held(self.ports[replica])
+
+    def kill_all(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_a_stopped_engine_hands_its_partitions_over_at_once(
+    broker: Broker, request: pytest.FixtureRequest, tmp_path: Path, uid: Callable[[str], str]
+) -> None:
+    """SIGTERM: the engine releases its leases as it stops; the peer takes them well within the TTL."""
+    pg: Postgres = request.getfixturevalue("postgres")
+    ttl_s = 20.0
+    rules = write_rules(tmp_path / "rules.json", [RULES[0]])
+    engines = Engines(broker, tmp_path, rules, pg.create_database(), uid("rules"), ttl_s)
+    try:
+        engines.start("engine-a")
+        engines.start("engine-b")
+        wait(
+            lambda: engines.held("engine-a") == engines.held("engine-b") == PARTITIONS // 2,
+            "the engines split the partitions 4/4",
+            timeout=30,
+        )
+        stopped = time.monotonic()
+        engines.procs["engine-b"].send_signal(signal.SIGTERM)
+        assert engines.procs["engine-b"].wait(timeout=20) == 0
+        wait(lambda: engines.held("engine-a") == PARTITIONS, "the peer holds every partition", timeout=15)
+        handover_s = time.monotonic() - stopped
+        print(f"\nhand-over after a clean stop: {handover_s:.2f} s (lease TTL {ttl_s:.0f} s)")
+        assert handover_s < 5.0  # a lease round is at most 1 s apart
+        log = engines.logs["engine-b"].read_text()
+        assert log.count("released at stop") == PARTITIONS // 2, log[-3000:]
+    finally:
+        engines.kill_all()
