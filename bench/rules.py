@@ -642,6 +642,14 @@ def partitioned_report(results: dict[str, dict[int, list[Run]]], args: argparse.
         "grows with N. With a load average far above the 2 cores, the absolute numbers here are the",
         "machine's, not the engine's (compare the single engine's row with the latency section above).",
     ]
+    worst = max(r.load_before for by_rate in results.values() for runs in by_rate.values() for r in runs)
+    if worst > 2 * (os.cpu_count() or 1):
+        lines += [
+            "",
+            f"**This run**: load average up to {worst:.1f} on {os.cpu_count()} cores (other work on the",
+            "machine): the ratios are dominated by that noise; rerun on an idle machine before reading",
+            "them as the cost of the mode.",
+        ]
     return "\n".join(lines)
 
 

@@ -134,7 +134,6 @@ class RulesEngine:
         self.limits = Limits.from_settings(settings.ingest)
         self._admissions = {name: Admission(t, self.limits) for name, t in DEVICE_TYPES.items()}
         self.admissions = self._admissions
-        registry = registry or CollectorRegistry()
         self.partitions: PartitionOwner | None = None
         """Set when this engine is one of several (IOTFLEET_RULES__PARTITIONS > 0)."""
         self._firing: Firing | None = None

@@ -138,6 +138,8 @@ class PartitionOwner:
         self.presence: dict[tuple[str, str], tuple[bool, int | None]] = {}
         """The newest presence of each device of another engine's partitions (one entry per device)."""
         self._restored: dict[PartitionKey, list[tuple[str, str]]] = {}
+        self._releasing: dict[PartitionKey, int] = {}
+        """Leases being given back: their pending writes may still commit."""
         self._writes: asyncio.Queue[_Write] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._store_up = False
@@ -210,7 +212,7 @@ class PartitionOwner:
     async def _write(self, batch: list[_Write]) -> None:
         while True:
             # Given up meanwhile: not stored; the new owner replays the reading from its buffer.
-            batch = [w for w in batch if self.owned.get(w.key) == w.epoch]
+            batch = [w for w in batch if w.epoch in (self.owned.get(w.key), self._releasing.get(w.key))]
             if not batch:
                 return
             try:
@@ -334,16 +336,26 @@ class PartitionOwner:
         self.metrics.buffered.set(len(self.buffer))
 
     async def release(self, key: PartitionKey, why: str) -> None:
-        epoch = self.owned.get(key)
+        """Give a lease back: new readings of the partition are buffered from now on, its pending
+        writes still commit (the lease is ours until the UPDATE below), then the next owner loads
+        them."""
+        epoch = self.owned.pop(key, None)
         if epoch is None:
             return
-        self.lose(key, f"released {why}", "released")
-        await self._writes.join()  # its firings stored before the next owner loads them
+        self._releasing[key] = epoch
+        try:
+            await self._writes.join()
+        finally:
+            del self._releasing[key]
+        self._forget(key, f"released {why}", "released")
         await self.store.release(key, epoch)
 
     def lose(self, key: PartitionKey, why: str, reason: str) -> None:
-        if self.owned.pop(key, None) is None:
-            return
+        """The lease is gone (taken, not renewed, a write fenced): stop acting on it at once."""
+        if self.owned.pop(key, None) is not None:
+            self._forget(key, why, reason)
+
+    def _forget(self, key: PartitionKey, why: str, reason: str) -> None:
         evaluator = self.engine.evaluator
         for dev_key in [k for k in evaluator.devices if self.key(*k) == key]:
             del evaluator.devices[dev_key]
@@ -450,10 +462,9 @@ class PartitionOwner:
     async def shutdown(self) -> None:
         """A clean stop: pending writes done, leases released (a peer takes them at once)."""
         await self.drain_writes(5.0)
-        for key, epoch in list(self.owned.items()):
-            self.lose(key, "released at stop", "released")
+        for key in list(self.owned):
             with contextlib.suppress(Exception):
-                await self.store.release(key, epoch)
+                await self.release(key, "at stop")
         with contextlib.suppress(Exception):
             await self.store.leave()
         for task in list(self._tasks):
