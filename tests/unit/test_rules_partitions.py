@@ -128,6 +128,7 @@ def reading(ts: int, temperature: float = 21.0, humidity: float = 40.0) -> bytes
 
 
 def partitioned_engine(tmp_path: Path, rules: list[dict[str, Any]]) -> tuple[RulesEngine, PartitionOwner]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rules_file = tmp_path / "rules.json"
     rules_file.write_text(orjson.dumps(rules).decode())
     source = FileSource(rules_file)
@@ -219,3 +220,41 @@ def test_readings_of_other_partitions_are_buffered_not_evaluated(tmp_path: Path)
     assert ("thermostat", other) not in engine.evaluator.devices
     owner.lose(key, "test", "released")
     assert ("thermostat", "th-5") not in engine.evaluator.devices
+
+
+def command_ids(owner: PartitionOwner) -> list[str]:
+    ids = []
+    while not owner._writes.empty():
+        for topic, payload, _props, _ack in owner._writes.get_nowait().outbox:
+            if topic.endswith("/commands"):
+                ids.append(orjson.loads(payload)["id"])
+    return ids
+
+
+def test_a_transition_gets_the_same_command_id_in_whichever_engine_evaluates_it(tmp_path: Path) -> None:
+    base = wire.now_ms() - 60_000
+    found = []
+    for name in ("a", "b"):
+        engine, owner = partitioned_engine(tmp_path / name, [HOT])
+        take(owner, "th-6", [])
+        engine.on_telemetry("thermostat", "th-6", reading(base, 35.0))
+        found.append(command_ids(owner))
+    assert len(found[0]) == 1 and found[0] == found[1]
+    # another transition of the same device: another id
+    engine, owner = partitioned_engine(tmp_path / "c", [HOT])
+    take(owner, "th-6", [])
+    engine.on_telemetry("thermostat", "th-6", reading(base + 1, 35.0))
+    assert command_ids(owner) != found[0]
+
+
+def test_takeover_sends_the_outbox_leftovers_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, owner = partitioned_engine(tmp_path, [HOT])
+    sent: list[tuple[str, bytes]] = []
+    monkeypatch.setattr(
+        engine, "publish_held", lambda _hold, topic, payload, _props, _ack: sent.append((topic, payload))
+    )
+    key = owner.key("thermostat", "th-7")
+    leftover = ("devices/thermostat/th-7/commands", b'{"id": "x"}', b"")
+    owner.take(Acquired(key, 3, "dead-engine"), PartitionState([], {}, [(41, leftover)]))
+    assert sent == [leftover[:2]]
+    assert owner.owned[key] == 3
