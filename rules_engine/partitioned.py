@@ -358,7 +358,9 @@ class PartitionOwner:
     def _forget(self, key: PartitionKey, why: str, reason: str) -> None:
         evaluator = self.engine.evaluator
         for dev_key in [k for k in evaluator.devices if self.key(*k) == key]:
-            del evaluator.devices[dev_key]
+            device = evaluator.devices.pop(dev_key)
+            if device.online is not None:  # kept as for any other engine's device: for a takeback
+                self.presence[dev_key] = (device.online, device.presence_since)
         for saved_key in self._restored.pop(key, []):
             evaluator._saved.pop(saved_key, None)
         self.metrics.lost.labels(reason).inc()

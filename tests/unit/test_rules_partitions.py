@@ -218,8 +218,10 @@ def test_readings_of_other_partitions_are_buffered_not_evaluated(tmp_path: Path)
     assert [b.device_id for b in owner.buffer.items] == [other]
     assert ("thermostat", "th-5") in engine.evaluator.devices
     assert ("thermostat", other) not in engine.evaluator.devices
+    engine.on_status("thermostat", "th-5", False, since_ms=123)
     owner.lose(key, "test", "released")
     assert ("thermostat", "th-5") not in engine.evaluator.devices
+    assert owner.presence[("thermostat", "th-5")] == (False, 123)  # kept for a later takeover
 
 
 def command_ids(owner: PartitionOwner) -> list[str]:
