@@ -714,6 +714,8 @@ class RulesEngine:
             known = {d.device_id for d in devices}
             heard = [e for e in self.directory.devices.values() if e.device_id not in known]
             self.directory.replace([*devices, *heard])
+        if self.partitions is not None:
+            self.partitions.warn_long_windows(conditions)
         cleared = self.evaluator.set_rules(conditions, now=wire.now_ms())
         if cleared:
             self._act(cleared)

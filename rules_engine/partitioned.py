@@ -35,6 +35,7 @@ from iotfleet.admission import Rejected
 from iotfleet.catalogue import DEVICE_TYPES
 from rules_engine import wire
 from rules_engine.evaluator import Firing, SavedState
+from rules_engine.models import AllCondition, AnyCondition, FieldCondition, StoredRule, duration_ms
 from rules_engine.partitioning import (
     HandoverBuffer,
     PartitionKey,
@@ -139,6 +140,7 @@ class PartitionOwner:
         """The newest presence of each device of another engine's partitions (one entry per device)."""
         self._restored: dict[PartitionKey, list[tuple[str, str]]] = {}
         self._releasing: dict[PartitionKey, int] = {}
+        self._warned: set[tuple[str, int]] = set()
         """Leases being given back: their pending writes may still commit."""
         self._writes: asyncio.Queue[_Write] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
@@ -368,6 +370,24 @@ class PartitionOwner:
         self.metrics.held.set(len(self.owned))
         log.info("partition %s/%d lost: %s", key[0], key[1], why)
 
+    def warn_long_windows(self, rules: Sequence[StoredRule]) -> None:
+        """One warning per rule whose window or ``for`` is longer than the hand-over buffer: on a
+        takeover it restarts with what the buffer holds (docs/rules.md, the bound)."""
+        limit_ms = self.buffer.max_age_s * 1000
+        for rule in rules:
+            if rule.when is None or (rule.id, rule.version) in self._warned:
+                continue
+            needed = max(history_ms(rule.when), history_ms(rule.clear_when) if rule.clear_when else 0)
+            if needed > limit_ms:
+                self._warned.add((rule.id, rule.version))
+                log.warning(
+                    "rule %s looks back %d s, more than IOTFLEET_RULES__HANDOVER_BUFFER_S (%g s): after"
+                    " a takeover its window restarts from the hand-over buffer",
+                    rule.name,
+                    needed // 1000,
+                    self.buffer.max_age_s,
+                )
+
     # --- takeover -------------------------------------------------------------------------------
     def take(self, acquired: Acquired, state: PartitionState) -> None:
         """Own the partition from now on (synchronous: no reading is handled in between)."""
@@ -482,3 +502,14 @@ class PartitionOwner:
             "shared_store": self._store_up,
             "handover_buffer": len(self.buffer),
         }
+
+
+def history_ms(condition: object) -> int:
+    """How far back in reading time a condition looks (its longest ``window`` or ``for``)."""
+    if isinstance(condition, FieldCondition):
+        return max(duration_ms(d) if d else 0 for d in (condition.window, condition.for_))
+    if isinstance(condition, AllCondition):
+        return max(history_ms(c) for c in condition.all)
+    if isinstance(condition, AnyCondition):
+        return max(history_ms(c) for c in condition.any)
+    return 0

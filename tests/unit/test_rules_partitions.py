@@ -260,3 +260,17 @@ def test_takeover_sends_the_outbox_leftovers_again(tmp_path: Path, monkeypatch: 
     owner.take(Acquired(key, 3, "dead-engine"), PartitionState([], {}, [(41, leftover)]))
     assert sent == [leftover[:2]]
     assert owner.owned[key] == 3
+
+
+def test_a_rule_looking_back_further_than_the_buffer_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_window = {**HUMID, "name": "humid-hour", "when": {**HUMID["when"], "window": "1h"}}
+    held = {**HOT, "name": "hot-held", "when": {"all": [{**HOT["when"], "for": "10m"}]}}
+    engine, _owner = partitioned_engine(tmp_path, [HOT, HUMID, long_window, held])
+    engine.apply(FileSource(tmp_path / "rules.json").fetch_rules(), None)  # a reload: no repeat
+    warnings = [r.getMessage() for r in caplog.records if "HANDOVER_BUFFER_S" in r.getMessage()]
+    assert len(warnings) == 3  # humid-mean's 1 min is over the default 30 s too; "overheat" looks back 0
+    assert any("humid-mean looks back 60 s" in w for w in warnings)
+    assert any("humid-hour looks back 3600 s" in w for w in warnings)
+    assert any("hot-held looks back 600 s" in w for w in warnings)
