@@ -320,10 +320,13 @@ class RulesEngine:
             return
         if parsed.channel is Channel.TELEMETRY:
             partitions = self.partitions
-            if partitions is not None and not partitions.owns(parsed.device_type, parsed.device_id):
-                # Another engine's device: kept raw for a takeover, acked at once, not parsed.
+            if partitions is not None:
+                # Every reading is kept raw for a takeover (its own too: a partition lost while its
+                # write was pending is replayed from here when taken back); another engine's
+                # device's is acked at once, not parsed.
                 partitions.buffer_reading(parsed.device_type, parsed.device_id, payload)
-                return
+                if not partitions.owns(parsed.device_type, parsed.device_id):
+                    return
             self.on_telemetry(parsed.device_type, parsed.device_id, payload)
         # A device's own status (a subscription of engines before 2026-12) is only its hint: ignored.
 

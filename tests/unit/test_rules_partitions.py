@@ -215,13 +215,21 @@ def test_readings_of_other_partitions_are_buffered_not_evaluated(tmp_path: Path)
     other = next(f"x-{i}" for i in range(100) if owner.key("thermostat", f"x-{i}") != key)
     engine._handle(f"devices/thermostat/{other}/telemetry", reading(wire.now_ms(), 35.0))
     engine._handle("devices/thermostat/th-5/telemetry", reading(wire.now_ms(), 35.0))
-    assert [b.device_id for b in owner.buffer.items] == [other]
+    # Both kept raw (its own too, for a take-back), only its own evaluated.
+    assert [b.device_id for b in owner.buffer.items] == [other, "th-5"]
     assert ("thermostat", "th-5") in engine.evaluator.devices
     assert ("thermostat", other) not in engine.evaluator.devices
     engine.on_status("thermostat", "th-5", False, since_ms=123)
-    owner.lose(key, "test", "released")
+    rule_id = next(iter(engine.evaluator.programs))
+    assert queued_firings(owner)[0][:3] == (rule_id, "th-5", True)
+    # The partition is lost before that write was stored (e.g. the database was down past the
+    # TTL): taken back later, the reading is replayed from the buffer and fires then.
+    owner.lose(key, "test", "lost")
     assert ("thermostat", "th-5") not in engine.evaluator.devices
     assert owner.presence[("thermostat", "th-5")] == (False, 123)  # kept for a later takeover
+    take(owner, "th-5", [])
+    assert [f[:3] for f in queued_firings(owner)] == [(rule_id, "th-5", True)]
+    assert [b.device_id for b in owner.buffer.items] == [other]
 
 
 def command_ids(owner: PartitionOwner) -> list[str]:
