@@ -293,7 +293,10 @@ class PartitionOwner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
             while not stop.is_set():
-                await self._round()
+                try:
+                    await self._round()
+                except Exception:  # a bug in one round must not end lease keeping
+                    log.exception("lease round failed")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), interval)
         finally:

@@ -4,6 +4,7 @@ unstored nor lost; it fires, once, when the database is back."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +47,9 @@ class StoppablePostgres(Postgres):
 
 
 def test_a_transition_written_while_the_database_is_down_fires_once_when_it_is_back(
-    broker: Broker, tmp_path: Path, uid: Callable[[str], str]
+    broker: Broker, tmp_path: Path, uid: Callable[[str], str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "rules-engine")  # the lifecycle lines, if it fails
     pg = StoppablePostgres(Path(tempfile.mkdtemp(prefix="iotfleet-pg-")), probes.free_port()).start()
     device_id = uid("db")
     passwords = provision(broker, [("thermostat", device_id)])
