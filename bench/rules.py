@@ -15,6 +15,14 @@ one device type).
 
 Writes the "Rules: reading → command latency" section of docs/benchmarks.md
 with ``--write-docs`` (only that section).
+
+``--partitioned`` instead compares, in one run on one broker, the single engine with partitioned
+engines (IOTFLEET_RULES__PARTITIONS=8, leases and firing state in a PostgreSQL of its own): one
+partitioned engine holding every partition (the cost of the mode itself) and two holding four
+each (each receives every reading: it evaluates its own and buffers the other's). It writes the
+"Rules: partitioned engines vs one engine" section.
+
+    .venv/bin/python bench/rules.py --partitioned --rates 1000 10000 --write-docs
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import platform
 import re
 import secrets
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +62,8 @@ from tests.harness import Broker  # noqa: E402
 from tests.ingest_support import provision_publisher  # noqa: E402
 
 SECTION = "Rules: reading → command latency"
+PARTITIONED_SECTION = "Rules: partitioned engines vs one engine"
+PARTITIONS = 8
 PROBE_RULE = "bench-probe"
 
 
@@ -169,8 +180,11 @@ def no_delay(_client: Any, _userdata: Any, sock: Any) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def start_engine(broker: Broker, state_dir: Path, rules_file: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_engine(
+    broker: Broker, state_dir: Path, rules_file: Path, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     health_port = probes.free_port()
+    state_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.update(
         {
@@ -183,6 +197,7 @@ def start_engine(broker: Broker, state_dir: Path, rules_file: Path) -> tuple[sub
             "IOTFLEET_HEALTH__PORT": str(health_port),
             # Each probe firing is an INFO line; the benchmark measures evaluation, not logging.
             "IOTFLEET_LOG_LEVEL": "WARNING",
+            **(extra_env or {}),
         }
     )
     log = (state_dir / "rules-engine.log").open("ab")
@@ -197,10 +212,14 @@ def start_engine(broker: Broker, state_dir: Path, rules_file: Path) -> tuple[sub
     return proc, health_port
 
 
-def readings_evaluated(health_port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{health_port}/metrics", timeout=5).text
-    match = re.search(r"^iotfleet_rules_readings_total (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
+def readings_evaluated(health_port: int | list[int]) -> float:
+    """Readings evaluated so far (summed over several engines)."""
+    total = 0.0
+    for port in [health_port] if isinstance(health_port, int) else health_port:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        match = re.search(r"^iotfleet_rules_readings_total (\S+)$", text, re.M)
+        total += float(match.group(1)) if match else 0.0
+    return total
 
 
 def _connect_publisher(host: str, port: int, credentials: tuple[str, str]) -> mqtt.Client:
@@ -273,7 +292,9 @@ def _background(  # noqa: PLR0917  (a process entry point: plain arguments)
     client.loop_stop()
 
 
-def warm_up(broker: Broker, credentials: tuple[str, str], devices: list[str], health_port: int) -> None:
+def warm_up(
+    broker: Broker, credentials: tuple[str, str], devices: list[str], health_port: int | list[int]
+) -> None:
     """One reading per device first: the engine builds its per-device rule state (50,000 objects for
     500 devices × 100 rules) before anything is measured, as a running deployment already has."""
     client = _connect_publisher(broker.host, broker.port, credentials)
@@ -293,8 +314,8 @@ def run_rate(  # noqa: PLR0917
     credentials: tuple[str, str],
     devices: list[str],
     watcher: CommandWatcher,
-    health_port: int,
-    engine: psutil.Process,
+    health_port: int | list[int],
+    engine: psutil.Process | list[psutil.Process],
     rate: int,
     duration_s: float,
     probes_per_s: int,
@@ -327,7 +348,9 @@ def run_rate(  # noqa: PLR0917
         process.start()
     before = readings_evaluated(health_port)
     time.sleep(max(0.0, start_at - time.time()))
-    engine.cpu_percent(None)
+    engines = engine if isinstance(engine, list) else [engine]
+    for each in engines:
+        each.cpu_percent(None)
     psutil.cpu_percent(None)
     started = time.perf_counter()
     probe_cursor = 0
@@ -361,7 +384,7 @@ def run_rate(  # noqa: PLR0917
         time.sleep(0.05)
     run.drain_s = time.perf_counter() - drain_started
     run.evaluated = readings_evaluated(health_port) - before
-    run.engine_cpu_pct = engine.cpu_percent(None)
+    run.engine_cpu_pct = sum(each.cpu_percent(None) for each in engines)
     run.machine_cpu_pct = psutil.cpu_percent(None)
     probes_deadline = time.perf_counter() + 10
     while watcher.pending and time.perf_counter() < probes_deadline:
@@ -466,6 +489,170 @@ def report(runs: list[Run], args: argparse.Namespace, eval_us: float) -> str:
     return "\n".join(lines)
 
 
+def held_partitions(health_port: int) -> int:
+    try:
+        body = httpx.get(f"http://127.0.0.1:{health_port}/healthz", timeout=2).json()
+    except (httpx.HTTPError, ValueError):
+        return 0
+    return len(body.get("partitions", {}).get("held", []))
+
+
+def compare_partitioned(args: argparse.Namespace, root: Path, broker: Broker) -> str:
+    """Single engine, one partitioned engine, two partitioned engines: same broker, same load."""
+    from tests.registry_harness import Postgres
+
+    pg_root = Path(tempfile.mkdtemp(prefix="iotfleet-bench-pg-"))  # user postgres must enter it
+    postgres = Postgres(pg_root, probes.free_port()).start()
+    devices = [f"bench-th-{i:05d}" for i in range(args.devices)]
+    credentials = provision_publisher(broker, "thermostat", devices)
+    rules_file = root / "rules.json"
+    rules_file.write_text(json.dumps(bench_rules()))
+    watcher = CommandWatcher(broker)
+    modes = [("one engine (today)", 0), ("1 partitioned engine, P=8", 1), ("2 partitioned engines, P=8", 2)]
+    results: dict[str, dict[int, list[Run]]] = {
+        label: {rate: [] for rate in args.rates} for label, _ in modes
+    }
+    # Modes interleaved, repeated: on a shared machine the load drifts during a run; a mode
+    # measured only at a busy moment would look slower than it is.
+    try:
+        for label, engines in [m for _ in range(args.repeat) for m in modes]:
+            procs: list[subprocess.Popen[bytes]] = []
+            ports: list[int] = []
+            try:
+                database = postgres.create_database() if engines else ""
+                for index in range(max(1, engines)):
+                    extra = {
+                        "IOTFLEET_RULES__CLIENT_ID": f"bench-rules-{secrets.token_hex(3)}",
+                        "IOTFLEET_MQTT__SESSION_EXPIRY_S": "5",
+                    }
+                    if engines:
+                        extra |= {
+                            "IOTFLEET_RULES__PARTITIONS": str(PARTITIONS),
+                            "IOTFLEET_RULES__SHARED_STORE_URL": database,
+                            "IOTFLEET_RULES__REPLICA": f"bench-{index}",
+                            "IOTFLEET_RULES__DEVICE_TYPES": '["thermostat"]',
+                        }
+                    proc, port = start_engine(broker, root / f"state-{label[:1]}-{index}", rules_file, extra)
+                    procs.append(proc)
+                    ports.append(port)
+                if engines:
+                    share, watched = PARTITIONS // engines, list(ports)
+                    probes.wait_until(
+                        lambda share=share, watched=watched: all(
+                            held_partitions(p) == share for p in watched
+                        ),
+                        timeout=60,
+                        what="partitions spread",
+                    )
+                warm_up(broker, credentials, devices, ports)
+                for rate in args.rates:
+                    run = run_rate(
+                        broker,
+                        credentials,
+                        devices,
+                        watcher,
+                        ports,
+                        [psutil.Process(p.pid) for p in procs],
+                        rate,
+                        args.duration_s,
+                        args.probes_per_s,
+                    )
+                    results[label][rate].append(run)
+                    print(
+                        f"{label} at {rate}/s: evaluated/s {run.evaluated / (run.publish_s + run.drain_s):,.0f}, "
+                        f"p50 {percentile(run.latencies_ms, 0.5):.1f} ms, p99 {percentile(run.latencies_ms, 0.99):.1f} ms, "
+                        f"probes {len(run.latencies_ms)}/{run.probes_sent}",
+                        flush=True,
+                    )
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                for proc in procs:
+                    try:
+                        proc.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+    finally:
+        watcher.close()
+        postgres.stop()
+    return partitioned_report(results, args)
+
+
+def _evaluated_per_s(run: Run) -> float:
+    return run.evaluated / (run.publish_s + run.drain_s)
+
+
+def partitioned_report(results: dict[str, dict[int, list[Run]]], args: argparse.Namespace) -> str:
+    base = next(iter(results.values()))
+    command = "    .venv/bin/python bench/rules.py --partitioned --rates " + " ".join(
+        str(r) for r in args.rates
+    )
+    command += (
+        f" --devices {args.devices} --duration-s {args.duration_s:g} --repeat {args.repeat} --write-docs"
+    )
+    lines = [
+        'The single engine against partitioned engines (docs/rules.md, "Running several engines") in',
+        "one run: same broker, same 100 rules, same paced load and probes as the latency section above;",
+        f"{PARTITIONS} partitions, leases and firing state in a PostgreSQL 15 of the benchmark's own",
+        "(`fsync=off`, local socket). The modes are measured in turn, each repeat cycling through all",
+        "three; the table gives the median of the repeats, ratios against the single engine's median",
+        "at the same rate.",
+        "",
+        command,
+        "",
+        "| engines | target readings/s | evaluated/s | ratio | probes (received/sent) | p50 ms | ratio "
+        "| p99 ms | ratio | engines' CPU | load avg before (min-max) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def med(values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    for label, by_rate in results.items():
+        for rate, runs in by_rate.items():
+            ref = base[rate]
+            evaluated = med([_evaluated_per_s(r) for r in runs])
+            ref_evaluated = med([_evaluated_per_s(r) for r in ref])
+            p50 = med([percentile(r.latencies_ms, 0.5) for r in runs])
+            p99 = med([percentile(r.latencies_ms, 0.99) for r in runs])
+            r50 = med([percentile(r.latencies_ms, 0.5) for r in ref])
+            r99 = med([percentile(r.latencies_ms, 0.99) for r in ref])
+            received = sum(len(r.latencies_ms) for r in runs)
+            sent = sum(r.probes_sent for r in runs)
+            loads = [r.load_before for r in runs]
+            lines.append(
+                f"| {label} | {rate:,} | {evaluated:,.0f} | {evaluated / ref_evaluated:.2f}x | "
+                f"{received}/{sent} | {p50:.1f} | {p50 / r50:.2f}x | {p99:.1f} | {p99 / r99:.2f}x | "
+                f"{med([r.engine_cpu_pct for r in runs]):.0f} % | {min(loads):.1f}-{max(loads):.1f} |"
+            )
+    lines += [
+        "",
+        f"{args.devices} devices, {args.duration_s:g} s per rate, {args.repeat} repeats; machine: "
+        f"{os.cpu_count()} cores shared with other work (see the load column), Python "
+        f"{platform.python_version()}, {platform.system()} {platform.release()}.",
+        "",
+        "What it shows: the partitioned hot path adds a crc32 and a dict lookup per reading before",
+        "parsing; a firing's state goes to PostgreSQL on the engine's loop (asyncpg, one transaction",
+        "per burst of transitions) while its reading's ack waits, so no reading waits on the database",
+        "unless it fired. Two engines on this 2-core machine share the cores with the broker, the",
+        "publishers and PostgreSQL, and each receives every reading (Mosquitto 2.0 cannot route a",
+        "device to one member of a shared subscription): a non-owned reading costs its MQTT decode,",
+        "a buffer append and an ack, not its validation and the 100 rules. On separate hosts the",
+        "evaluation work splits by partition; the broker's fan-out to N engines is the cost that",
+        "grows with N. With a load average far above the 2 cores, the absolute numbers here are the",
+        "machine's, not the engine's (compare the single engine's row with the latency section above).",
+    ]
+    worst = max(r.load_before for by_rate in results.values() for runs in by_rate.values() for r in runs)
+    if worst > 2 * (os.cpu_count() or 1):
+        lines += [
+            "",
+            f"**This run**: load average up to {worst:.1f} on {os.cpu_count()} cores (other work on the",
+            "machine): the ratios are dominated by that noise; rerun on an idle machine before reading",
+            "them as the cost of the mode.",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rates", type=int, nargs="+", default=[1000, 10000])
@@ -476,7 +663,21 @@ def main() -> None:
         "--repeat", type=int, default=1, help="runs per rate (the machine may be shared: spread)"
     )
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--partitioned", action="store_true", help="compare one engine with partitioned engines instead"
+    )
     args = parser.parse_args()
+    if args.partitioned:
+        with tempfile.TemporaryDirectory(prefix="iotfleet-bench-rules-") as tmp:
+            broker = Broker(Path(tmp) / "mosquitto").start()
+            try:
+                text = compare_partitioned(args, Path(tmp), broker)
+            finally:
+                broker.stop()
+        print(text)
+        if args.write_docs:
+            replace_section(PARTITIONED_SECTION, text)
+        return
     with tempfile.TemporaryDirectory(prefix="iotfleet-bench-rules-") as tmp:
         root = Path(tmp)
         broker = Broker(root / "mosquitto").start()

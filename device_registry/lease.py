@@ -64,6 +64,7 @@ from sqlalchemy.sql import func
 
 from device_registry.models import UtcDateTime
 from device_registry.models_lease import LeaseRow
+from iotfleet.lifecycle import process_alive
 
 log = logging.getLogger("registry.lease")
 
@@ -87,16 +88,6 @@ class Acquired:
     """Seconds since the former holder's last renewal (None if it released the lease)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _dead_local(holder: str, me: str) -> bool:
     """The recorded holder is certainly dead: this very replica name (a restart of this replica:
     names are unique among live replicas), or a default name ``<this host>-<pid>`` whose process
@@ -110,7 +101,7 @@ def _dead_local(holder: str, me: str) -> bool:
     if not holder.startswith(prefix):
         return False
     pid = holder[len(prefix) :]
-    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid))
 
 
 class LeaseStore:

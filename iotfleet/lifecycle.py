@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -153,3 +154,18 @@ class ServiceLifecycle:
 
 def _fmt(details: dict[str, object]) -> str:
     return " ".join(f"{k}={v}" for k, v in details.items())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (a zombie child counts as dead; another user's as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False

@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from iotfleet.errors import ConfigError
@@ -221,6 +221,13 @@ class IngestSettings(BaseModel):
     journal: JournalSettings = JournalSettings()
 
 
+def _default_replica() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:48] or "engine"
+
+
 class RulesSettings(BaseModel):
     reload_poll_s: float = Field(
         30.0, gt=0, description="Re-fetch rules and devices this often even without a change notice"
@@ -245,6 +252,60 @@ class RulesSettings(BaseModel):
     tracker_sweep_s: float = Field(
         1.0, gt=0, le=60, description="Registry: how often queued/sent commands past their TTL are expired"
     )
+    # Several engines (docs/rules.md, "Running several engines"); 0 = one engine evaluates everything.
+    partitions: int = Field(
+        0,
+        ge=0,
+        le=4096,
+        description="Partitions per device type (crc32(device id) % N), each owned by one engine at a"
+        " time through a lease in the shared store; 0 = one unpartitioned engine (the default)",
+    )
+    shared_store_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL URL of the leases and the partitions' firing state (required when"
+        " partitions > 0), e.g. postgresql://user:pw@db:5432/iotfleet",
+    )
+    replica: str = Field(
+        default_factory=_default_replica,
+        pattern=r"^[A-Za-z0-9_.-]{1,48}$",
+        description="This engine's name among several (lease owner; its MQTT client id is"
+        " <client_id>-<replica>); default: the host name. Stable across restarts",
+    )
+    lease_ttl_s: float = Field(
+        5.0, ge=0.5, le=300, description="A partition lease not renewed for this long is taken over"
+    )
+    device_types: list[str] | None = Field(
+        None, description="Device types this engine evaluates (default: all); partitioned mode only"
+    )
+    handover_buffer_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Readings of partitions owned by other engines are kept this long, to rebuild"
+        " windows on a takeover (must exceed lease_ttl_s)",
+    )
+    handover_buffer_max: int = Field(
+        100_000, ge=0, le=10_000_000, description="At most this many buffered messages (oldest dropped)"
+    )
+
+    @model_validator(mode="after")
+    def _partitioned_needs_a_store(self) -> RulesSettings:
+        if self.partitions > 0 and self.shared_store_url is None:
+            raise ValueError(
+                "IOTFLEET_RULES__SHARED_STORE_URL is required when IOTFLEET_RULES__PARTITIONS > 0"
+            )
+        if self.partitions > 0 and self.handover_buffer_s <= self.lease_ttl_s:
+            raise ValueError(
+                "IOTFLEET_RULES__HANDOVER_BUFFER_S must exceed IOTFLEET_RULES__LEASE_TTL_S (the readings"
+                " of a dead engine's partitions arrive while its lease runs out)"
+            )
+        if self.device_types is not None:
+            from iotfleet.catalogue import DEVICE_TYPES
+
+            unknown = sorted(set(self.device_types) - set(DEVICE_TYPES))
+            if unknown:
+                raise ValueError(f"IOTFLEET_RULES__DEVICE_TYPES: unknown device types {unknown}")
+        return self
 
 
 class JobsSettings(BaseModel):

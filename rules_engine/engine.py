@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +55,7 @@ from iotfleet.topics import Channel
 from rules_engine import wire
 from rules_engine.evaluator import Evaluator, Firing
 from rules_engine.models import CommandAction, SetDesiredAction, StoredRule, duration_ms, rule_definition
+from rules_engine.partitioned import PartitionOwner
 from rules_engine.sources import DeviceEntry, Directory, RuleSource, SourceError, parse_rules
 from rules_engine.store import StateStore
 
@@ -61,6 +64,8 @@ log = logging.getLogger("rules-engine")
 T = TypeVar("T")
 
 STOP_TIMEOUT_S = 15.0
+#: Namespace of the deterministic ids of partitioned engines' commands and alert events.
+FIRING_ID_NAMESPACE = uuid.UUID("5b0c8f1e-9c1a-4f43-9d55-2f1e0c7d6a19")
 DRAIN_COMMANDS_S = 2.0
 
 
@@ -121,13 +126,18 @@ class RulesEngine:
         self.source = source
         self.store = store
         self.lifecycle = lifecycle or ServiceLifecycle("rules-engine")
-        self.metrics = EngineMetrics(registry or CollectorRegistry())
+        self.metrics = EngineMetrics(registry := registry or CollectorRegistry())
         self.evaluator = Evaluator()
         self.directory = Directory()
         # The ingest's admission check with the ingest's settings: a reading the ingest dead-letters
         # is never evaluated, never enters a device's state and is never persisted.
         self.limits = Limits.from_settings(settings.ingest)
         self._admissions = {name: Admission(t, self.limits) for name, t in DEVICE_TYPES.items()}
+        self.admissions = self._admissions
+        self.partitions: PartitionOwner | None = None
+        """Set when this engine is one of several (IOTFLEET_RULES__PARTITIONS > 0)."""
+        self._firing: Firing | None = None
+        self._firing_seq = 0
         self.schedules: dict[str, StoredRule] = {}
         self.rules_loaded = False
         self.last_reload_error: str | None = None
@@ -135,18 +145,32 @@ class RulesEngine:
         """Set while the receiving session is connected and subscribed (read by health and tests)."""
         self.scheduler = AsyncIOScheduler(timezone="UTC")
         rules, mqtt = settings.rules, settings.mqtt
+        client_id = rules.client_id
+        # Presence is the registry's (broker connection log, timeouts, messages), not the
+        # device's own retained status, which a device can leave stale: one truth for the
+        # dashboard, the API and the rules (iotfleet/presence_event.py).
+        filters: tuple[str, ...] = (
+            topics.device_filter(Channel.TELEMETRY),
+            topics.presence_filter(),
+            topics.RULES_CHANGED,
+        )
+        if rules.partitions > 0:
+            self.partitions = PartitionOwner(self, registry)
+            # Each engine its own persistent session with plain subscriptions (Mosquitto cannot
+            # route a device to a fixed member of a shared subscription): it evaluates its
+            # partitions' readings and buffers the others'.
+            client_id = f"{rules.client_id}-{rules.replica}"[:64]
+            types = self.partitions.device_types
+            filters = (
+                *(topics.device_filter(Channel.TELEMETRY, t) for t in types),
+                *(topics.presence_filter(t) for t in types),
+                topics.RULES_CHANGED,
+            )
         self.inbound = MqttClient(
             mqtt,
             SessionConfig(
-                client_id=rules.client_id,
-                topic_filters=(
-                    topics.device_filter(Channel.TELEMETRY),
-                    # Presence is the registry's (broker connection log, timeouts, messages), not the
-                    # device's own retained status, which a device can leave stale: one truth for the
-                    # dashboard, the API and the rules (iotfleet/presence_event.py).
-                    topics.presence_filter(),
-                    topics.RULES_CHANGED,
-                ),
+                client_id=client_id,
+                topic_filters=filters,
                 qos=1,
                 receive_maximum=rules.receive_maximum,
             ),
@@ -158,7 +182,7 @@ class RulesEngine:
         # would hold its window slot for the whole backlog.
         self.outbound = MqttClient(
             mqtt,
-            SessionConfig(client_id=f"{rules.client_id}-out", topic_filters=(), qos=1, receive_maximum=100),
+            SessionConfig(client_id=f"{client_id}-out"[:64], topic_filters=(), qos=1, receive_maximum=100),
             lambda _topic, _payload, _token: None,
             self._on_outbound_state,
         )
@@ -184,6 +208,7 @@ class RulesEngine:
         self._stop: asyncio.Event | None = None
         self._reload_wanted: asyncio.Event | None = None
         self._sessions: list[asyncio.Task[None]] = []
+        self._leases: asyncio.Task[None] | None = None
         # SQLite writes that need not hold up a reading (last-seen flush, rules cache) run here,
         # one at a time and in order.
         self._store_writer = ThreadPoolExecutor(1, thread_name_prefix="rules-store")
@@ -294,6 +319,14 @@ class RulesEngine:
             self.metrics.skipped.labels("bad_topic").inc()
             return
         if parsed.channel is Channel.TELEMETRY:
+            partitions = self.partitions
+            if partitions is not None:
+                # Every reading is kept raw for a takeover (its own too: a partition lost while its
+                # write was pending is replayed from here when taken back); another engine's
+                # device's is acked at once, not parsed.
+                partitions.buffer_reading(parsed.device_type, parsed.device_id, payload)
+                if not partitions.owns(parsed.device_type, parsed.device_id):
+                    return
             self.on_telemetry(parsed.device_type, parsed.device_id, payload)
         # A device's own status (a subscription of engines before 2026-12) is only its hint: ignored.
 
@@ -308,6 +341,9 @@ class RulesEngine:
             return
         # The registry's time of the transition: a retained replay after an engine restart keeps
         # the real "offline since" for `presence … for` conditions.
+        if self.partitions is not None and not self.partitions.owns(device_type, device_id):
+            self.partitions.remember_presence(device_type, device_id, event.online, event.at_ms)
+            return
         self.on_status(device_type, device_id, event.online, since_ms=event.at_ms)
 
     # --- events in -----------------------------------------------------------------------
@@ -358,7 +394,11 @@ class RulesEngine:
             self._act(firings)
         seen, self._seen = self._seen, {}
         self.metrics.devices.set(len(self.evaluator.devices))
-        if seen:
+        if self.partitions is not None:
+            self.partitions.tick()
+            if seen:
+                self.partitions.save_seen(seen)
+        elif seen:
             self._store_writer.submit(self.store.save_last_seen, [(t, d, ts) for (t, d), ts in seen.items()])
 
     # --- actions out -----------------------------------------------------------------------
@@ -373,11 +413,10 @@ class RulesEngine:
         sent twice, with the same command id / event, if the crash fell between its PUBACK and
         the row's deletion).
         """
-        self._collecting = []
-        try:
-            self._collect(firings)
-        finally:
-            batch, self._collecting = self._collecting, None
+        if self.partitions is not None:
+            self.partitions.persist(firings, self._collected)
+            return
+        batch = self._collected(firings)
         seen: dict[tuple[str, str], int] = {}
         for firing in firings:
             device = self.evaluator.devices.get((firing.device_type, firing.device_id))
@@ -392,6 +431,67 @@ class RulesEngine:
             self._publish(
                 topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, on_ack)
             )
+
+    act = _act
+
+    def _collected(
+        self, firings: Sequence[Firing]
+    ) -> list[tuple[str, bytes, bytes, Callable[[int], None] | None]]:
+        """The messages the firings send, collected (not sent)."""
+        self._collecting = []
+        try:
+            self._collect(firings)
+        finally:
+            batch, self._collecting = self._collecting, None
+            self._firing = None
+        return batch
+
+    def hold_current_reading(self) -> list[int] | None:
+        """While a reading is handled: one more thing its ack waits for (see :meth:`release_hold`)."""
+        if not self._handling:
+            return None
+        hold = self._hold
+        if hold is None:
+            hold = self._hold = [0]
+        hold[0] += 1
+        return hold
+
+    def release_hold(self, hold: list[int] | None) -> None:
+        if hold is not None:
+            hold[0] -= 1
+            if hold[0] == 0:
+                self._flush_acks()
+
+    def publish_held(
+        self,
+        hold: list[int] | None,
+        topic: str,
+        payload: bytes,
+        properties: bytes,
+        on_ack: Callable[[int], None] | None,
+    ) -> None:
+        """Publish now; the reading that ``hold`` belongs to is acked only after this PUBACK."""
+        if hold is None:
+            self.outbound.publish(topic, payload, properties=properties, on_ack=on_ack)
+            return
+        hold[0] += 1
+
+        def acked(reason: int) -> None:
+            if on_ack is not None:
+                on_ack(reason)
+            self.release_hold(hold)
+
+        self.outbound.publish(topic, payload, properties=properties, on_ack=acked)
+
+    def _firing_id(self, kind: str) -> str | None:
+        """Partitioned engines: an id from the transition, so whichever engine sends it (again) uses
+        the same one; None: a random id, as a single engine does."""
+        firing = self._firing
+        if self.partitions is None or firing is None:
+            return None
+        self._firing_seq += 1
+        name = f"{firing.rule_id}/{firing.device_id}/{firing.kind}/{firing.at_ms}/{kind}/{self._firing_seq}"
+        return str(uuid.uuid5(FIRING_ID_NAMESPACE, name))
 
     def _forget_when_acked(self, row_id: int, on_ack: Callable[[int], None] | None) -> Callable[[int], None]:
         def acked(reason: int) -> None:
@@ -413,14 +513,19 @@ class RulesEngine:
         for row_id, (topic, payload, properties) in left:
             self._publish(topic, payload, properties=properties, on_ack=self._forget_when_acked(row_id, None))
 
+    forget_when_acked = _forget_when_acked
+
     def _forget_acked_outbox(self) -> None:
         acked, self._outbox_acked = self._outbox_acked, []
-        if acked:
+        if acked and self.partitions is not None:
+            self.partitions.forget_outbox(acked)
+        elif acked:
             self._store_writer.submit(self.store.forget_outbox, acked)
 
     def _collect(self, firings: Iterable[Firing]) -> None:
         for firing in firings:
             self.metrics.firings.labels(firing.kind).inc()
+            self._firing, self._firing_seq = firing, 0
             program = self.evaluator.programs.get(firing.rule_id)
             rule = program.rule if program is not None else None
             log.info(
@@ -454,6 +559,7 @@ class RulesEngine:
                             at=firing.at_ms,
                             values=dict(firing.values),
                             notify=alert.notify,
+                            event_id=self._firing_id("alert"),
                         ),
                     )
                     self.metrics.alerts.labels("raised").inc()
@@ -488,6 +594,7 @@ class RulesEngine:
             self.metrics.commands.labels("invalid").inc()
             return
         ttl_s = max(1, duration_ms(action.ttl) // 1000) if action.ttl else self.settings.rules.command_ttl_s
+        firing_id = self._firing_id(f"command:{entry.device_id}")
         command = wire.OutgoingCommand(
             device_type=entry.device_type,
             device_id=entry.device_id,
@@ -497,6 +604,8 @@ class RulesEngine:
             source=f"rule:{rule.name}",
             rule_id=rule.id,
         )
+        if firing_id is not None:  # frozen: a copy with the transition's id
+            command = dataclasses.replace(command, id=firing_id)
         # The registry learns of the command before the device can answer it (one session: in order).
         self._publish(topics.COMMAND_EVENTS, command.created_event())
         self._publish(
@@ -608,6 +717,8 @@ class RulesEngine:
             known = {d.device_id for d in devices}
             heard = [e for e in self.directory.devices.values() if e.device_id not in known]
             self.directory.replace([*devices, *heard])
+        if self.partitions is not None:
+            self.partitions.warn_long_windows(conditions)
         cleared = self.evaluator.set_rules(conditions, now=wire.now_ms())
         if cleared:
             self._act(cleared)
@@ -671,6 +782,10 @@ class RulesEngine:
                 scope = rule.scope
                 targets = self.directory.of_type(scope.device_type, scope.device_ids, scope.tags)
             for entry in targets:
+                if self.partitions is not None and not self.partitions.owns(
+                    entry.device_type, entry.device_id
+                ):
+                    continue  # each engine runs the schedule for its own partitions' devices
                 self.send_command(rule, action, entry)
                 sent += 1
         for change in rule.desired_changes:
@@ -680,6 +795,10 @@ class RulesEngine:
                 scope = rule.scope
                 targets = self.directory.of_type(scope.device_type, scope.device_ids, scope.tags)
             for entry in targets:
+                if self.partitions is not None and not self.partitions.owns(
+                    entry.device_type, entry.device_id
+                ):
+                    continue
                 self.set_desired(rule, change, entry)
                 sent += 1
         log.info("schedule %s ran: %d commands and desired-state changes", rule.name, sent)
@@ -737,10 +856,14 @@ class RulesEngine:
         try:
             # Last-seen times past the admission window cannot come from an admitted reading (a
             # store written before admission existed): forgotten, or that device stays blind.
-            self.store.forget_last_seen_after(wire.now_ms() + self.limits.max_future_ms)
-            saved, last_seen = self.store.load()
-            self.evaluator.restore(saved, last_seen)
-            self._send_outbox_left()  # queued on the outbound session, written once it connects
+            if self.partitions is None:
+                self.store.forget_last_seen_after(wire.now_ms() + self.limits.max_future_ms)
+                saved, last_seen = self.store.load()
+                self.evaluator.restore(saved, last_seen)
+                self._send_outbox_left()  # queued on the outbound session, written once it connects
+            else:
+                # Firing state is per partition in the shared store, loaded when a lease is taken.
+                self._leases = asyncio.create_task(self.partitions.run(stop))
             self._load_cache()
             self.scheduler.start()
             self.scheduler.add_job(
@@ -779,12 +902,19 @@ class RulesEngine:
         self.scheduler.shutdown(wait=False)
         self.inbound.pause_reading()  # no new readings: what was handled gets its commands out
         self.tick()  # flush last-seen times
+        if self.partitions is not None:
+            await self.partitions.drain_writes(DRAIN_COMMANDS_S)
         # Let in-flight commands and events get their PUBACK (and the registry its "sent" event),
         # then ack the readings they came from.
         if self.outbound.connected and not await self.outbound.flush(DRAIN_COMMANDS_S):
             log.warning("%d commands/events not acked by the broker at stop", self.outbound.unacked)
         self._flush_acks()
         self._forget_acked_outbox()  # what is left is sent again at the next start
+        if self.partitions is not None:
+            if self._leases is not None:
+                self._leases.cancel()
+                await asyncio.gather(self._leases, return_exceptions=True)
+            await self.partitions.shutdown()  # leases released: a peer takes them at once
         await self.inbound.disconnect()  # the session (and anything unacked) stays for the next start
         await self.outbound.disconnect()
         for task in (*self._sessions, reloading):
@@ -794,7 +924,12 @@ class RulesEngine:
     def health(self) -> dict[str, Any]:
         connected = self.inbound.connected and self.outbound.connected
         ok = connected and self.subscribed.is_set() and self.rules_loaded and self.last_reload_error is None
+        extra: dict[str, Any] = {}
+        if self.partitions is not None:
+            ok = ok and self.partitions.ready
+            extra["partitions"] = self.partitions.health()
         return {
+            **extra,
             "status": "ok" if ok else "degraded",
             "mqtt_connected": connected,
             "subscribed": self.subscribed.is_set(),

@@ -114,12 +114,13 @@ def alert_raised_event(
     at: int,
     values: dict[str, Any],
     notify: list[str] | None = None,
+    event_id: str | None = None,
 ) -> bytes:
     return orjson.dumps(
         {
             "event": "raised",
             "notify": notify or [],
-            "id": str(uuid.uuid4()),
+            "id": event_id or str(uuid.uuid4()),
             "rule_id": rule_id,
             "rule_name": rule_name,
             "device_type": device_type,

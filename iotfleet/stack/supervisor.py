@@ -33,6 +33,7 @@ from iotfleet import dynsec, pki, tls_clients
 from iotfleet.catalogue import DEVICE_TYPES
 from iotfleet.errors import StackError
 from iotfleet.influx import InfluxClient
+from iotfleet.lifecycle import process_alive
 from iotfleet.settings import InfluxSettings, Settings
 from iotfleet.stack import configs, probes, roles
 
@@ -854,9 +855,9 @@ class Stack:
             on_progress(f"supervisord did not answer ({exc}); sending it SIGTERM")
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in [pid, *pids]):
+        while time.monotonic() < deadline and any(process_alive(p) for p in [pid, *pids]):
             time.sleep(0.1)
-        leftovers = [p for p in [*pids, pid] if _alive(p)]
+        leftovers = [p for p in [*pids, pid] if process_alive(p)]
         for leftover in leftovers:  # only pids we started, recorded above
             on_progress(f"pid {leftover} did not stop in {timeout:.0f} s: SIGKILL")
             os.kill(leftover, signal.SIGKILL)
@@ -906,21 +907,6 @@ def fd_limit_note() -> str | None:
         f"open-files limit {target:,}: the broker holds at most ~{target - 100:,} device connections;"
         f" for 100,000 raise the hard limit to {FLEET_FDS:,} (ulimit -Hn, systemd LimitNOFILE, docker --ulimit)"
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie child of ours is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 def _url_port(url: str) -> int:
