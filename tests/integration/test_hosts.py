@@ -62,16 +62,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DEVICES = 1_000
 INTERVAL_S = 2.0  # 500 readings/s from the fleet: leaves CPU for two full service hosts on 2 cores
-STREAM_S = 40.0
-KILL_AFTER_S = 12.0  # of streaming
-DOWN_FOR_S = 12.0
+STREAM_S = 36.0
+KILL_AFTER_S = 10.0  # of streaming
+DOWN_FOR_S = 10.0
 # A rule transition of a reading taken after the kill is acted on within this: the dead engine's
 # partition leases expire (LEASE_TTL_S, 5 s), the survivor replays its hand-over buffer; measured
-# 5.8-5.9 s here. The bound leaves room for a loaded 2-core machine (3 x the lease TTL).
+# 5.6-8.7 s here (registry lease: 5.2-6.7 s). The bound leaves room for a loaded 2-core machine
+# (3 x the lease TTL).
 TAKEOVER_BOUND_S = 15.0
-API_GAP_BOUND_S = 2.0
+# Measured 0.3-1.6 s (the poller's own 2 s timeout and a loaded 2-core machine included).
+API_GAP_BOUND_S = 3.0
 # After the lost host is back, its rules engine first reads what its session queued meanwhile (all
-# readings of DOWN_FOR_S + its restart); partitions handed back to it wait for that. Measured ~? s.
+# readings of DOWN_FOR_S + its restart); partitions handed back to it wait for that. Measured 1.2 s.
 HANDBACK_BOUND_S = 30.0
 SETTLE_S = 60.0  # at most this long after the fleet's run for the last transitions
 
@@ -205,7 +207,7 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     gap = poller.longest_gap_s(killed_at - 1.0, down_until)
     print(
         f"API through {survivor.host.name}: longest gap {gap:.2f} s while {victim.host.name} was down"
-        f" ({poller.failures} failures); registry lease taken over after {lease_taken_s} s"
+        f" ({poller.failures} failures); registry lease taken over after {lease_taken_s or float('nan'):.1f} s"
     )
     assert gap < API_GAP_BOUND_S
     assert lease_taken_s is not None and lease_taken_s < TAKEOVER_BOUND_S
