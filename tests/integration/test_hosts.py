@@ -228,6 +228,11 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     assert back_s < HANDBACK_BOUND_S
 
     # 2. (continued)
+    if check.devices_wrong:  # what the engines say about themselves, for the failure's reader
+        for name in platform.services:
+            wanted = ("iotfleet_rules_readings", "iotfleet_rules_partition", "iotfleet_rules_firings")
+            lines = [line for line in platform.rules_metrics(name).splitlines() if line.startswith(wanted)]
+            print(f"--- {name} rules metrics ---", *lines, sep="\n")
     assert check.expected > DEVICES // 4, "the rule must fire often enough to mean something"
     assert not check.devices_wrong, (
         f"killed at {killed_at_ms}, restarted at {restarted_at_ms}: {list(check.devices_wrong.items())[:5]}"
