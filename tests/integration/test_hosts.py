@@ -230,7 +230,9 @@ def test_a_service_host_killed_mid_stream_loses_nothing_and_fires_each_transitio
     # 2. (continued)
     if check.devices_wrong:  # what the engines say about themselves, for the failure's reader
         for name in platform.services:
-            wanted = ("iotfleet_rules_readings", "iotfleet_rules_partition", "iotfleet_rules_firings")
+            wanted = ("iotfleet_rules_readings", "iotfleet_rules_partitions_", "iotfleet_rules_firings",
+                      "iotfleet_rules_commands", "iotfleet_rules_mqtt", "iotfleet_rules_handover",
+                      "iotfleet_rules_loaded", "iotfleet_rules_devices", "iotfleet_rules_shared")  # fmt: skip
             lines = [line for line in platform.rules_metrics(name).splitlines() if line.startswith(wanted)]
             print(f"--- {name} rules metrics ---", *lines, sep="\n")
     assert check.expected > DEVICES // 4, "the rule must fire often enough to mean something"
