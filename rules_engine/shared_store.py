@@ -10,9 +10,9 @@ Used only when ``IOTFLEET_RULES__PARTITIONS`` > 0 (docs/rules.md, "Running sever
   keeps in single-engine mode, per partition. ``at_ts`` on a state row is the reading time of
   the transition that wrote it: a taker replays older readings without firing (partitioning.py).
 
-Fencing: every state write checks, in its own transaction and under a row lock on the lease
-(``FOR SHARE``: an acquisition's UPDATE waits for it), that the writer still owns the lease at the
-epoch it acquired; otherwise :class:`Fenced` and nothing is written. A taker bumps the epoch
+Fencing: every state write checks, in its own statement (one transaction, one round trip) and
+under a row lock on the lease (``FOR SHARE``: an acquisition's UPDATE waits for it), that the
+writer still owns the lease at the epoch it acquired; otherwise :class:`Fenced` and nothing is written. A taker bumps the epoch
 before it loads the state, so a write it cannot see can no longer commit.
 """
 
@@ -52,6 +52,46 @@ SAVE_SEEN = (
     "INSERT INTO rules_part_seen VALUES ($1, $2, $3, $4) ON CONFLICT (device_type, device_id)"
     " DO UPDATE SET ts = GREATEST(rules_part_seen.ts, excluded.ts), part = excluded.part"
 )
+
+# The whole fenced write of a burst as one statement (an implicit transaction: all or nothing).
+# ``lease`` locks the lease rows still ours at the writes' epochs FOR SHARE, in key order: an
+# acquisition's UPDATE waits for this statement to commit, and if an acquisition committed
+# first, the lock re-reads the row, the epoch no longer matches and the row is left out. Only
+# rows of partitions in ``lease`` are written; the partitions written come back with the ids.
+SAVE_MANY = """
+WITH lease AS (
+    SELECT l.device_type, l.part, l.epoch FROM rules_leases l
+    JOIN unnest($1::text[], $2::int[], $3::bigint[]) AS w(t, p, e)
+        ON l.device_type = w.t AND l.part = w.p AND l.epoch = w.e
+    WHERE l.owner = $4 ORDER BY l.device_type, l.part FOR SHARE OF l
+), st AS (
+    INSERT INTO rules_part_state
+    SELECT s.t, s.p, s.r, s.d, s.a, s.f, s.at
+    FROM unnest($5::text[], $6::int[], $7::bigint[], $8::text[], $9::text[], $10::bool[],
+                $11::bigint[], $12::bigint[]) AS s(t, p, e, r, d, a, f, at)
+    JOIN lease ON lease.device_type = s.t AND lease.part = s.p AND lease.epoch = s.e
+    ON CONFLICT (rule_id, device_id) DO UPDATE SET active = excluded.active,
+        last_fired = excluded.last_fired, at_ts = excluded.at_ts, part = excluded.part
+), sn AS (
+    INSERT INTO rules_part_seen
+    SELECT s.t, s.d, s.p, s.ts
+    FROM unnest($13::text[], $14::int[], $15::bigint[], $16::text[], $17::bigint[])
+        AS s(t, p, e, d, ts)
+    JOIN lease ON lease.device_type = s.t AND lease.part = s.p AND lease.epoch = s.e
+    ON CONFLICT (device_type, device_id)
+        DO UPDATE SET ts = GREATEST(rules_part_seen.ts, excluded.ts), part = excluded.part
+), ob AS (
+    INSERT INTO rules_part_outbox (device_type, part, topic, payload, properties)
+    SELECT o.t, o.p, o.topic, o.payload, o.props
+    FROM unnest($18::text[], $19::int[], $20::bigint[], $21::text[], $22::bytea[], $23::bytea[])
+        WITH ORDINALITY AS o(t, p, e, topic, payload, props, n)
+    JOIN lease ON lease.device_type = o.t AND lease.part = o.p AND lease.epoch = o.e
+    ORDER BY o.n
+    RETURNING id
+)
+SELECT (SELECT array_agg(device_type) FROM lease), (SELECT array_agg(part) FROM lease),
+       (SELECT array_agg(epoch) FROM lease), (SELECT array_agg(id) FROM ob)
+"""
 
 
 class Fenced(Exception):
@@ -223,54 +263,72 @@ class SharedStore:
         return ids
 
     async def save_many(self, writes: Sequence[StateWrite]) -> list[list[int] | None]:
-        """Firing states, their messages and reading times, fenced, in one transaction.
+        """Firing states, their messages and reading times, fenced, in one statement.
 
         Per write: the outbox row ids in order, or None if this engine no longer holds the
         partition at the write's epoch (nothing of that write is stored). The writes of a burst
-        share the transaction: one commit for many transitions.
+        share one statement: one round trip and one commit for many transitions (a prepared
+        statement; on a loop that also evaluates readings every round trip is latency).
         """
-        keys = sorted({w.key for w in writes})
-        async with self.pool.acquire() as conn, conn.transaction():
-            leases = await conn.fetch(
-                "SELECT device_type, part, owner, epoch FROM rules_leases"
-                " WHERE (device_type, part) IN (SELECT * FROM unnest($1::text[], $2::int[]))"
-                " ORDER BY device_type, part FOR SHARE",
-                [k[0] for k in keys],
-                [k[1] for k in keys],
-            )
-            current = {(r[0], int(r[1])): (r[2], int(r[3])) for r in leases}
-            out: list[list[int] | None] = []
-            state_rows: list[tuple[object, ...]] = []
-            seen_rows: list[tuple[object, ...]] = []
-            for write in writes:
-                device_type, part = write.key
-                if current.get(write.key) != (self.replica, write.epoch):
-                    out.append(None)
-                    continue
-                state_rows += [_state_row(write.key, s) for s in write.states]
-                seen_rows += [(device_type, d, part, ts) for d, ts in write.seen]
-                ids: list[int] = []
-                for topic, payload, properties in write.outbox:
-                    row_id = await conn.fetchval(
-                        "INSERT INTO rules_part_outbox (device_type, part, topic, payload, properties)"
-                        " VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                        device_type,
-                        part,
-                        topic,
-                        payload,
-                        properties,
-                    )
-                    ids.append(int(row_id))
-                out.append(ids)
-            if state_rows:
-                await conn.executemany(
-                    "INSERT INTO rules_part_state VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                    " ON CONFLICT (rule_id, device_id) DO UPDATE SET active = excluded.active,"
-                    " last_fired = excluded.last_fired, at_ts = excluded.at_ts, part = excluded.part",
-                    state_rows,
+        keys = sorted({(w.key, w.epoch) for w in writes})
+        # One row per (rule, device) and per device: ON CONFLICT cannot touch a row twice in
+        # one statement. Later writes of the batch win (their epoch is the same or newer).
+        states: dict[tuple[str, str], tuple[PartitionKey, int, StoredState]] = {}
+        seen: dict[tuple[str, str], tuple[PartitionKey, int, int]] = {}
+        outbox: list[tuple[PartitionKey, int, OutboxMessage]] = []
+        for write in writes:
+            for stored in write.states:
+                states[(stored.state.rule_id, stored.state.device_id)] = (write.key, write.epoch, stored)
+            for device_id, ts in write.seen:
+                before = seen.get((write.key[0], device_id))
+                seen[(write.key[0], device_id)] = (
+                    write.key,
+                    write.epoch,
+                    max(ts, before[2] if before else ts),
                 )
-            if seen_rows:
-                await conn.executemany(SAVE_SEEN, seen_rows)
+            outbox += [(write.key, write.epoch, message) for message in write.outbox]
+        state_rows = list(states.values())
+        seen_rows = [(key, epoch, device_id, ts) for (_, device_id), (key, epoch, ts) in seen.items()]
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(
+                SAVE_MANY,
+                [k[0][0] for k in keys],
+                [k[0][1] for k in keys],
+                [k[1] for k in keys],
+                self.replica,
+                [r[0][0] for r in state_rows],
+                [r[0][1] for r in state_rows],
+                [r[1] for r in state_rows],
+                [r[2].state.rule_id for r in state_rows],
+                [r[2].state.device_id for r in state_rows],
+                [r[2].state.active for r in state_rows],
+                [r[2].state.last_fired for r in state_rows],
+                [r[2].at_ts for r in state_rows],
+                [r[0][0] for r in seen_rows],
+                [r[0][1] for r in seen_rows],
+                [r[1] for r in seen_rows],
+                [r[2] for r in seen_rows],
+                [r[3] for r in seen_rows],
+                [o[0][0] for o in outbox],
+                [o[0][1] for o in outbox],
+                [o[1] for o in outbox],
+                [o[2][0] for o in outbox],
+                [o[2][1] for o in outbox],
+                [o[2][2] for o in outbox],
+            )
+        assert row is not None
+        held = {
+            ((t, int(p)), int(e)) for t, p, e in zip(row[0] or [], row[1] or [], row[2] or [], strict=True)
+        }
+        # Outbox ids are drawn in the batch's order (ORDER BY n): ascending ids map, in order,
+        # onto the messages of the writes that passed the fence.
+        ids = iter(sorted(int(i) for i in row[3] or []))
+        out: list[list[int] | None] = []
+        for write in writes:
+            if (write.key, write.epoch) not in held:
+                out.append(None)
+                continue
+            out.append([next(ids) for _ in write.outbox])
         return out
 
     async def save_seen(self, rows: Sequence[tuple[str, str, int, int]]) -> None:

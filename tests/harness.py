@@ -137,6 +137,18 @@ class Broker(_Restartable):
         return self
 
     def start_agent(self) -> None:
+        # The agent's port was only free when chosen: another test's server may have taken it since
+        # (parallel workers). Then it exits "address already in use", and a new port is tried.
+        for attempt in range(3):
+            try:
+                self._start_agent()
+                return
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == 2:
+                    raise
+                self.agent_port = probes.free_port(self.host)
+
+    def _start_agent(self) -> None:
         if self.agent is None:
             self.agent = ServerProcess(
                 "broker-agent",

@@ -76,6 +76,31 @@ async def scenario(url: str) -> None:
         again = await a.acquire(KEY)
         assert again is not None and again.epoch == 3 and again.previous_owner is None
         assert [(s.state.active, s.at_ts) for s in (await a.load(KEY)).states] == [(False, 400)]
+
+        # One burst, one statement: the same state and device twice (the later write wins), the
+        # outbox ids come back per write in the order of its messages.
+        burst = await a.save_many(
+            [
+                StateWrite(
+                    KEY,
+                    again.epoch,
+                    [state(True, 500)],
+                    [("t", b"m1", b""), ("t", b"m2", b"")],
+                    [("th-1", 500)],
+                ),
+                StateWrite(OTHER, other.epoch, [], [("t2", b"m3", b"")], []),
+                StateWrite(KEY, again.epoch, [state(False, 600)], [("t", b"m4", b"")], [("th-1", 600)]),
+            ]
+        )
+        first_ids, other_ids, last_ids = burst
+        assert first_ids is not None and other_ids is not None and last_ids is not None
+        assert len(first_ids) == 2 and len(other_ids) == 1 and len(last_ids) == 1
+        assert first_ids[0] < first_ids[1] < other_ids[0] < last_ids[0]
+        loaded = await a.load(KEY)
+        assert [(s.state.active, s.at_ts) for s in loaded.states] == [(False, 600)]
+        assert loaded.seen == {"th-1": 600}
+        kept = {i: m[1] for i, m in loaded.outbox}
+        assert [kept[i] for i in [*first_ids, *last_ids]] == [b"m1", b"m2", b"m4"]
     finally:
         await a.close()
         await b.close()
