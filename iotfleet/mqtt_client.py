@@ -329,7 +329,11 @@ class MqttClient:
 
     def ack(self, tokens: list[int]) -> None:
         conn = self._conn
-        if conn is None or not self._connected or conn.transport is None:
+        # Not ``self._connected`` (set once the SUBACK is in): a resumed session's queued messages
+        # arrive right after the CONNACK, before the SUBACK. Dropping their acks left them in flight
+        # for good, and with a backlog of a whole receive maximum the broker sent nothing more.
+        # The epoch in each token keeps acks of an older connection out.
+        if conn is None or conn.transport is None or conn.transport.is_closing():
             return
         epoch_bits = self._epoch << 16
         acks = [_PUBACK(PUBACK, 2, t & 0xFFFF) for t in tokens if t & ~0xFFFF == epoch_bits and t & 0xFFFF]

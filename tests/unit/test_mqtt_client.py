@@ -82,6 +82,9 @@ async def test_acks_of_an_older_connection_are_not_sent() -> None:
         def write(self, data: bytes) -> None:
             written.append(data)
 
+        def is_closing(self) -> bool:
+            return False
+
     conn = m._Connection(client, 3)
     conn.transport = FakeTransport()  # type: ignore[assignment]
     client._conn = conn
@@ -89,6 +92,27 @@ async def test_acks_of_an_older_connection_are_not_sent() -> None:
     client._connected = True
     client.ack([(2 << 16) | 5, (3 << 16) | 6, (3 << 16) | 0, (3 << 16) | 7])
     assert written == [b"\x40\x02\x00\x06\x40\x02\x00\x07"]
+
+
+async def test_acks_go_out_before_the_suback() -> None:
+    """A resumed session's backlog arrives between CONNACK and SUBACK: its acks must not be lost."""
+    client = m.MqttClient(MqttSettings(), m.SessionConfig("c", ("f",), 1, 10), lambda t, p, k: None)
+    written: list[bytes] = []
+
+    class FakeTransport:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+    conn = m._Connection(client, 4)
+    conn.transport = FakeTransport()  # type: ignore[assignment]
+    client._conn = conn
+    client._epoch = 4
+    assert not client._connected  # the SUBACK is still to come
+    client.ack([(4 << 16) | 9])
+    assert written == [b"\x40\x02\x00\x09"]
 
 
 async def test_connack_refusal_is_reported() -> None:
