@@ -74,19 +74,24 @@ async def test_publishes_are_framed_across_any_read_boundary() -> None:
         assert conn.rest == b""
 
 
+class FakeTransport:
+    """What the client writes to its socket."""
+
+    def __init__(self, written: list[bytes]) -> None:
+        self.written = written
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
 async def test_acks_of_an_older_connection_are_not_sent() -> None:
     client = m.MqttClient(MqttSettings(), m.SessionConfig("c", ("f",), 1, 10), lambda t, p, k: None)
     written: list[bytes] = []
-
-    class FakeTransport:
-        def write(self, data: bytes) -> None:
-            written.append(data)
-
-        def is_closing(self) -> bool:
-            return False
-
     conn = m._Connection(client, 3)
-    conn.transport = FakeTransport()  # type: ignore[assignment]
+    conn.transport = FakeTransport(written)  # type: ignore[assignment]
     client._conn = conn
     client._epoch = 3
     client._connected = True
@@ -98,16 +103,8 @@ async def test_acks_go_out_before_the_suback() -> None:
     """A resumed session's backlog arrives between CONNACK and SUBACK: its acks must not be lost."""
     client = m.MqttClient(MqttSettings(), m.SessionConfig("c", ("f",), 1, 10), lambda t, p, k: None)
     written: list[bytes] = []
-
-    class FakeTransport:
-        def write(self, data: bytes) -> None:
-            written.append(data)
-
-        def is_closing(self) -> bool:
-            return False
-
     conn = m._Connection(client, 4)
-    conn.transport = FakeTransport()  # type: ignore[assignment]
+    conn.transport = FakeTransport(written)  # type: ignore[assignment]
     client._conn = conn
     client._epoch = 4
     assert not client._connected  # the SUBACK is still to come
