@@ -77,6 +77,8 @@ class Phase:
     report: dict[str, Any]
     cut_at_ms: int | None = None
     api_gap_s: float | None = None
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """The machine's load average when the phase ended (a shared machine: say how shared)."""
 
     @property
     def published_per_s(self) -> float:
@@ -154,7 +156,7 @@ def phase(
     if process.proc.returncode != 0:
         raise RuntimeError(f"[{name}] the fleet failed:\n{process.log_tail()}")
     gap = poller.longest_gap_s(cut_mono - 1.0, back_mono) if cut_mono is not None and back_mono else None
-    result = Phase(name, started_ms, ended_ms, report, cut_at_ms, gap)
+    result = Phase(name, started_ms, ended_ms, report, cut_at_ms, gap, os.getloadavg())
     print(
         f"[{name}] published {result.published_per_s:,.0f}/s, stored {result.stored_per_s:,.0f}/s,"
         f" verify missing {report['verify']['missing']} duplicates {report['verify']['duplicates']}",
@@ -183,6 +185,31 @@ def wait_spread(stack: MultiHostPlatform, engines: int, timeout_s: float = 90.0)
             return
         time.sleep(1.0)
     print("warning: partitions not spread evenly in time", flush=True)
+
+
+ENGINE_COUNTERS = (
+    "iotfleet_rules_readings_total",
+    "iotfleet_rules_commands_total",
+    "iotfleet_rules_readings_skipped_total",
+    "iotfleet_rules_partitions_held",
+    "iotfleet_rules_partitions_lost_total",
+    "iotfleet_rules_partition_takeovers_total",
+    "iotfleet_rules_handover_buffer_dropped_total",
+    "iotfleet_rules_fenced_writes_total",
+    "iotfleet_rules_mqtt_connected",
+)
+
+
+def engine_counters(stack: MultiHostPlatform, what: str) -> None:
+    """Each engine's counters (diagnosis of a shortfall: lag, lost leases, reconnects, skips)."""
+    for name in stack.services:
+        text = stack.rules_metrics(name)
+        picked = [
+            line
+            for line in text.splitlines()
+            if line.startswith(ENGINE_COUNTERS) and not line.startswith("#") and "_created" not in line
+        ]
+        print(f"[{what}] {name} engine: " + ("; ".join(picked) if picked else "no metrics"), flush=True)
 
 
 def drain(watcher: BrokerWatcher, what: str, quiet_s: float = 10.0, within_s: float = 300.0) -> None:
@@ -217,12 +244,14 @@ def summarize(
                 "transitions": len(inside),
                 "p50_ms": percentile([float(x) for x in before], 0.5),
                 "p99_ms": percentile([float(x) for x in before], 0.99),
+                "max_s": max(inside) / 1000 if inside else float("nan"),
                 "takeover_s": max(after) / 1000 if after else None,
                 "api_gap_s": p.api_gap_s,
                 "wrong_fewer": sum(1 for d in wrong if d < 0),
                 "wrong_more": sum(1 for d in wrong if d > 0),
                 "missing": p.report["verify"]["missing"],
                 "duplicates": p.report["verify"]["duplicates"],
+                "load": p.load[0],
             }
         )
     return rows
@@ -246,17 +275,17 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
         f" --devices {args.devices} --duration-s {args.duration_s:g} --max-duration-s {args.max_duration_s:g}"
         " --write-docs",
         "",
-        "| phase | published/s | stored/s | transitions | reading → command p50 / p99 ms | takeover s"
-        " | API gap via svc1 s | missing / duplicate readings | devices with fewer / more commands |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| phase | published/s | stored/s | transitions | reading → command p50 / p99 ms | slowest s | takeover s"
+        " | API gap via svc1 s | missing / duplicate readings | devices with fewer / more commands | load avg (1 min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         takeover = f"{r['takeover_s']:.1f}" if r["takeover_s"] is not None else "–"
         gap = f"{r['api_gap_s']:.2f}" if r["api_gap_s"] is not None else "–"
         lines.append(
             f"| {r['phase']} | {r['published_per_s']:,.0f} | {r['stored_per_s']:,.0f} | {r['transitions']:,} |"
-            f" {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {takeover} | {gap} | {r['missing']} / {r['duplicates']} |"
-            f" {r['wrong_fewer']} / {r['wrong_more']} |"
+            f" {r['p50_ms']:.0f} / {r['p99_ms']:.0f} | {r['max_s']:.1f} | {takeover} | {gap} |"
+            f" {r['missing']} / {r['duplicates']} | {r['wrong_fewer']} / {r['wrong_more']} | {r['load']:.1f} |"
         )
     lines += [
         "",
@@ -329,7 +358,9 @@ def main() -> None:
                         stack, root, "1 service host, max", args, rate=burst, duration_s=args.max_duration_s
                     )
                 )
+                engine_counters(stack, "1 service host, max: fleet done")
                 drain(watcher, "1 service host")
+                engine_counters(stack, "1 service host, max: drained")
                 stack.add_service_host("svc2")
                 wait_spread(stack, 2)
                 phases.append(
@@ -366,7 +397,9 @@ def main() -> None:
                         stack, root, "2 service hosts, max", args, rate=burst, duration_s=args.max_duration_s
                     )
                 )
+                engine_counters(stack, "2 service hosts, max: fleet done")
                 drain(watcher, "the end")
+                engine_counters(stack, "2 service hosts, max: drained")
                 commands, alerts = watcher.snapshot()
                 expected = expected_transitions(stored_voltages(endpoints, INFLUX_DATABASE))
                 check = check_transitions(expected, commands, alerts, [d.id for d in devices])
