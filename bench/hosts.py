@@ -323,9 +323,11 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace, wrong: int) -> 
         "",
         "Before the fix of iotfleet/mqtt_client.py (a resumed session's backlog arriving between CONNACK",
         "and SUBACK went unacked; a backlog of a receive maximum stalled the session for good), the",
-        '"2 service hosts, max" phase reported 481 of 1,000 devices with fewer commands than transitions and p50 17.6 s: svc2\'s',
-        "engine, back from the cable cut with ~10k readings queued in its session, held half of the",
-        "partitions' leases (PostgreSQL, not MQTT) but evaluated nothing. Not lag: the commands never came.",
+        '"2 service hosts, max" phase reported 481 of 1,000 devices with fewer commands than transitions'
+        " and p50 17.6 s. Not lag: the commands never came. The same bench on main just before that fix"
+        " (2026-12-02, these counters) gave 452 of 1,000: svc2's engine, back from the cable cut with its"
+        " session's backlog, held 32 of the 64 partitions' leases (PostgreSQL, not MQTT), was connected,"
+        " and evaluated 0 readings for the whole phase. On main with the fix: 0 devices wrong in two runs.",
         "",
         f"Machine: {os.cpu_count()} cores (shared: every host is a namespace of this one), Python"
         f" {platform.python_version()}, {platform.system()} {platform.release()}.",
