@@ -47,6 +47,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
+
+
 def free_ports(count: int, *, block: int = 0, host: str = "127.0.0.1") -> list[int]:
     """``count`` distinct free ports, then (if ``block``) the base of ``block`` consecutive free ones last.
 
@@ -63,7 +71,9 @@ def free_ports(count: int, *, block: int = 0, host: str = "127.0.0.1") -> list[i
         if block:
             # Start the scan at a random block: concurrent callers (parallel test workers, two stacks
             # started at once) would otherwise all pick the first free block and collide.
-            bases = list(range(20_000, 60_000, block))
+            # Below the kernel's ephemeral range: any outgoing connection (and every free_port())
+            # takes its port from there, and could take one of the block between now and its use.
+            bases = list(range(20_000, _ephemeral_low() - block, block)) or list(range(20_000, 60_000, block))
             start = random.randrange(len(bases))
             for base in bases[start:] + bases[:start]:
                 span = range(base, base + block)

@@ -67,14 +67,6 @@ REGISTERED = 1000
 PAGE_BUDGET_MS = 5000.0
 
 
-def _free_block(size: int) -> int:
-    for _ in range(200):
-        base = probes.free_port()
-        if base + size < 65000 and not any(probes.port_in_use("127.0.0.1", base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no free port block")
-
-
 @dataclass
 class Stack:
     env: dict[str, str]
@@ -143,7 +135,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "IOTFLEET_INFLUX__URL": f"http://127.0.0.1:{probes.free_port()}",
             "IOTFLEET_REGISTRY__PORT": str(registry_port),
             "IOTFLEET_STACK__INFLUX_RPC_PORT": str(probes.free_port()),
-            "IOTFLEET_STACK__SERVICE_PORT_BASE": str(_free_block(8)),
+            "IOTFLEET_STACK__SERVICE_PORT_BASE": str(probes.free_ports(0, block=8)[0]),
             # the broker's device-facing TLS listeners (8883/8884 by default): free ports too
             **dict(
                 zip(
