@@ -287,6 +287,13 @@ class RulesSettings(BaseModel):
     handover_buffer_max: int = Field(
         100_000, ge=0, le=10_000_000, description="At most this many buffered messages (oldest dropped)"
     )
+    handover_buffer_max_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        le=64 * 1024 * 1024 * 1024,
+        description="At most this many payload bytes buffered (oldest dropped): devices choose their"
+        " payloads' size, so a count alone does not bound the memory",
+    )
 
     @model_validator(mode="after")
     def _partitioned_needs_a_store(self) -> RulesSettings:

@@ -133,7 +133,12 @@ class PartitionOwner:
         self.ttl_s = rules.lease_ttl_s
         self.store = SharedStore(rules.shared_store_url.get_secret_value(), rules.replica, rules.lease_ttl_s)
         self.metrics = PartitionMetrics(registry)
-        self.buffer = HandoverBuffer(rules.handover_buffer_s, rules.handover_buffer_max)
+        self.buffer = HandoverBuffer(
+            rules.handover_buffer_s,
+            rules.handover_buffer_max,
+            max_bytes=rules.handover_buffer_max_bytes,
+            max_payload_bytes=engine.settings.ingest.max_payload_bytes,
+        )
         self.owned: dict[PartitionKey, int] = {}
         """Leases held: (type, partition) → fencing epoch."""
         self.presence: dict[tuple[str, str], tuple[bool, int | None]] = {}

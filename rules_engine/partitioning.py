@@ -78,19 +78,31 @@ class Buffered:
 
 
 class HandoverBuffer:
-    """Recent raw messages of other engines' partitions, bounded by age and count (oldest dropped).
+    """Recent raw messages of other engines' partitions, bounded by age, count and bytes (oldest dropped).
 
     One deque for all partitions: appends are O(1) and the bounds are global; a takeover scans it
     once (rare) and removes what it replays, so nothing is replayed twice.
     """
 
-    def __init__(self, max_age_s: float, max_items: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_age_s: float,
+        max_items: int,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_bytes: int | None = None,
+        max_payload_bytes: int | None = None,
+    ) -> None:
         self.max_age_s = max_age_s
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.max_payload_bytes = max_payload_bytes
+        """Larger payloads are not kept: the admission refuses them, so a replay would too."""
         self.clock = clock
         self.items: deque[Buffered] = deque()
+        self.bytes = 0
         self.dropped = 0
-        """Messages dropped by the count bound before their age ran out (a metric)."""
+        """Messages dropped by the count or byte bound before their age ran out (a metric)."""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -98,19 +110,27 @@ class HandoverBuffer:
     def add(self, arrival_ms: int, key: PartitionKey, device_id: str, payload: bytes) -> None:
         now = self.clock()
         self.expire(now)
-        if self.max_items <= 0:
+        size = len(payload)
+        if (
+            self.max_items <= 0
+            or (self.max_payload_bytes is not None and size > self.max_payload_bytes)
+            or (self.max_bytes is not None and size > self.max_bytes)
+        ):
             self.dropped += 1
             return
-        while len(self.items) >= self.max_items:
-            self.items.popleft()
+        while len(self.items) >= self.max_items or (
+            self.max_bytes is not None and self.bytes + size > self.max_bytes
+        ):
+            self.bytes -= len(self.items.popleft().payload)
             self.dropped += 1
         self.items.append(Buffered(now, arrival_ms, key, device_id, payload))
+        self.bytes += size
 
     def expire(self, now: float | None = None) -> None:
         oldest = (self.clock() if now is None else now) - self.max_age_s
         items = self.items
         while items and items[0].arrived < oldest:
-            items.popleft()
+            self.bytes -= len(items.popleft().payload)
 
     def take(self, keys: set[PartitionKey]) -> list[Buffered]:
         """Remove and return (in arrival order) the messages of these partitions."""
@@ -118,6 +138,7 @@ class HandoverBuffer:
         taken = [b for b in self.items if b.key in keys]
         if taken:
             self.items = deque(b for b in self.items if b.key not in keys)
+            self.bytes -= sum(len(b.payload) for b in taken)
         return taken
 
 

@@ -90,6 +90,21 @@ def test_handover_buffer_is_bounded_by_count_and_age_and_take_removes() -> None:
     assert len(empty) == 0 and empty.dropped == 1
 
 
+def test_handover_buffer_is_bounded_by_bytes_whatever_devices_send() -> None:
+    """A device picks its payloads' size: the byte bound holds the memory, oversize ones are not kept."""
+    buffer = HandoverBuffer(max_age_s=10, max_items=1_000, max_bytes=1_000, max_payload_bytes=600)
+    buffer.add(0, ("thermostat", 0), "a", b"x" * 700)  # the admission refuses it: not kept
+    assert len(buffer) == 0 and buffer.dropped == 1
+    for i in range(1, 5):
+        buffer.add(i, ("thermostat", 0), "hog", b"x" * 400)
+    assert buffer.bytes <= 1_000 and [b.arrival_ms for b in buffer.items] == [3, 4]
+    assert buffer.dropped == 3
+    buffer.add(5, ("thermostat", 1), "b", b"{}")
+    assert buffer.bytes == 802
+    buffer.take({("thermostat", 0)})
+    assert buffer.bytes == 2 and len(buffer) == 1
+
+
 def test_replay_split_lets_only_readings_after_the_last_stored_transition_fire() -> None:
     assert replay_split(5, None)
     assert not replay_split(5, 5)
